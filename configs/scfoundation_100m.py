@@ -1,0 +1,36 @@
+"""scFoundation as released (xTrimoGene "MaeAutobin", 119,252,285 parameters) and its published
+optimisation (SPEC.md I.3-I.5): AdamW, peak lr 1e-4, weight decay 0, 9,766 warm-up steps, clip 1.0,
+bf16 compute.
+
+  scfm-jax train --config configs/scfoundation_100m.py --workdir runs/100m \
+      --config.data.store=gs://bucket/store --config.mesh.fsdp=8
+"""
+from scfm_jax.configs import scfoundation_tiny
+
+
+def get_config(arg: str | None = None):
+    config = scfoundation_tiny.get_config(arg)
+    model = config.model
+    model.num_genes = 19264
+    model.bin_num = 100
+    model.encoder.update(width=768, depth=12, heads=12, mlp_dim=3072)
+    model.decoder.update(width=512, depth=6, heads=8, head_dim=64, mlp_dim=2048)
+    model.dtype = "bfloat16"
+    model.remat_policy = "dots"
+
+    config.data.vocabulary = "scfoundation"
+    config.data.global_batch_size = 128
+    config.data.buckets = (512, 1024, 2048, 4096, 8192)
+    config.data.max_nonzero = 8192
+
+    train = config.train
+    train.steps = 200_000
+    train.learning_rate = 1e-4
+    train.warmup_steps = 9_766
+    train.weight_decay = 0.0
+    train.grad_clip_norm = 1.0
+    train.grad_accum_steps = 8
+    train.checkpoint_every = 1_000
+    train.eval_every = 1_000
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    return config

@@ -1,0 +1,1 @@
+"""Load any checkpoint on local devices; embed, enhance, annotate and plot in the scanpy style."""

@@ -1,0 +1,1 @@
+"""Gene vocabularies, the AnnData → cell store converter, the TensorStore reader and the step-pure pipeline."""

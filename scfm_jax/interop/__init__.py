@@ -1,0 +1,1 @@
+"""Import and export of the official PyTorch checkpoints (scFoundation models.ckpt, scMulan .pt)."""

@@ -1,0 +1,1 @@
+"""Mesh and sharding rules, train state, the train loop and Orbax checkpointing."""
