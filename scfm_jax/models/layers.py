@@ -21,9 +21,20 @@ LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, used by both original models (Fl
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
-    """The mesh PartitionSpec for logical axis names under the active rules."""
+    """The mesh PartitionSpec for logical axis names under the active rules.
+
+    A mesh axis is used by the first dimension that claims it: activations are
+    ("batch", ..., "embed") and, under FSDP, both batch and the parameters' embed dimension map to
+    `fsdp`; the activation keeps it on the batch.
+    """
     rules = core_spmd.get_logical_axis_rules()
-    return PartitionSpec(*core_spmd.from_sharding_rules(tuple(names), rules))
+    used, spec = set(), []
+    for target in core_spmd.from_sharding_rules(tuple(names), rules):
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(axis for axis in axes if axis not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
