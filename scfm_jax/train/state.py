@@ -1,0 +1,193 @@
+"""Train state, optimiser, and the jitted init / train / eval steps on a mesh.
+
+The state is a pytree of global arrays: trainable `params` (nnx.Param), `buffers` (every other
+model variable, e.g. the performer's random projections), the optax state, the step and the RNG
+key. It is initialised directly sharded (abstract shapes first, then a jitted init with output
+shardings), so no host ever holds the whole model. Random draws inside a step come from
+`fold_in(key, step)` only, so a step is a pure function of (state, batch).
+"""
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scfm_jax.train import partitioning
+from scfm_jax.train.tasks import Task
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # int32 scalar: the number of optimiser updates applied
+    params: nnx.State    # trainable parameters (float32)
+    buffers: nnx.State   # non-trainable model variables
+    opt_state: Any
+    key: jax.Array       # uint32 raw key data (Orbax stores plain arrays)
+
+
+def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to the peak, then cosine decay to `end_learning_rate_fraction` of it."""
+    warmup = min(int(train.warmup_steps), max(int(train.steps) - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
+        decay_steps=max(int(train.steps), warmup + 1),
+        end_value=train.learning_rate * train.end_learning_rate_fraction)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    transforms = []
+    if train.grad_clip_norm:
+        transforms.append(optax.clip_by_global_norm(train.grad_clip_norm))
+    transforms.append(optax.adamw(make_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
+                                  weight_decay=train.weight_decay))
+    return optax.chain(*transforms)
+
+
+def split_model(model: nnx.Module):
+    return nnx.split(model, nnx.Param, ...)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything compiled for one experiment: init, train step and eval step on `mesh`."""
+    config: ml_collections.ConfigDict
+    task: Task
+    mesh: Mesh
+
+    def __post_init__(self):
+        self.rules = partitioning.logical_rules(self.config)
+        self.optimizer = make_optimizer(self.config.train)
+        self.schedule = make_schedule(self.config.train)
+        self.redraw_interval = self.task.redraw_interval(self.config.model)
+        abstract_model = nnx.eval_shape(
+            lambda: self.task.build_model(self.config.model, rngs=nnx.Rngs(0)))
+        self.graphdef, _, _ = split_model(abstract_model)
+        self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
+        self.state_sharding = self._state_sharding(self.abstract_state)
+        self._compiled = {}
+
+    # -- state ------------------------------------------------------------------------------
+    def _init(self, key_data) -> TrainState:
+        key = jax.random.wrap_key_data(key_data)
+        model = self.task.build_model(self.config.model, rngs=nnx.Rngs(params=key))
+        _, params, buffers = split_model(model)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                          opt_state=self.optimizer.init(params), key=key_data)
+
+    def _state_sharding(self, abstract_state: TrainState) -> TrainState:
+        params = partitioning.state_shardings(abstract_state.params, self.mesh, self.rules)
+        buffers = partitioning.state_shardings(abstract_state.buffers, self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        # Optimiser moments mirror the parameters; counters are replicated.
+        opt_state = optax.tree_map_params(
+            self.optimizer, lambda _, sharding: sharding, abstract_state.opt_state, params,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding))
+        return TrainState(step=replicated, params=params, buffers=buffers, opt_state=opt_state,
+                          key=replicated)
+
+    def abstract_sharded_state(self) -> TrainState:
+        """The restore target: shapes, dtypes and shardings, no memory."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_sharding)
+
+    def init_state(self, seed: int) -> TrainState:
+        key_data = jax.random.key_data(jax.random.key(seed))
+        init = jax.jit(self._init, out_shardings=self.state_sharding)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return init(key_data)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _loss(self, params, buffers, batch, key):
+        model = nnx.merge(self.graphdef, params, buffers)
+        return self.task.loss(model, batch, key, self.config.objective)
+
+    def _grads(self, params, buffers, batch, key):
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        accum = max(int(self.config.train.grad_accum_steps), 1)
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(params, buffers, batch, key)
+            return loss, metrics, grads
+
+        def split(x):
+            micro = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+            spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+            return jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, spec))
+
+        def body(carry, inputs):
+            index, micro_batch = inputs
+            (loss, metrics), grads = grad_fn(params, buffers, micro_batch,
+                                             jax.random.fold_in(key, index))
+            carry = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return carry, None
+
+        zeros = jax.eval_shape(grad_fn, params, buffers, jax.tree.map(lambda x: x[:1], batch),
+                               key)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
+                             (zeros[0][0], zeros[0][1], zeros[1]))
+        micro_batches = jax.tree.map(split, batch)
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
+        # Each micro-batch contributes its mean; the step reports and follows their average.
+        return jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+
+    def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        buffers = state.buffers
+        if self.redraw_interval:
+            # merge shares Variable objects with the State it is given; redraw into copies.
+            model = nnx.merge(self.graphdef, state.params, jax.tree.map(lambda x: x, buffers))
+            self.task.redraw(model, jax.random.fold_in(key, 1))
+            _, _, redrawn = split_model(model)
+            due = (state.step > 0) & (state.step % self.redraw_interval == 0)
+            buffers = jax.tree.map(lambda new, old: jnp.where(due, new, old), redrawn, buffers)
+        loss, metrics, grads = self._grads(state.params, buffers, batch, jax.random.fold_in(key, 0))
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=self.schedule(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, buffers=buffers,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    def _eval_step(self, state: TrainState, batch, key_data) -> dict:
+        loss, metrics = self._loss(state.params, state.buffers, batch,
+                                   jax.random.wrap_key_data(key_data))
+        return dict(metrics, loss=loss)
+
+    def _batch_sharding(self, batch):
+        return {name: partitioning.batch_sharding(self.mesh, value.ndim)
+                for name, value in batch.items()}
+
+    def compiled_train_step(self, state: TrainState, batch):
+        """The train step compiled for this batch's shapes (one executable per bucket)."""
+        signature = ("train",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if signature not in self._compiled:
+            jitted = jax.jit(self._train_step,
+                             in_shardings=(self.state_sharding, self._batch_sharding(batch)),
+                             out_shardings=(self.state_sharding, None), donate_argnums=0)
+            with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+                self._compiled[signature] = jitted.lower(state, batch).compile()
+        return self._compiled[signature]
+
+    def compiled_eval_step(self, state: TrainState, batch, key_data):
+        signature = ("eval",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if signature not in self._compiled:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            jitted = jax.jit(self._eval_step, in_shardings=(
+                self.state_sharding, self._batch_sharding(batch), replicated))
+            with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+                self._compiled[signature] = jitted.lower(state, batch, key_data).compile()
+        return self._compiled[signature]
+
+
+def step_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable, per device, from XLA's cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
