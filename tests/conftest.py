@@ -11,6 +11,8 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Eight simulated CPU devices for the mesh and resharding tests; single-device code uses the first.
+jax.config.update("jax_num_cpu_devices", 8)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

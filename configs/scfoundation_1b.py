@@ -1,0 +1,22 @@
+"""scFoundation, ~1B parameters: the released architecture made wider and deeper, for TPU pods.
+
+The parameters and optimiser state (~16 GB in float32) do not fit one accelerator next to the
+activations, so the config shards them over `fsdp` (embed dimension) and `tensor` (heads, MLP,
+gene table). On a v4-64 slice (32 chips): data=1, fsdp=8, tensor=4.
+
+  scfm-jax train --config configs/scfoundation_1b.py --workdir gs://bucket/runs/1b \
+      --config.data.store=gs://bucket/store --auto_distributed
+"""
+from scfm_jax.configs import scfoundation_100m
+
+
+def get_config(arg: str | None = None):
+    config = scfoundation_100m.get_config(arg)
+    model = config.model
+    model.encoder.update(width=1536, depth=32, heads=12, mlp_dim=6144)
+    model.decoder.update(width=1024, depth=8, heads=16, head_dim=64, mlp_dim=4096)
+    model.remat_policy = "full"
+    config.data.global_batch_size = 512
+    config.train.grad_accum_steps = 2
+    config.mesh.update(data=-1, fsdp=8, tensor=4)
+    return config
