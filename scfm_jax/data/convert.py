@@ -1,0 +1,824 @@
+"""`scfm-jax convert`: AnnData / 10x files -> a sharded cell store (see `store.py` for the layout).
+
+The conversion runs in three phases, so that bad input never leaves a half-written store and a
+killed run resumes where it stopped:
+
+1. plan: open every input, choose the raw-count matrix, align the genes, and scan the values once in
+   row chunks (integer, finite, non-negative; per-gene totals for the coverage report). Shard k
+   holds input rows [k * shard_size, (k + 1) * shard_size) of the concatenated inputs, minus the
+   cells with no counts on the vocabulary, so the plan fixes every shard's content before anything
+   is written. The plan is saved as `plan.json`; a rerun must produce the same plan.
+2. shards: each shard is written under a temporary name and renamed when complete (object stores
+   have no rename: there the shard's `scfm_shard.json` marker, written last, commits it). Finished
+   shards are skipped on rerun. `--workers` converts shards in processes, `--task-index/--num-tasks`
+   lets separate jobs write disjoint shards.
+3. finalize: `manifest.json` is written last, once every shard is complete.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tensorstore as ts
+
+from scfm_jax.data import store as store_lib
+from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
+                                      load_vocabulary)
+
+PLAN = "plan.json"
+DEFAULT_SHARD_SIZE = 65_536
+DEFAULT_CHUNK_ELEMENTS = 1 << 17   # zarr chunk of the CSR arrays: 512 KiB of float32
+_READ_ELEMENTS = 1 << 24            # values read from an input at a time (bounds memory)
+_COUNT_SOURCES = ("layers/counts", "raw/X", "X")
+
+
+class InputError(ValueError):
+    """The input cannot be converted; the message names the file, the row or gene and the fix."""
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+class _Source:
+    """One input file: its genes, its obs, and row-chunk access to one count matrix."""
+
+    def __init__(self, path: str, label: str, layer: str | None, allow_non_integer: bool):
+        self.path, self.label = path, label
+        self._handle = None
+        self._open()
+        self.layer = self._choose_layer(layer, allow_non_integer)
+
+    # -- format specific
+    def _open(self):
+        p = Path(self.path)
+        if p.is_dir() and any((p / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
+            self.kind = "10x-mtx"
+            self._load_mtx(p)
+        elif p.suffix == ".h5" and not p.name.endswith(".h5ad"):
+            self.kind = "10x-h5"
+            import h5py
+            self._handle = h5py.File(p, "r")
+            if "matrix" not in self._handle:
+                raise InputError(f"{p}: not a 10x Genomics v3 .h5 file (no 'matrix' group); convert "
+                                 "it to .h5ad with scanpy.read_10x_h5 first")
+            m = self._handle["matrix"]
+            features = m["features"]
+            names = [x.decode() for x in features["name"][:]]
+            ids = [x.decode() for x in features["id"][:]]
+            self.var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
+            self.obs = pd.DataFrame(index=pd.Index([x.decode() for x in m["barcodes"][:]]))
+            self.num_rows = len(self.obs)
+        elif p.suffix == ".h5ad" or p.suffix == ".zarr" or (p.is_dir() and (p / "obs").exists()):
+            self.kind = "anndata"
+            from anndata.io import read_elem
+            if p.suffix == ".h5ad":
+                import h5py
+                self._handle = h5py.File(p, "r")
+            else:
+                import zarr
+                self._handle = zarr.open_group(str(p), mode="r")
+            self.obs = read_elem(self._handle["obs"])
+            self.num_rows = len(self.obs)
+        else:
+            raise InputError(f"{self.path}: unsupported input; expected .h5ad, an anndata .zarr "
+                             "folder, a 10x folder with matrix.mtx(.gz) or a 10x .h5 file")
+
+    def _load_mtx(self, folder: Path):
+        # 10x mtx stores genes x cells in coordinate order; it is read whole (it has no row index).
+        import scipy.io
+
+        def find(*names):
+            for n in names:
+                if (folder / n).exists():
+                    return folder / n
+            raise InputError(f"{folder}: missing {' or '.join(names)}")
+        matrix = scipy.io.mmread(find("matrix.mtx.gz", "matrix.mtx"))
+        self._mtx = sp.csr_matrix(matrix.T)
+        features = pd.read_csv(find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
+                               sep="\t", header=None)
+        barcodes = pd.read_csv(find("barcodes.tsv.gz", "barcodes.tsv"), sep="\t", header=None)
+        column = 1 if features.shape[1] > 1 else 0
+        self.var = pd.DataFrame({"gene_ids": features[0].astype(str).values},
+                                index=pd.Index(features[column].astype(str).values))
+        self.obs = pd.DataFrame(index=pd.Index(barcodes[0].astype(str).values))
+        self.num_rows = self._mtx.shape[0]
+        if self._mtx.shape[1] != len(self.var):
+            raise InputError(f"{folder}: matrix.mtx has {self._mtx.shape[1]} genes but the features "
+                             f"file lists {len(self.var)}")
+
+    def _anndata_candidates(self) -> list[str]:
+        h = self._handle
+        found = []
+        for key in _COUNT_SOURCES:
+            try:
+                h[key]
+                found.append(key)
+            except KeyError:
+                continue
+        return found
+
+    def _select(self, key: str):
+        from anndata.io import read_elem, sparse_dataset
+        h = self._handle
+        element = h[key]
+        attrs = dict(element.attrs)
+        if attrs.get("encoding-type") in ("csr_matrix", "csc_matrix"):
+            matrix = sparse_dataset(element)
+            if attrs["encoding-type"] == "csc_matrix":
+                raise InputError(f"{self.path}: {key} is stored column-major (CSC); rows cannot be "
+                                 "streamed. Save it as CSR (adata.X = adata.X.tocsr()) and retry")
+        elif hasattr(element, "shape") and len(element.shape) == 2:
+            matrix = element
+        else:
+            raise InputError(f"{self.path}: {key} is not a 2-D count matrix "
+                             f"(encoding {attrs.get('encoding-type')!r})")
+        var_key = "raw/var" if key == "raw/X" else "var"
+        self.var = read_elem(h[var_key])
+        return matrix
+
+    def _choose_layer(self, layer: str | None, allow_non_integer: bool) -> str:
+        if self.kind != "anndata":
+            if layer not in (None, "X"):
+                raise InputError(f"{self.path}: a {self.kind} input has only X; --layer {layer} "
+                                 "does not apply")
+            self._matrix = self._mtx if self.kind == "10x-mtx" else None
+            return "X"
+        aliases = {"X": "X", "raw": "raw/X", "raw.X": "raw/X"}
+        if layer is not None:
+            key = aliases.get(layer, layer if layer.startswith("layers/") else f"layers/{layer}")
+            if key not in self._anndata_candidates() and not self._has(key):
+                raise InputError(f"{self.path}: --layer {layer} not found (available: "
+                                 f"{self._anndata_candidates() + self._layer_names()})")
+            self._matrix = self._select(key)
+            return key
+        candidates = self._anndata_candidates()
+        if not candidates:
+            raise InputError(f"{self.path}: no count matrix (looked for layers['counts'], raw.X, X)")
+        for key in candidates:
+            self._matrix = self._select(key)
+            if self._first_non_integer(self.rows(0, min(self.num_rows, 2048))) is None:
+                return key
+        if allow_non_integer:
+            self._matrix = self._select(candidates[-1])
+            return candidates[-1]
+        raise InputError(f"{self.path}: none of {candidates} holds integer counts (checked the first "
+                         "rows). Point --layer at the raw counts, or pass --allow-non-integer if "
+                         "the values are meant to be non-integer")
+
+    def _has(self, key: str) -> bool:
+        try:
+            self._handle[key]
+            return True
+        except KeyError:
+            return False
+
+    def _layer_names(self) -> list[str]:
+        return [f"layers/{k}" for k in self._handle["layers"]] if self._has("layers") else []
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        if self.kind == "10x-h5":
+            m = self._handle["matrix"]
+            indptr = m["indptr"][start:stop + 1].astype(np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            return sp.csr_matrix((m["data"][lo:hi], m["indices"][lo:hi], indptr - lo),
+                                 shape=(stop - start, len(self.var)))
+        block = self._matrix[start:stop]
+        return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+    def chunk_rows(self) -> int:
+        """Rows per read so that one chunk holds about _READ_ELEMENTS values."""
+        if self.kind == "10x-mtx" or not sp.issparse(self.rows(0, min(1, self.num_rows))):
+            dense = self.kind != "10x-mtx"
+            width = len(self.var) if dense else 1
+            return max(1, min(65_536, _READ_ELEMENTS // max(width, 1)))
+        sample = self.rows(0, min(self.num_rows, 1024))
+        per_row = max(1.0, sample.nnz / max(sample.shape[0], 1))
+        return max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
+
+    @staticmethod
+    def _first_non_integer(block: sp.csr_matrix):
+        data = block.data
+        if np.issubdtype(data.dtype, np.integer):
+            return None
+        bad = np.flatnonzero(data != np.round(data))
+        if not len(bad):
+            return None
+        row = int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
+        return row, float(data[bad[0]])
+
+    def close(self):
+        if self._handle is not None and hasattr(self._handle, "close"):
+            self._handle.close()
+
+
+def _genes(source: _Source, gene_column: str | None) -> list[str]:
+    if gene_column is None:
+        return source.var.index.astype(str).tolist()
+    if gene_column not in source.var.columns:
+        raise InputError(f"{source.path}: --gene-column {gene_column!r} is not a var column "
+                         f"(columns: {list(source.var.columns)})")
+    return source.var[gene_column].astype(str).tolist()
+
+
+def _file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            hasher.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, progress) -> dict:
+    """One pass over the values: refuse bad ones, count genes, find cells empty on the vocabulary."""
+    gene_totals = np.zeros(len(source.var), np.float64)
+    mapped = alignment.positions >= 0
+    empty_rows = []
+    step = source.chunk_rows()
+    for start in range(0, source.num_rows, step):
+        block = source.rows(start, min(start + step, source.num_rows))
+        data = block.data
+        if not np.issubdtype(data.dtype, np.integer):
+            finite = np.isfinite(data)
+            if not finite.all() or (data < 0).any():
+                bad = int(np.flatnonzero(~finite | (data < 0))[0])
+                row = int(np.searchsorted(block.indptr, bad, side="right") - 1) + start
+                raise InputError(f"{source.path}: {source.layer} row {row} "
+                                 f"(cell {source.obs.index[row]!r}) holds {data[bad]}; counts must be "
+                                 "finite and non-negative")
+            if not allow_non_integer:
+                first = _Source._first_non_integer(block)
+                if first is not None:
+                    row = first[0] + start
+                    raise InputError(
+                        f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) "
+                        f"holds the non-integer value {first[1]}; the converter expects raw counts. "
+                        "Point --layer at the raw counts, or pass --allow-non-integer")
+        elif (data < 0).any():
+            bad = int(np.flatnonzero(data < 0)[0])
+            row = int(np.searchsorted(block.indptr, bad, side="right") - 1) + start
+            raise InputError(f"{source.path}: {source.layer} row {row} holds {data[bad]}; counts "
+                             "must be non-negative")
+        gene_totals += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
+        on_vocabulary = np.asarray(block[:, np.flatnonzero(mapped)].sum(axis=1)).ravel()
+        empty_rows.extend((np.flatnonzero(on_vocabulary == 0) + start).tolist())
+        if progress is not None:
+            progress.update(block.shape[0])
+    return {"gene_totals": gene_totals, "empty_rows": empty_rows}
+
+
+def _obs_plan(sources: list[_Source], obs: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+    if obs is None:
+        columns = [c for c in sources[0].obs.columns
+                   if all(c in s.obs.columns and isinstance(s.obs[c].dtype, pd.CategoricalDtype)
+                          for s in sources)]
+    else:
+        columns = list(obs)
+        for s in sources:
+            missing = [c for c in columns if c not in s.obs.columns]
+            if missing:
+                raise InputError(f"{s.path}: obs has no column {missing[0]!r} (columns: "
+                                 f"{list(s.obs.columns)}); drop it from --obs")
+    for reserved in ("source", "source_row"):
+        if reserved in columns:
+            raise InputError(f"obs column {reserved!r} is reserved for the cell's origin; rename it")
+    categories = {}
+    for c in columns:
+        seen: dict[str, None] = {}
+        for s in sources:
+            values = s.obs[c]
+            cats = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else \
+                pd.unique(values.astype(str))
+            seen.update(dict.fromkeys(str(x) for x in cats))
+            if values.isna().any():
+                seen["nan"] = None
+        categories[c] = list(seen)
+    categories["source"] = [s.label for s in sources]
+    return columns, categories
+
+
+def _source_label(path: str, taken: set[str]) -> str:
+    label = Path(path).name
+    base, n = label, 1
+    while label in taken:
+        n += 1
+        label = f"{base}#{n}"
+    taken.add(label)
+    return label
+
+
+def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_size, min_coverage,
+               allow_non_integer, chunk_elements, compression, labels=None,
+               progress: bool = False) -> tuple[dict, Vocabulary]:
+    """Open and scan every input; return the plan (JSON-able) and the vocabulary. Raises InputError."""
+    taken: set[str] = set()
+    sources = []
+    try:
+        for i, path in enumerate(inputs):
+            if not Path(path).exists():
+                raise InputError(f"{path}: no such file or folder")
+            label = labels[i] if labels else _source_label(path, taken)
+            sources.append(_Source(path, label, layer, allow_non_integer))
+        if isinstance(vocabulary, Vocabulary):
+            vocab = vocabulary
+        elif vocabulary == "from-data":
+            symbols = dict.fromkeys(g for s in sources for g in _genes(s, gene_column))
+            vocab = Vocabulary("from-data", tuple(symbols))
+        else:
+            vocab = load_vocabulary(vocabulary)
+        columns, categories = _obs_plan(sources, obs)
+        bar = _progress_bar(sum(s.num_rows for s in sources), "scan", progress)
+        plan_sources = []
+        for s in sources:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                alignment = align_genes(_genes(s, gene_column), vocab)
+            for w in caught:
+                print(f"warning: {s.path}: {w.message}", file=sys.stderr)
+            scan = _scan(s, alignment, allow_non_integer, bar)
+            try:
+                alignment.check_coverage(scan["gene_totals"], min_coverage, where=s.path)
+            except CoverageError as e:
+                raise InputError(str(e)) from None
+            plan_sources.append({
+                "path": str(Path(s.path).resolve()), "label": s.label, "kind": s.kind,
+                "layer": s.layer, "rows": s.num_rows, "sha256": _file_digest(Path(s.path)),
+                "empty_rows": scan["empty_rows"], "alignment": alignment.report.to_dict(),
+                "positions": alignment.positions.tolist()})
+        if bar is not None:
+            bar.close()
+    finally:
+        for s in sources:
+            s.close()
+    total_rows = sum(s["rows"] for s in plan_sources)
+    if total_rows - sum(len(s["empty_rows"]) for s in plan_sources) == 0:
+        raise InputError(f"{inputs}: no cell has counts on the vocabulary; nothing to convert")
+    plan = {
+        "format": store_lib.FORMAT_NAME, "format_version": store_lib.FORMAT_VERSION,
+        "vocabulary": {"name": vocab.name, "digest": vocab.digest, "size": len(vocab)},
+        "sources": plan_sources, "gene_column": gene_column, "obs_columns": columns,
+        "obs": categories, "shard_size": shard_size, "total_rows": total_rows,
+        "num_shards": -(-total_rows // shard_size), "chunk_elements": chunk_elements,
+        "compression": compression, "allow_non_integer": allow_non_integer,
+        "min_coverage": min_coverage,
+    }
+    return plan, vocab
+
+
+# ----------------------------------------------------------------------------------------- shards
+
+def _codecs(compression: str | None) -> list[dict]:
+    codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": 3, "checksum": False}})
+    elif compression is not None:
+        raise ValueError(f"unknown compression {compression!r}; use 'zstd' or none")
+    return codecs
+
+
+class _Appender:
+    """A growing 1-D zarr v3 array, written a whole chunk at a time (no read-modify-write)."""
+
+    def __init__(self, kvstore: ts.KvStore, dtype: str, chunk: int, compression):
+        self.chunk = chunk
+        self.array = ts.open({"driver": "zarr3", "metadata": {
+            "shape": [0], "data_type": dtype, "codecs": _codecs(compression),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}}}},
+            kvstore=kvstore, create=True, delete_existing=True, context=store_lib.context()).result()
+        self.length = 0
+        self.pending: list[np.ndarray] = []
+        self.pending_size = 0
+
+    def append(self, values: np.ndarray):
+        self.pending.append(values)
+        self.pending_size += len(values)
+        if self.pending_size >= 8 * self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, final: bool):
+        values = np.concatenate(self.pending) if self.pending else np.zeros(0)
+        n = len(values) if final else (len(values) // self.chunk) * self.chunk
+        if n:
+            self.array = self.array.resize(exclusive_max=[self.length + n], expand_only=True).result()
+            self.array[self.length:self.length + n].write(values[:n]).result()
+            self.length += n
+        rest = values[n:]
+        self.pending, self.pending_size = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> int:
+        self._flush(final=True)
+        return self.length
+
+
+def _shard_rows(plan: dict, index: int) -> list[tuple[int, int, int]]:
+    """(source, first row, stop row) pieces of the input rows that shard `index` covers."""
+    begin = index * plan["shard_size"]
+    end = min(begin + plan["shard_size"], plan["total_rows"])
+    pieces, offset = [], 0
+    for i, s in enumerate(plan["sources"]):
+        lo, hi = max(begin, offset), min(end, offset + s["rows"])
+        if lo < hi:
+            pieces.append((i, lo - offset, hi - offset))
+        offset += s["rows"]
+    return pieces
+
+
+def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int, num_genes: int,
+                    stats: dict) -> dict[str, bytes]:
+    """The shard's zarr group files other than X's arrays, rendered in memory with anndata."""
+    import zarr
+    from anndata.io import write_elem
+
+    files: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3)
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
+                           store_lib.SHARD_ATTRIBUTE: stats})
+        write_elem(root, "obs", obs)
+        write_elem(root, "var", pd.DataFrame(index=pd.Index(vocab_symbols, name="gene_name")))
+        x = root.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": [num_cells, num_genes]})
+    return {key: value.to_bytes() for key, value in files.items()}
+
+
+def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
+    """Convert one shard (no-op if it is complete). Returns its stats."""
+    kvstore = store_lib.open_kvstore(url)
+    key = store_lib.shard_key(index)
+    done = store_lib.shard_stats(kvstore, index)
+    if done is not None:
+        return done
+    local = store_lib.local_path(url)
+    if local is not None:
+        tmp_name = f"shards/.tmp-{index:05d}-{uuid.uuid4().hex}.zarr/"
+        target = kvstore / tmp_name
+    else:
+        target = kvstore / key
+        target.delete_range(ts.KvStore.KeyRange()).result()
+
+    symbols = Vocabulary.from_text(
+        kvstore.read(store_lib.GENES).result().value.decode(), plan["vocabulary"]["name"]).symbols
+    num_genes = len(symbols)
+    data = _Appender(target / "X/data/", "float32", plan["chunk_elements"], plan["compression"])
+    indices = _Appender(target / "X/indices/", "int32", plan["chunk_elements"], plan["compression"])
+    lengths, obs_parts = [], []
+    skipped = 0
+    for source_index, first, stop in _shard_rows(plan, index):
+        meta = plan["sources"][source_index]
+        source = _Source(meta["path"], meta["label"], meta["layer"] if meta["kind"] == "anndata"
+                         else None, plan["allow_non_integer"])
+        try:
+            positions = np.asarray(meta["positions"], np.int64)
+            mapping = sp.csr_matrix(
+                (np.ones(int((positions >= 0).sum()), np.float32),
+                 (np.flatnonzero(positions >= 0), positions[positions >= 0])),
+                shape=(len(positions), num_genes))
+            empty = np.asarray(meta["empty_rows"], np.int64)
+            step = source.chunk_rows()
+            for start in range(first, stop, step):
+                end = min(start + step, stop)
+                aligned = (source.rows(start, end).astype(np.float32) @ mapping).tocsr()
+                aligned.sum_duplicates()
+                aligned.sort_indices()
+                aligned.eliminate_zeros()
+                keep = np.ones(end - start, bool)
+                keep[empty[(empty >= start) & (empty < end)] - start] = False
+                skipped += int((~keep).sum())
+                aligned = aligned[np.flatnonzero(keep)]
+                data.append(aligned.data.astype(np.float32))
+                indices.append(aligned.indices.astype(np.int32))
+                lengths.append(np.diff(aligned.indptr))
+                kept_rows = np.arange(start, end)[keep]
+                part = {"source": pd.Categorical.from_codes(
+                            np.full(len(kept_rows), source_index), plan["obs"]["source"]),
+                        "source_row": kept_rows.astype(np.int64)}
+                for column in plan["obs_columns"]:
+                    values = source.obs[column].iloc[kept_rows]
+                    values = values.astype(str).where(values.notna(), "nan")
+                    part[column] = pd.Categorical(values, categories=plan["obs"][column])
+                obs_parts.append(pd.DataFrame(part, index=source.obs.index[kept_rows].astype(str)))
+                if progress_queue is not None:
+                    progress_queue(end - start)
+        finally:
+            source.close()
+
+    nnz = data.close()
+    indices.close()
+    row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    indptr = np.zeros(len(row_lengths) + 1, np.int64)
+    np.cumsum(row_lengths, out=indptr[1:])
+    indptr_array = ts.open({"driver": "zarr3", "metadata": {
+        "shape": [len(indptr)], "data_type": "int64", "codecs": _codecs(plan["compression"]),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(len(indptr), 1)]}}}},
+        kvstore=target / "X/indptr/", create=True, delete_existing=True,
+        context=store_lib.context()).result()
+    indptr_array.write(indptr).result()
+    obs = pd.concat(obs_parts) if obs_parts else pd.DataFrame()
+    obs = obs[["source", "source_row"] + list(plan["obs_columns"])]
+    stats = {"index": index, "num_cells": int(len(row_lengths)), "nnz": int(nnz),
+             "skipped_empty": skipped}
+    files = _metadata_files(obs, list(symbols), len(row_lengths), num_genes, stats)
+    root = files.pop("zarr.json")
+    for name, value in sorted(files.items()):
+        target.write(name, value).result()
+    target.write("zarr.json", root).result()   # last: commits the shard
+    if local is not None:
+        final = local / key
+        if final.exists() and store_lib.shard_stats(kvstore, index) is None:
+            shutil.rmtree(final)   # not ours to keep: a complete shard always carries its stats
+        try:
+            os.rename(local / tmp_name, final)
+        except OSError:
+            if store_lib.shard_stats(kvstore, index) is None:
+                raise
+            shutil.rmtree(local / tmp_name)   # another task finished the same shard first
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+@dataclasses.dataclass
+class ConversionSummary:
+    """What a conversion produced; `table()` renders it for the terminal."""
+
+    store: str
+    num_cells: int
+    num_shards: int
+    nnz: int
+    skipped_empty: int
+    vocabulary: str
+    sources: list[dict]
+    seconds: float
+    shards_written: int
+    finalized: bool
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.num_cells / self.seconds if self.seconds else float("nan")
+
+    def table(self) -> str:
+        header = f"{'source':<28} {'layer':<14} {'rows':>9} {'kept':>9} {'empty':>7} " \
+                 f"{'genes matched':>14} {'counts mapped':>13}"
+        lines = [header, "-" * len(header)]
+        for s in self.sources:
+            a = s["alignment"]
+            lines.append(
+                f"{s['label'][:28]:<28} {s['layer']:<14} {s['rows']:>9} "
+                f"{s['rows'] - len(s['empty_rows']):>9} {len(s['empty_rows']):>7} "
+                f"{a['num_matched_genes']:>6}/{a['num_input_genes']:<7} "
+                f"{(a['counts_fraction'] or 0):>12.1%}")
+        lines.append("-" * len(header))
+        lines.append(f"store {self.store}: {self.num_cells} cells in {self.num_shards} shards, "
+                     f"{self.nnz} non-zeros ({self.nnz / max(self.num_cells, 1):.0f} genes/cell), "
+                     f"vocabulary {self.vocabulary}; {self.skipped_empty} cells without counts "
+                     f"skipped; {self.shards_written} shards written in {self.seconds:.1f} s "
+                     f"({self.num_cells / max(self.seconds, 1e-9):,.0f} cells/s)"
+                     + ("" if self.finalized else "; NOT finalized (run --finalize when all "
+                                                  "tasks are done)"))
+        return "\n".join(lines)
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, unit="cells", unit_scale=True, file=sys.stderr)
+
+
+def _plan_for_compare(plan: dict) -> dict:
+    return {k: v for k, v in plan.items() if k != "sources"} | {
+        "sources": [{k: v for k, v in s.items() if k != "path"} for s in plan["sources"]]}
+
+
+@contextlib.contextmanager
+def _materialised(inputs):
+    """Paths for the inputs; in-memory AnnData objects are written to temporary .h5ad files."""
+    paths, labels, tmp = [], [], None
+    try:
+        for i, item in enumerate(inputs):
+            if isinstance(item, (str, os.PathLike)):
+                paths.append(str(item))
+                labels.append(None)
+            else:
+                if tmp is None:
+                    tmp = tempfile.mkdtemp(prefix="scfm-convert-")
+                path = os.path.join(tmp, f"anndata_{i}.h5ad")
+                item.write_h5ad(path)
+                paths.append(path)
+                labels.append(f"<AnnData {i}>")
+        yield paths, labels
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, layer=None, obs=None,
+            shard_size=DEFAULT_SHARD_SIZE, min_coverage=0.5, allow_non_integer=False, workers=1,
+            task_index=0, num_tasks=1, overwrite=False, progress=False,
+            chunk_elements=DEFAULT_CHUNK_ELEMENTS, compression=None) -> ConversionSummary:
+    """Convert AnnData objects / files into a cell store at `output` (folder or kvstore URL).
+
+    `vocabulary`: "scfoundation", "scmulan", a TSV path, a `Vocabulary`, or "from-data" (the input
+    genes in order of first appearance). With `num_tasks > 1` only shards `k % num_tasks ==
+    task_index` are written and `finalize(output)` must run once all tasks are done.
+    """
+    started = time.perf_counter()
+    if not inputs:
+        raise InputError("no input files given")
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"--task-index {task_index} must be in [0, --num-tasks {num_tasks})")
+    if shard_size < 1:
+        raise ValueError("--shard-size must be positive")
+    url = str(output)
+    local = store_lib.local_path(url)
+    if workers > 1 and local is None and not url.startswith(("gs://", "s3://", "http")):
+        raise ValueError(f"--workers {workers} cannot share the in-process store {url}; use 1")
+    with _materialised(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]) as (paths, labels):
+        plan, vocab = build_plan(
+            paths, vocabulary=vocabulary, gene_column=gene_column, layer=layer,
+            obs=None if obs is None else list(obs), shard_size=shard_size,
+            min_coverage=min_coverage, allow_non_integer=allow_non_integer,
+            chunk_elements=chunk_elements, compression=compression,
+            labels=labels if any(labels) else None, progress=progress)
+        kvstore = store_lib.open_kvstore(url)
+        existing = store_lib.read_json(kvstore, PLAN)
+        if existing is not None and _plan_for_compare(existing) != _plan_for_compare(plan):
+            if not overwrite:
+                raise InputError(f"{url} already holds a conversion of different inputs or options; "
+                                 "choose another --output, or pass --overwrite to replace it")
+            existing = None
+        if existing is None:
+            if overwrite:
+                _delete_store(kvstore, local)
+            kvstore.write(store_lib.GENES, vocab.tsv_text().encode()).result()
+            kvstore.write(PLAN, json.dumps(plan, sort_keys=True).encode()).result()
+        mine = [k for k in range(plan["num_shards"]) if k % num_tasks == task_index]
+        if local is not None:
+            _remove_stale_temporaries(local, mine)
+        todo = [k for k in mine if store_lib.shard_stats(kvstore, k) is None]
+        total_rows = sum(_shard_rows_count(plan, k) for k in todo)
+        bar = _progress_bar(total_rows, "convert", progress)
+        try:
+            if workers > 1 and len(todo) > 1:
+                ctx = multiprocessing.get_context("spawn")
+                with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    futures = {pool.submit(write_shard, url, plan, k): k for k in todo}
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()
+                        if bar is not None:
+                            bar.update(_shard_rows_count(plan, futures[future]))
+            else:
+                for k in todo:
+                    write_shard(url, plan, k, progress_queue=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        finalized = num_tasks == 1
+        if finalized:
+            manifest = finalize(url)
+        else:
+            manifest = None
+    cells = manifest["num_cells"] if manifest else sum(
+        _shard_rows_count(plan, k) for k in mine)
+    return ConversionSummary(
+        store=url, num_cells=cells, num_shards=plan["num_shards"],
+        nnz=manifest["nnz"] if manifest else 0,
+        skipped_empty=sum(len(s["empty_rows"]) for s in plan["sources"]),
+        vocabulary=f"{vocab.name} ({len(vocab)} genes, {vocab.digest[:12]})",
+        sources=[{**s, "alignment": s["alignment"]} for s in plan["sources"]],
+        seconds=time.perf_counter() - started, shards_written=len(todo), finalized=finalized)
+
+
+def _shard_rows_count(plan: dict, index: int) -> int:
+    return sum(stop - first for _, first, stop in _shard_rows(plan, index))
+
+
+def _remove_stale_temporaries(local: Path, mine: list[int]):
+    shards = local / "shards"
+    if not shards.is_dir():
+        return
+    owned = {f".tmp-{k:05d}-" for k in mine}
+    for entry in shards.iterdir():
+        if entry.name[:11] in owned:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _delete_store(kvstore: ts.KvStore, local: Path | None):
+    if local is not None and local.exists():
+        shutil.rmtree(local)
+    else:
+        kvstore.delete_range(ts.KvStore.KeyRange()).result()
+
+
+def finalize(output) -> dict:
+    """Write `manifest.json` once every shard of the plan is complete; returns the manifest."""
+    url = str(output)
+    kvstore = store_lib.open_kvstore(url)
+    plan = store_lib.read_json(kvstore, PLAN)
+    if plan is None:
+        raise InputError(f"{url}: no {PLAN}; start the conversion with `scfm-jax convert INPUT... "
+                         f"--output {url}`")
+    shards, missing = [], []
+    for k in range(plan["num_shards"]):
+        stats = store_lib.shard_stats(kvstore, k)
+        if stats is None:
+            missing.append(k)
+        else:
+            shards.append({"key": store_lib.shard_key(k), "num_cells": stats["num_cells"],
+                           "nnz": stats["nnz"]})
+    if missing:
+        raise InputError(f"{url}: {len(missing)} of {plan['num_shards']} shards are not complete "
+                         f"(e.g. {missing[:5]}); run the missing --task-index jobs (or convert "
+                         "without --num-tasks) before --finalize")
+    sources = [{k: v for k, v in s.items() if k not in ("positions", "empty_rows")} |
+               {"cells": s["rows"] - len(s["empty_rows"]), "skipped_empty": len(s["empty_rows"])}
+               for s in plan["sources"]]
+    manifest = {
+        "format": store_lib.FORMAT_NAME, "format_version": store_lib.FORMAT_VERSION,
+        "vocabulary": plan["vocabulary"], "num_cells": sum(s["num_cells"] for s in shards),
+        "nnz": sum(s["nnz"] for s in shards), "cells_per_shard": plan["shard_size"],
+        "shards": shards, "obs": {c: plan["obs"][c] for c in plan["obs_columns"] + ["source"]},
+        "sources": sources, "chunk_elements": plan["chunk_elements"],
+        "compression": plan["compression"],
+    }
+    kvstore.write(store_lib.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode()).result()
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scfm-jax convert",
+        description="Convert .h5ad / anndata .zarr / 10x (matrix.mtx folder or .h5) files into a "
+                    "sharded cell store. Rerunning the same command resumes an interrupted run.")
+    p.add_argument("inputs", nargs="*", help="input files (several are appended into one store)")
+    p.add_argument("--output", "-o", required=True, help="store folder or kvstore URL (gs://...)")
+    p.add_argument("--vocabulary", default="scfoundation",
+                   help="scfoundation | scmulan | PATH to a gene TSV | from-data (default: %(default)s)")
+    p.add_argument("--gene-column", help="var column holding the genes (default: var_names)")
+    p.add_argument("--layer", help="count matrix: X, raw, or a layer name (default: the first of "
+                                   "layers['counts'], raw.X, X that holds integer counts)")
+    p.add_argument("--obs", help="comma-separated obs columns to keep (default: all categorical)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="cells per shard")
+    p.add_argument("--min-coverage", type=float, default=0.5,
+                   help="refuse inputs with less than this fraction of counts on the vocabulary")
+    p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values")
+    p.add_argument("--compression", choices=["none", "zstd"], default="none",
+                   help="codec of the CSR arrays (none reads fastest)")
+    p.add_argument("--workers", type=int, default=1, help="shards converted in parallel processes")
+    p.add_argument("--task-index", type=int, default=0, help="this job's index (multi-machine)")
+    p.add_argument("--num-tasks", type=int, default=1, help="jobs writing disjoint shards")
+    p.add_argument("--finalize", action="store_true",
+                   help="only write the manifest once all tasks' shards are complete")
+    p.add_argument("--overwrite", action="store_true", help="replace a store of other inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.finalize:
+            manifest = finalize(args.output)
+            print(f"finalized {args.output}: {manifest['num_cells']} cells in "
+                  f"{len(manifest['shards'])} shards, {manifest['nnz']} non-zeros")
+            return 0
+        if not args.inputs:
+            print("scfm-jax convert: give at least one input (or --finalize)", file=sys.stderr)
+            return 2
+        summary = convert(
+            args.inputs, args.output, vocabulary=args.vocabulary, gene_column=args.gene_column,
+            layer=args.layer, obs=None if args.obs is None else
+            [c for c in args.obs.split(",") if c], shard_size=args.shard_size,
+            min_coverage=args.min_coverage, allow_non_integer=args.allow_non_integer,
+            workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
+            overwrite=args.overwrite, progress=not args.no_progress,
+            compression=None if args.compression == "none" else args.compression)
+    except (InputError, FileNotFoundError, OSError, KeyError, ValueError) as e:
+        print(f"scfm-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    return 0

@@ -1,0 +1,277 @@
+"""The step-pure, multi-host input pipeline: cell store -> fixed-shape sparse numpy batches.
+
+The global batch of step `s` is a pure function of `(seed, s)`: the stream of cells is an endless
+sequence of epochs, each a seeded permutation of fixed-size blocks of contiguous cells (blocks keep
+reads contiguous) with the cells shuffled inside windows of `window_blocks` blocks. Step s takes
+stream positions [s * B, (s + 1) * B). Process p of n returns rows [p * B/n, (p + 1) * B/n) of that
+batch and reads only those cells, so resuming at any step, or restarting on another number of hosts,
+replays exactly the same global batches.
+
+Rows are sparse and padded to K = the smallest bucket holding the longest row of the GLOBAL batch
+(capped at `max_nonzero`; longer cells keep a random subset of their genes, drawn from (seed, step,
+cell)), so every process returns the same shapes. Normalisation, downsampling and masking happen
+on the device; the host only moves sparse counts.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+
+import numpy as np
+
+from scfm_jax.data.store import CellStore
+
+_EPOCH, _WINDOW, _SUBSAMPLE = 0x45504F43, 0x57494E44, 0x53554253   # rng stream tags
+
+
+def split_cells(num_cells: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic disjoint (train, eval) cell indices, both sorted."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    num_eval = int(round(num_cells * eval_fraction))
+    if eval_fraction > 0 and num_cells > 1:
+        num_eval = min(max(num_eval, 1), num_cells - 1)
+    order = np.random.default_rng([seed, 0x53504C54]).permutation(num_cells)
+    return np.sort(order[num_eval:]).astype(np.int64), np.sort(order[:num_eval]).astype(np.int64)
+
+
+def _row_key(seed: int, step: int, cell: int) -> np.ndarray:
+    """A uint64 key of (seed, step, cell): the subsample of a capped cell depends on nothing else."""
+    key = np.array([_SUBSAMPLE], np.uint64)
+    for value in (seed, step, cell):
+        key = _mix(key ^ np.array([value & 0xFFFFFFFFFFFFFFFF], np.uint64))
+    return key
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: uint64 -> well-mixed uint64 (vectorised, layout-independent keys)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class Pipeline:
+    """Batches of a cell store for this process; `batch(step)` is pure in (seed, step)."""
+
+    def __init__(self, store: CellStore, *, global_batch_size: int, seed: int,
+                 buckets=(64, 128, 256, 512), max_nonzero: int = 512, block_size: int = 64,
+                 window_blocks: int = 16, cell_indices=None, obs_keys=(), process_index=None,
+                 process_count=None, prefetch: int = 2):
+        if process_index is None or process_count is None:
+            import jax
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                             f"{process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.buckets = tuple(sorted(int(b) for b in buckets))
+        if max_nonzero < 1 or (self.buckets and self.buckets[-1] > max_nonzero):
+            raise ValueError(f"buckets {self.buckets} must not exceed max_nonzero {max_nonzero}")
+        if block_size < 1 or window_blocks < 1:
+            raise ValueError("block_size and window_blocks must be positive")
+        for key in obs_keys:
+            store.obs_categories(key)   # fails early, naming the store's columns
+        self.store = store
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.seed = int(seed)
+        self.max_nonzero = int(max_nonzero)
+        self.block_size = int(block_size)
+        self.window_blocks = int(window_blocks)
+        self.obs_keys = tuple(obs_keys)
+        self.process_index, self.process_count = process_index, process_count
+        self.prefetch = prefetch
+        cells = np.arange(store.num_cells, dtype=np.int64) if cell_indices is None else \
+            np.unique(np.asarray(cell_indices, np.int64))
+        if len(cells) == 0:
+            raise ValueError("the pipeline has no cells (empty cell_indices)")
+        if cells[0] < 0 or cells[-1] >= store.num_cells:
+            raise IndexError(f"cell_indices out of range for a store of {store.num_cells} cells")
+        self.cells = cells
+        self.num_blocks = -(-len(cells) // self.block_size)
+        self._cache_lock = threading.Lock()
+        self._epochs: collections.OrderedDict = collections.OrderedDict()
+        self._windows: collections.OrderedDict = collections.OrderedDict()
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return len(self.cells) / self.global_batch_size
+
+    # ---------------------------------------------------------------- the order of the stream
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block order, start position of each window in the epoch) for one epoch."""
+        with self._cache_lock:
+            if epoch in self._epochs:
+                self._epochs.move_to_end(epoch)
+                return self._epochs[epoch]
+        order = np.random.default_rng([self.seed, _EPOCH, epoch]).permutation(self.num_blocks)
+        sizes = np.minimum(self.block_size, len(self.cells) - order * self.block_size)
+        window_sizes = np.add.reduceat(sizes, np.arange(0, self.num_blocks, self.window_blocks))
+        window_starts = np.concatenate([[0], np.cumsum(window_sizes)])
+        with self._cache_lock:
+            self._epochs[epoch] = (order, window_starts)
+            while len(self._epochs) > 4:
+                self._epochs.popitem(last=False)
+        return order, window_starts
+
+    def _window(self, epoch: int, window: int) -> np.ndarray:
+        """The shuffled cells (store indices) of one window of an epoch."""
+        key = (epoch, window)
+        with self._cache_lock:
+            if key in self._windows:
+                self._windows.move_to_end(key)
+                return self._windows[key]
+        order, _ = self._epoch(epoch)
+        blocks = order[window * self.window_blocks:(window + 1) * self.window_blocks]
+        positions = np.concatenate([np.arange(b * self.block_size,
+                                              min((b + 1) * self.block_size, len(self.cells)))
+                                    for b in blocks])
+        rng = np.random.default_rng([self.seed, _WINDOW, epoch, window])
+        cells = self.cells[positions[rng.permutation(len(positions))]]
+        with self._cache_lock:
+            self._windows[key] = cells
+            while len(self._windows) > 64:
+                self._windows.popitem(last=False)
+        return cells
+
+    def global_cells(self, step: int) -> np.ndarray:
+        """Store indices of the global batch of `step` (a pure function of seed and step)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        n = len(self.cells)
+        first = step * self.global_batch_size
+        out = np.empty(self.global_batch_size, np.int64)
+        filled = 0
+        while filled < self.global_batch_size:
+            position = first + filled
+            epoch, offset = divmod(position, n)
+            _, window_starts = self._epoch(epoch)
+            window = int(np.searchsorted(window_starts, offset, side="right") - 1)
+            cells = self._window(epoch, window)
+            take = min(self.global_batch_size - filled, int(window_starts[window + 1]) - offset)
+            start = offset - int(window_starts[window])
+            out[filled:filled + take] = cells[start:start + take]
+            filled += take
+        return out
+
+    def padded_length(self, row_lengths: np.ndarray) -> int:
+        """K: the smallest bucket holding the longest row (capped at max_nonzero)."""
+        longest = min(int(row_lengths.max()), self.max_nonzero)
+        for bucket in self.buckets:
+            if bucket >= longest:
+                return bucket
+        return self.max_nonzero
+
+    # ------------------------------------------------------------------------------ batches
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch of `step`."""
+        global_cells = self.global_cells(step)
+        width = self.padded_length(self.store.row_lengths(global_cells))
+        lo = self.process_index * self.local_batch_size
+        cells = global_cells[lo:lo + self.local_batch_size]
+
+        # Read each distinct cell once, in store order (contiguous runs coalesce), then place rows.
+        unique, inverse = np.unique(cells, return_inverse=True)
+        rows = self.store.read(unique)
+        lengths = rows.lengths
+        totals = np.add.reduceat(rows.counts.astype(np.float64), rows.indptr[:-1]) if len(
+            rows.counts) else np.zeros(len(unique))
+        totals = np.where(lengths > 0, totals, 0.0)
+
+        # Positions of the entries kept in each unique row, in gene order.
+        keep_lengths = np.minimum(lengths, width)
+        kept_indptr = np.zeros(len(unique) + 1, np.int64)
+        np.cumsum(keep_lengths, out=kept_indptr[1:])
+        kept = np.repeat(rows.indptr[:-1], keep_lengths) + _ranges(keep_lengths)
+        for u in np.flatnonzero(lengths > width):
+            start = rows.indptr[u]
+            keys = _mix(rows.gene_ids[start:start + lengths[u]].astype(np.uint64)
+                        ^ _row_key(self.seed, step, int(unique[u])))
+            chosen = np.sort(np.argpartition(keys, width - 1)[:width]) + start
+            kept[kept_indptr[u]:kept_indptr[u + 1]] = chosen
+
+        gene_ids = np.full((len(cells), width), -1, np.int32)
+        counts = np.zeros((len(cells), width), np.float32)
+        row_lengths = keep_lengths[inverse]
+        destination = np.repeat(np.arange(len(cells)) * width, row_lengths) + _ranges(row_lengths)
+        source = kept[np.repeat(kept_indptr[inverse], row_lengths) + _ranges(row_lengths)]
+        gene_ids.reshape(-1)[destination] = rows.gene_ids[source]
+        counts.reshape(-1)[destination] = rows.counts[source]
+
+        batch = {
+            "gene_ids": gene_ids,
+            "counts": counts,
+            "total_counts": totals[inverse].astype(np.float32),
+            "num_nonzero": row_lengths.astype(np.int32),
+            "cell_index": cells,
+        }
+        for key in self.obs_keys:
+            batch[f"obs/{key}"] = self.store.read_obs(key, cells)
+        return batch
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> "BatchIterator":
+        """Batches of steps start_step, start_step + 1, ... prepared ahead in background threads."""
+        return BatchIterator(self, start_step, num_steps, self.prefetch)
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """concatenate([arange(n) for n in lengths]), vectorised."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+class BatchIterator:
+    """Yields `(step, batch)`; `prefetch` batches are prepared ahead. Close it (or use `with`)."""
+
+    def __init__(self, pipeline: Pipeline, start_step: int, num_steps: int | None, prefetch: int):
+        self._pipeline = pipeline
+        self._next_submit = start_step
+        self._end = None if num_steps is None else start_step + num_steps
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max(1, prefetch), thread_name_prefix="scfm-pipeline")
+        self._pending: collections.deque = collections.deque()
+        self._depth = max(1, prefetch)
+        self._closed = False
+        self._fill()
+
+    def _fill(self):
+        while len(self._pending) < self._depth and (self._end is None or self._next_submit < self._end):
+            step = self._next_submit
+            self._pending.append((step, self._executor.submit(self._pipeline.batch, step)))
+            self._next_submit += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
+        if self._closed or not self._pending:
+            raise StopIteration
+        step, future = self._pending.popleft()
+        batch = future.result()
+        self._fill()
+        return step, batch
+
+    def close(self):
+        """Cancel what is queued and wait for the running reads; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
