@@ -1,0 +1,197 @@
+"""scMulan tasks on AnnData: zero-shot annotation + embedding, conditional generation, smoothing.
+
+`annotate` reproduces `get_cell_types_and_embds_for_adata` (SPEC.md II.5) but batched, with a KV
+cache and cells grouped by prompt length: for each cell the prompt `genes + <PCT>` generates up to
+three tokens greedily; the tokens at positions -3 and -2 of the final sequence are the coarse and
+fine cell type (`Unclassified` unless they are terms of `cell_type` or `MCT`), and the embedding is
+the final-LayerNorm output the official code reads (`hidden_states[-1][0, -2]`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata
+import jax
+import numpy as np
+import pandas as pd
+import scipy.sparse
+from tqdm.auto import tqdm
+
+from scfm_jax.data import cell_sentence
+from scfm_jax.data.cell_sentence import TokenSet
+from scfm_jax.models import generation
+from scfm_jax.models.scmulan import ScMulan
+
+UNCLASSIFIED = "Unclassified"
+LENGTH_QUANTUM = 64  # prompts are padded to a multiple of this, so few shapes get compiled
+
+
+def _gene_set_matrix(adata: anndata.AnnData, token_set: TokenSet, layer: str | None):
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    positions = pd.Index(adata.var_names).get_indexer(list(token_set.genes))
+    missing = [g for g, p in zip(token_set.genes, positions) if p < 0]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(token_set.genes)} scMulan genes are not in var_names "
+            f"(e.g. {missing[:5]}); map the genes first with scfm_jax.data.vocabulary.align_genes "
+            "(or `scfm-jax annotate`, which does it), so absent genes become zero columns")
+    matrix = matrix[:, positions]
+    return matrix.tocsr() if scipy.sparse.issparse(matrix) else np.asarray(matrix)
+
+
+def _check_log_normalised(matrix, what: str):
+    values = matrix.data if scipy.sparse.issparse(matrix) else matrix
+    if values.size and (np.max(values) >= 10 or np.min(values) < 0):
+        raise ValueError(
+            f"{what} has values in [{np.min(values):.3g}, {np.max(values):.3g}]; scMulan expects "
+            "log1p of counts normalised to 1e4 per cell (max < 10). Normalise first "
+            "(scanpy.pp.normalize_total(target_sum=1e4) then scanpy.pp.log1p), or pass raw counts "
+            "with counts=True")
+
+
+def log_normalise(counts) -> np.ndarray | scipy.sparse.csr_matrix:
+    """log1p(counts / total * 1e4) per row, in float64 (scMulan's expected input)."""
+    if scipy.sparse.issparse(counts):
+        counts = counts.tocsr().astype(np.float64)
+        totals = np.asarray(counts.sum(axis=1)).reshape(-1)
+        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+        out = scipy.sparse.diags(scale) @ counts
+        out.data = np.log1p(out.data)
+        return out.tocsr()
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.log1p(np.divide(counts * 1e4, totals, out=np.zeros_like(counts), where=totals > 0))
+
+
+def _batches(lengths: np.ndarray, batch_size: int):
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _run_batches(model, prompts, batch_size, progress, desc, **generate_kwargs):
+    """Generates for every prompt, batched by similar length; returns per-cell results."""
+    lengths = np.array([len(ids) for ids, _ in prompts])
+    results = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="cell", disable=not progress)
+    for index in _batches(lengths, batch_size):
+        batch = [prompts[i] for i in index]
+        # pad the batch to full size with its first cell so one program serves every batch
+        batch += [batch[0]] * (batch_size - len(batch))
+        width = -(-int(lengths[index].max()) // LENGTH_QUANTUM) * LENGTH_QUANTUM
+        ids, levels, lens = cell_sentence.pad_prompts(batch, width)
+        out = generation.generate(model, ids, levels, lens, **generate_kwargs)
+        for row, cell in enumerate(index):
+            results[cell] = (out.tokens(row), out.token_levels(row), out.embedding[row])
+        bar.update(len(index))
+    bar.close()
+    return results
+
+
+def read_cell_types(prompt_ids: np.ndarray, generated_ids: np.ndarray,
+                    token_set: TokenSet) -> tuple[str, str]:
+    """(coarse, fine) type: tokens at -3 and -2 of the final sequence, as the official reads."""
+    sequence = np.concatenate([prompt_ids, generated_ids])
+    names = token_set.decode(sequence[-3:-1])
+    cell_types = token_set.cell_type_terms
+    coarse, fine = (name if name in cell_types else UNCLASSIFIED for name in names)
+    return coarse, fine
+
+
+def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
+             layer: str | None = None, counts: bool = False, batch_size: int = 16,
+             key_added: str = "X_scmulan", type_key: str = "cell_type_scmulan",
+             progress: bool = True) -> anndata.AnnData:
+    """Zero-shot cell types and embeddings, written into `adata` (also returned):
+    `obs[type_key]` (fine type), `obs[type_key + "_coarse"]`, `obsm[key_added]`.
+
+    `adata.X` (or `layers[layer]`) holds log1p-normalised expression with the scMulan gene symbols
+    in `var_names`; `counts=True` normalises raw counts first (1e4 per cell, over all genes).
+    """
+    if adata.n_obs == 0:
+        raise ValueError("the AnnData has no cells")
+    if counts:
+        matrix = adata.layers[layer] if layer is not None else adata.X
+        source = anndata.AnnData(log_normalise(matrix), var=adata.var[[]].copy())
+        matrix = _gene_set_matrix(source, token_set, None)
+    else:
+        matrix = _gene_set_matrix(adata, token_set, layer)
+        _check_log_normalised(matrix, f"adata.{'layers[%r]' % layer if layer else 'X'}")
+    prompts = cell_sentence.annotation_prompts(
+        matrix, token_set, num_levels=model.cfg.expression_level,
+        cell_names=list(adata.obs_names))
+    results = _run_batches(model, prompts, min(batch_size, len(prompts)), progress,
+                           "scMulan annotation", max_new_tokens=3, top_k=1)
+    coarse, fine = zip(*(read_cell_types(p[0], r[0], token_set)
+                         for p, r in zip(prompts, results)))
+    adata.obs[type_key] = pd.Categorical(fine)
+    adata.obs[type_key + "_coarse"] = pd.Categorical(coarse)
+    adata.obsm[key_added] = np.stack([r[2] for r in results])
+    return adata
+
+
+def generate_cells(model: ScMulan, token_set: TokenSet, conditions: Sequence[Sequence[str]], *,
+                   max_new_tokens: int = 1000, top_k: int = 0, temperature: float = 1.0,
+                   seed: int = 0, batch_size: int = 16, progress: bool = True,
+                   ) -> anndata.AnnData:
+    """Cells generated from metadata terms (one list of terms per cell, e.g. `['Heart',
+    'Cardiomyocyte cell', '50 year', 'M']`), sampled until `<E>`: an AnnData of expression levels
+    (cells x the model's gene set; 0 for genes not generated) with the terms in `obs`."""
+    if not conditions:
+        raise ValueError("no conditions given")
+    prompts = [cell_sentence.condition_prompt(terms, token_set) for terms in conditions]
+    gene_column = {int(t): j for j, t in enumerate(token_set.gene_ids)}
+    size = min(batch_size, len(prompts))
+    levels = np.zeros((len(prompts), len(token_set.genes)), np.float32)
+    lengths = np.array([len(ids) for ids, _ in prompts])
+    bar = tqdm(total=len(prompts), desc="scMulan generation", unit="cell", disable=not progress)
+    key = jax.random.key(seed)
+    ended = np.zeros(len(prompts), bool)
+    for index in _batches(lengths, size):
+        batch = [prompts[i] for i in index] + [prompts[index[0]]] * (size - len(index))
+        ids, lv, lens = cell_sentence.pad_prompts(batch)
+        key, batch_key = jax.random.split(key)
+        out = generation.generate(model, ids, lv, lens, max_new_tokens=max_new_tokens,
+                                  top_k=top_k, temperature=temperature, key=batch_key)
+        for row, cell in enumerate(index):
+            tokens, token_levels = out.tokens(row), out.token_levels(row)
+            ended[cell] = tokens.size > 0 and tokens[-1] == generation.END_ID
+            for token, level in zip(tokens, token_levels):
+                if int(token) in gene_column:
+                    levels[cell, gene_column[int(token)]] = level
+        bar.update(len(index))
+    bar.close()
+    obs = pd.DataFrame({"condition": [", ".join(t) for t in conditions], "ended": ended},
+                       index=[f"generated_{i}" for i in range(len(conditions))])
+    return anndata.AnnData(scipy.sparse.csr_matrix(levels), obs=obs,
+                           var=pd.DataFrame(index=list(token_set.genes)))
+
+
+def smooth_cell_types(adata: anndata.AnnData, *, type_key: str = "cell_type_scmulan",
+                      use_rep: str = "X_scmulan", n_neighbors: int = 15, weighted: bool = True,
+                      threshold: float = 0.5) -> anndata.AnnData:
+    """kNN vote over predicted types (scMulan's `cell_type_smoothing`): each cell takes the type
+    with the largest (inverse-distance weighted) share among its neighbours in `obsm[use_rep]`,
+    or `Unclassified` when that share is below `threshold`. Writes `obs[type_key + "_smoothed"]`
+    and `obs[type_key + "_smoothing_score"]`."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if use_rep not in adata.obsm or type_key not in adata.obs:
+        raise ValueError(f"run annotate first: need obsm[{use_rep!r}] and obs[{type_key!r}]")
+    if adata.n_obs < 2:
+        raise ValueError("smoothing needs at least two cells")
+    k = min(n_neighbors, adata.n_obs)
+    distances, neighbours = NearestNeighbors(n_neighbors=k).fit(adata.obsm[use_rep]).kneighbors()
+    labels = np.asarray(adata.obs[type_key].astype(str))
+    smoothed, scores = [], []
+    for dist, nbr in zip(distances, neighbours):
+        weights = 1.0 / np.maximum(dist, 1e-12) if weighted else np.ones_like(dist)
+        weights = weights / weights.sum()
+        votes = pd.Series(weights).groupby(labels[nbr]).sum()
+        smoothed.append(votes.idxmax())
+        scores.append(float(votes.max()))
+    scores = np.array(scores)
+    smoothed = np.where(scores < threshold, UNCLASSIFIED, np.array(smoothed, dtype=object))
+    adata.obs[type_key + "_smoothed"] = pd.Categorical(smoothed)
+    adata.obs[type_key + "_smoothing_score"] = scores
+    return adata

@@ -1,0 +1,218 @@
+"""scMulan: the nanoGPT-style cell-sentence decoder of Bian et al. (SPEC.md II.3).
+
+`x = wte[token] + wee[level]` (no positional embedding: order enters only through the causal mask),
+pre-LN blocks (causal attention, tanh-GELU MLP), a final LayerNorm, and two untied heads over the
+vocabulary: `lm_head` (next-entity logits) and `epx_head` (a real-valued expression level per
+candidate entity).
+
+Batches are right-padded with per-cell lengths. Because attention is causal and there is no
+positional table, the valid positions of a padded row are exactly those of the unpadded cell, so no
+padding mask is needed; outputs are read at each cell's last valid index. `decode_step` extends a
+key/value cache by one token per cell at per-cell positions (see `scfm_jax.models.generation`).
+
+The pretraining objective (`pretraining_loss`) is in this module; the c-sentences it trains on are
+built on the device by `scfm_jax.data.cell_sentence.build_sentences`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scfm_jax.models import layers
+from scfm_jax.models.layers import BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, MLP, VOCAB
+
+INIT_STD = 0.02  # nanoGPT's initialisation (new models only; official weights are imported)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScMulanConfig:
+    """The architecture fields of `config.model` (hashable, so it can live inside the module)."""
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    expression_level: int = 10
+    bias: bool = False
+    dtype: str = "float32"
+    remat_policy: str = "none"
+    attention: str = "dot_product"
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any]) -> "ScMulanConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: model_config[k] for k in fields if k in model_config}
+        config = cls(**values)
+        if config.vocab_size <= 0:
+            raise ValueError(
+                f"scMulan vocab_size is {config.vocab_size}: resolve it from the token set first "
+                "(scfm_jax.data.cell_sentence.pretraining_setup or an official checkpoint)")
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        if config.attention != "dot_product":
+            raise ValueError(f"scMulan attention {config.attention!r}: only 'dot_product' (exact "
+                             "causal softmax attention) is available")
+        if config.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {config.remat_policy!r}: use one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        return config
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def _param(rngs, shape, names, std, dtype=jnp.float32):
+    init = nnx.with_partitioning(nnx.initializers.normal(std), names)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def _zeros(shape, names):
+    return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), names)(
+        jax.random.key(0), shape, jnp.float32))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi).astype(x.dtype)
+                                     * (x + 0.044715 * x ** 3)))
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: causal self-attention then a 4x tanh-GELU MLP."""
+
+    def __init__(self, cfg: ScMulanConfig, *, rngs: nnx.Rngs):
+        d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+        proj_std = INIT_STD / (2 * cfg.n_layer) ** 0.5
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.ln_1 = layers.layer_norm(d, rngs=rngs, use_bias=cfg.bias, dtype=self.dtype)
+        self.ln_2 = layers.layer_norm(d, rngs=rngs, use_bias=cfg.bias, dtype=self.dtype)
+        # q, k, v stacked on axis 1 (the order of the original's c_attn output split)
+        self.qkv_kernel = _param(rngs, (d, 3, h, hd), (EMBED, None, HEADS, HEAD_DIM), INIT_STD)
+        self.out_kernel = _param(rngs, (h, hd, d), (HEADS, HEAD_DIM, EMBED), proj_std)
+        self.fc_kernel = _param(rngs, (d, 4 * d), (EMBED, MLP), INIT_STD)
+        self.proj_kernel = _param(rngs, (4 * d, d), (MLP, EMBED), proj_std)
+        if cfg.bias:
+            self.qkv_bias = _zeros((3, h, hd), (None, HEADS, HEAD_DIM))
+            self.out_bias = _zeros((d,), (EMBED,))
+            self.fc_bias = _zeros((4 * d,), (MLP,))
+            self.proj_bias = _zeros((d,), (EMBED,))
+
+    def _w(self, p):
+        return p[...].astype(self.dtype)
+
+    def qkv(self, x):
+        """q, k, v of LN1(x): each [B, T, heads, head_dim]."""
+        qkv = jnp.einsum("btd,dshk->sbthk", self.ln_1(x), self._w(self.qkv_kernel))
+        if self.cfg.bias:
+            qkv = qkv + self._w(self.qkv_bias)[:, None, None]
+        return qkv[0], qkv[1], qkv[2]
+
+    def finish(self, x, attended):
+        """Residual update from the attention output [B, T, heads, head_dim], then the MLP."""
+        y = jnp.einsum("bthk,hkd->btd", attended, self._w(self.out_kernel))
+        if self.cfg.bias:
+            y = y + self._w(self.out_bias)
+        x = x + y
+        hidden = jnp.einsum("btd,dm->btm", self.ln_2(x), self._w(self.fc_kernel))
+        if self.cfg.bias:
+            hidden = hidden + self._w(self.fc_bias)
+        hidden = layers.constrain(gelu_tanh(hidden), (BATCH, LENGTH, MLP))
+        y = jnp.einsum("btm,md->btd", hidden, self._w(self.proj_kernel))
+        if self.cfg.bias:
+            y = y + self._w(self.proj_bias)
+        return layers.constrain(x + y, (BATCH, LENGTH, EMBED))
+
+    def __call__(self, x):
+        q, k, v = self.qkv(x)
+        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return self.finish(x, attended), (k, v)
+
+    def decode(self, x, cache_k, cache_v, positions):
+        """One new token per cell (x [B, 1, D]) at `positions` [B]; returns x and the new cache."""
+        q, k, v = self.qkv(x)
+        rows = jnp.arange(x.shape[0])
+        cache_k = cache_k.at[rows, positions].set(k[:, 0].astype(cache_k.dtype))
+        cache_v = cache_v.at[rows, positions].set(v[:, 0].astype(cache_v.dtype))
+        visible = jnp.arange(cache_k.shape[1])[None, :] <= positions[:, None]  # [B, S]
+        attended = jax.nn.dot_product_attention(
+            q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=visible[:, None, None, :])
+        return self.finish(x, attended), cache_k, cache_v
+
+
+class ScMulan(nnx.Module):
+    """The scMulan decoder. `model_config` is `config.model` (or any mapping with its fields)."""
+
+    def __init__(self, model_config: Mapping[str, Any], *, rngs: nnx.Rngs):
+        cfg = model_config if isinstance(model_config, ScMulanConfig) else \
+            ScMulanConfig.from_config(model_config)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        d = cfg.n_embd
+        self.wte = _param(rngs, (cfg.vocab_size, d), (VOCAB, EMBED), INIT_STD)
+        self.wee = _param(rngs, (cfg.expression_level + 1, d), (None, EMBED), INIT_STD)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = layers.layer_norm(d, rngs=rngs, use_bias=cfg.bias, dtype=self.dtype)
+        self.lm_head = _param(rngs, (d, cfg.vocab_size), (EMBED, VOCAB), INIT_STD)
+        self.epx_head = _param(rngs, (d, cfg.vocab_size), (EMBED, VOCAB), INIT_STD)
+
+    def embed(self, ids, levels):
+        x = (jnp.take(self.wte[...], ids, axis=0) + jnp.take(self.wee[...], levels, axis=0))
+        return layers.constrain(x.astype(self.dtype), (BATCH, LENGTH, EMBED))
+
+    def __call__(self, ids: jax.Array, levels: jax.Array, *, return_kv: bool = False):
+        """Final-LayerNorm output [B, T, D] of right-padded ids/levels [B, T] (int).
+
+        With `return_kv`, also the per-layer keys and values ([B, T, heads, head_dim] each), the
+        prefill of a generation cache.
+        """
+        x = self.embed(ids, levels)
+        policy = REMAT_POLICIES[self.cfg.remat_policy]
+        kv = []
+        for block in self.blocks:
+            if self.cfg.remat_policy != "none":
+                x, block_kv = nnx.remat(lambda b, h: b(h), policy=policy)(block, x)
+            else:
+                x, block_kv = block(x)
+            kv.append(block_kv)
+        hidden = self.ln_f(x)
+        return (hidden, tuple(kv)) if return_kv else hidden
+
+    def decode_step(self, ids, levels, cache, positions):
+        """Extends the cache by one token per cell: ids/levels/positions [B]; returns (hidden [B, D],
+        cache). `cache` is a tuple of (keys, values) per layer, [B, S, heads, head_dim]."""
+        x = self.embed(ids[:, None], levels[:, None])
+        new_cache = []
+        for block, (cache_k, cache_v) in zip(self.blocks, cache):
+            x, cache_k, cache_v = block.decode(x, cache_k, cache_v, positions)
+            new_cache.append((cache_k, cache_v))
+        return self.ln_f(x)[:, 0], tuple(new_cache)
+
+    def heads(self, hidden):
+        """(next-entity logits, expression-level outputs) over the vocabulary, float32."""
+        cls = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(self.dtype))
+        exp = jnp.einsum("...d,dv->...v", hidden, self.epx_head[...].astype(self.dtype))
+        return cls.astype(jnp.float32), exp.astype(jnp.float32)
+
+
+def last_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """x[b, lengths[b] - 1] for a right-padded [B, T, ...] array."""
+    index = jnp.clip(lengths - 1, 0, x.shape[1] - 1)
+    return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+
+
+def count_parameters(model_config: Mapping[str, Any]) -> int:
+    """Number of parameters, counted from abstract shapes (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: ScMulan(model_config, rngs=nnx.Rngs(0)))
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,185 @@
+"""scMulan model, KV-cache generation and annotation against the original PyTorch outputs.
+
+The fixture (`../shared/fixtures/scmulan-tiny/`) holds an official-layout checkpoint with random
+weights, six real cells and what the original code produced for them.
+"""
+import anndata
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse
+from flax import nnx
+
+from conftest import shared_path
+from scfm_jax.analysis import scmulan_tasks
+from scfm_jax.data import cell_sentence
+from scfm_jax.interop import scmulan_torch
+from scfm_jax.models import generation, scmulan
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    folder = shared_path("fixtures", "scmulan-tiny")
+    model_config, model = scmulan_torch.load_official_checkpoint(folder / "ckpt.pt")
+    return dict(folder=folder, model_config=model_config, model=model,
+                token_set=cell_sentence.TokenSet.from_folder(folder),
+                cells=np.load(folder / "cells.npz"), expected=np.load(folder / "expected.npz"))
+
+
+@pytest.fixture(scope="module")
+def annotated(fixture):
+    cells = fixture["cells"]
+    adata = anndata.AnnData(scipy.sparse.csr_matrix(cells["expr"]),
+                            obs=pd.DataFrame(index=cells["cell_ids"]),
+                            var=pd.DataFrame(index=list(fixture["token_set"].genes)))
+    # batch 4 for 6 cells: two batches, the second padded with a repeated cell
+    return scmulan_tasks.annotate(fixture["model"], fixture["token_set"], adata, batch_size=4,
+                                  progress=False)
+
+
+def test_checkpoint_config(fixture):
+    config = fixture["model_config"]
+    assert (config.name, config.vocab_size, config.n_layer, config.n_head, config.n_embd,
+            config.bias) == ("scmulan", 2222, 2, 4, 64, False)
+
+
+def test_batched_forward_matches_original(fixture):
+    expected, token_set, model = fixture["expected"], fixture["token_set"], fixture["model"]
+    prompts = cell_sentence.annotation_prompts(fixture["cells"]["expr"], token_set)
+    ids, levels, lengths = cell_sentence.pad_prompts(prompts)
+    np.testing.assert_array_equal(lengths, expected["prompt_len"])
+    hidden = scmulan.last_valid(model(jnp.asarray(ids), jnp.asarray(levels)), jnp.asarray(lengths))
+    logits_cls, logits_exp = model.heads(hidden)
+    np.testing.assert_allclose(hidden, expected["hidden_last_valid"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits_cls, expected["logits_cls_last"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits_exp, expected["logits_exp_last"], atol=TOL, rtol=0)
+
+
+def test_generation_matches_original(fixture):
+    expected = fixture["expected"]
+    prompts = cell_sentence.annotation_prompts(fixture["cells"]["expr"], fixture["token_set"])
+    out = generation.generate(fixture["model"], *cell_sentence.pad_prompts(prompts),
+                              max_new_tokens=3)
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(out.tokens(i), expected[f"gen_ids_{i}"])
+        np.testing.assert_array_equal(out.token_levels(i), expected[f"gen_levels_{i}"])
+    np.testing.assert_allclose(out.embedding, expected["cell_emb"], atol=TOL, rtol=0)
+
+
+def test_annotate_matches_original(fixture, annotated):
+    expected = fixture["expected"]
+    assert list(annotated.obs["cell_type_scmulan"]) == list(expected["pred_cell_type"])
+    assert list(annotated.obs["cell_type_scmulan_coarse"]) == list(expected["pred_coarse_type"])
+    np.testing.assert_allclose(annotated.obsm["X_scmulan"], expected["cell_emb"], atol=TOL, rtol=0)
+
+
+def _reference_generate(model, prompt_ids, prompt_levels, max_new_tokens):
+    """The official loop: one cell, a full forward per step, ban positions [:-1], greedy.
+    (Each forward is right-padded to one width so it compiles once; that is exact, SPEC II.8.)"""
+    width = 32
+    forward = nnx.jit(lambda m, i, lv: m(i, lv))
+    ids, levels = list(prompt_ids), list(prompt_levels)
+    while True:
+        pad = width - len(ids)
+        hidden = np.asarray(forward(model, jnp.asarray([ids + [0] * pad]),
+                                    jnp.asarray([levels + [0] * pad]))[0, :len(ids)])
+        logits, exp = (np.array(a) for a in model.heads(jnp.asarray(hidden[-1])))
+        logits[np.array(ids[:-1], int)] = -np.inf
+        token = int(np.argmax(logits))
+        ids.append(token)
+        levels.append(int(np.clip(np.round(exp[token]), 0, model.cfg.expression_level)))
+        if token == 0 or len(ids) >= len(prompt_ids) + max_new_tokens:
+            break
+    embedding = hidden[-2] if len(hidden) >= 2 else None
+    return ids[len(prompt_ids):], levels[len(prompt_ids):], embedding
+
+
+def test_kv_cache_generation_matches_full_forward_loop():
+    # a random model generating long sequences with repeated tokens in the prompts: the cache,
+    # the per-cell positions, the ban of earlier tokens and the exemption of the last one
+    config = dict(vocab_size=40, n_layer=2, n_head=2, n_embd=16, expression_level=10)
+    model = scmulan.ScMulan(config, rngs=nnx.Rngs(3))
+    model.epx_head[...] = model.epx_head[...] * 300.0  # levels spread over 0..10
+    rng = np.random.default_rng(0)
+    prompts = [(rng.integers(1, 40, n).astype(np.int32), rng.integers(0, 11, n).astype(np.int32))
+               for n in (3, 9, 5, 1)]
+    prompts[1][0][-1] = prompts[1][0][0]  # the last token also appears earlier: it is banned
+    out = generation.generate(model, *cell_sentence.pad_prompts(prompts), max_new_tokens=12)
+    for i, (ids, levels) in enumerate(prompts):
+        ref_ids, ref_levels, ref_embedding = _reference_generate(model, ids, levels, 12)
+        np.testing.assert_array_equal(out.tokens(i), ref_ids)
+        np.testing.assert_array_equal(out.token_levels(i), ref_levels)
+        if ref_embedding is not None:
+            np.testing.assert_allclose(out.embedding[i], ref_embedding, atol=TOL, rtol=0)
+        assert len(set(ref_ids[:-1]) & set(ids[:-1].tolist())) == 0
+
+
+def test_ignore_ids_and_sampling_rules():
+    config = dict(vocab_size=30, n_layer=1, n_head=2, n_embd=8)
+    model = scmulan.ScMulan(config, rngs=nnx.Rngs(1))
+    ids, levels, lengths = cell_sentence.pad_prompts([(np.array([5, 6], np.int32),
+                                                       np.zeros(2, np.int32))] * 4)
+    greedy = generation.generate(model, ids, levels, lengths, max_new_tokens=6)
+    banned = np.unique(greedy.ids[greedy.ids >= 0])
+    other = generation.generate(model, ids, levels, lengths, max_new_tokens=6, ignore_ids=banned)
+    assert not np.isin(other.ids[other.ids >= 0], banned).any()
+    sampled = generation.generate(model, ids, levels, lengths, max_new_tokens=6, top_k=0,
+                                  gamma=0.0, key=jax.random.key(5))
+    assert not (sampled.ids == 0).any()  # gamma 0 removes the end token
+    assert (sampled.num_generated == 6).all()
+
+
+def test_export_round_trip(fixture, tmp_path):
+    torch = pytest.importorskip("torch")
+    original = torch.load(fixture["folder"] / "ckpt.pt", weights_only=True)
+    exported = scmulan_torch.export_official_state_dict(fixture["model"])
+    assert list(exported) == list(original["model"])
+    for key, value in original["model"].items():
+        assert torch.equal(exported[key], value), key
+    path = tmp_path / "again.pt"
+    scmulan_torch.save_official_checkpoint(fixture["model"], path)
+    _, again = scmulan_torch.load_official_checkpoint(path)
+    for key, value in scmulan_torch.state_dict_arrays(again).items():
+        np.testing.assert_array_equal(value, original["model"][key].numpy())
+
+
+def test_bias_checkpoint_round_trip(tmp_path):
+    pytest.importorskip("torch")
+    model = scmulan.ScMulan(dict(vocab_size=20, n_layer=2, n_head=2, n_embd=8, bias=True),
+                            rngs=nnx.Rngs(0))
+    for block in model.blocks:
+        block.fc_bias[...] = jnp.arange(32.0) / 7
+    path = tmp_path / "bias.pt"
+    scmulan_torch.save_official_checkpoint(model, path)
+    _, loaded = scmulan_torch.load_official_checkpoint(path)
+    ids = jnp.array([[1, 2, 3]])
+    np.testing.assert_array_equal(model(ids, ids), loaded(ids, ids))
+
+
+def test_checkpoint_errors_name_the_problem(fixture, tmp_path):
+    torch = pytest.importorskip("torch")
+    checkpoint = torch.load(fixture["folder"] / "ckpt.pt", weights_only=True)
+    checkpoint["model"]["transformer.wpe.weight"] = torch.zeros(3, 64)
+    torch.save(checkpoint, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="transformer.wpe.weight"):
+        scmulan_torch.load_official_checkpoint(tmp_path / "extra.pt")
+    del checkpoint["model"]["transformer.wpe.weight"]
+    checkpoint["model"]["lm_head.weight"] = torch.zeros(2222, 32)
+    torch.save(checkpoint, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match="lm_head.weight has shape"):
+        scmulan_torch.load_official_checkpoint(tmp_path / "shape.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="model_args"):
+        scmulan_torch.load_official_checkpoint(tmp_path / "other.pt")
+
+
+def test_parameters_carry_logical_axes():
+    model = scmulan.ScMulan(dict(vocab_size=20, n_layer=1, n_head=2, n_embd=8, bias=True),
+                            rngs=nnx.Rngs(0))
+    for path, param in nnx.state(model, nnx.Param).flat_state():
+        names = param.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == param[...].ndim, path
