@@ -342,8 +342,13 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
         if isinstance(vocabulary, Vocabulary):
             vocab = vocabulary
         elif vocabulary == "from-data":
-            symbols = dict.fromkeys(g for s in sources for g in _genes(s, gene_column))
-            vocab = Vocabulary("from-data", tuple(symbols))
+            # Genes in order of first appearance; spellings differing in case are one gene (the
+            # alignment matches case-insensitively and sums them).
+            symbols: dict[str, str] = {}
+            for s in sources:
+                for g in _genes(s, gene_column):
+                    symbols.setdefault(g.upper(), g)
+            vocab = Vocabulary("from-data", tuple(symbols.values()))
         else:
             vocab = load_vocabulary(vocabulary)
         columns, categories = _obs_plan(sources, obs)
@@ -463,6 +468,20 @@ def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
     return {key: value.to_bytes() for key, value in files.items()}
 
 
+_OPEN_SOURCES: dict = {}
+
+
+def _open_source(meta: dict, allow_non_integer: bool) -> _Source:
+    """Inputs stay open between the shards a process writes (opening reads the whole obs)."""
+    key = (meta["path"], meta["layer"], allow_non_integer)
+    if key not in _OPEN_SOURCES:
+        while len(_OPEN_SOURCES) >= 4:
+            _OPEN_SOURCES.pop(next(iter(_OPEN_SOURCES))).close()
+        _OPEN_SOURCES[key] = _Source(meta["path"], meta["label"], meta["layer"] if meta["kind"] ==
+                                     "anndata" else None, allow_non_integer)
+    return _OPEN_SOURCES[key]
+
+
 def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
     """Convert one shard (no-op if it is complete). Returns its stats."""
     kvstore = store_lib.open_kvstore(url)
@@ -487,42 +506,38 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
     skipped = 0
     for source_index, first, stop in _shard_rows(plan, index):
         meta = plan["sources"][source_index]
-        source = _Source(meta["path"], meta["label"], meta["layer"] if meta["kind"] == "anndata"
-                         else None, plan["allow_non_integer"])
-        try:
-            positions = np.asarray(meta["positions"], np.int64)
-            mapping = sp.csr_matrix(
-                (np.ones(int((positions >= 0).sum()), np.float32),
-                 (np.flatnonzero(positions >= 0), positions[positions >= 0])),
-                shape=(len(positions), num_genes))
-            empty = np.asarray(meta["empty_rows"], np.int64)
-            step = source.chunk_rows()
-            for start in range(first, stop, step):
-                end = min(start + step, stop)
-                aligned = (source.rows(start, end).astype(np.float32) @ mapping).tocsr()
-                aligned.sum_duplicates()
-                aligned.sort_indices()
-                aligned.eliminate_zeros()
-                keep = np.ones(end - start, bool)
-                keep[empty[(empty >= start) & (empty < end)] - start] = False
-                skipped += int((~keep).sum())
-                aligned = aligned[np.flatnonzero(keep)]
-                data.append(aligned.data.astype(np.float32))
-                indices.append(aligned.indices.astype(np.int32))
-                lengths.append(np.diff(aligned.indptr))
-                kept_rows = np.arange(start, end)[keep]
-                part = {"source": pd.Categorical.from_codes(
-                            np.full(len(kept_rows), source_index), plan["obs"]["source"]),
-                        "source_row": kept_rows.astype(np.int64)}
-                for column in plan["obs_columns"]:
-                    values = source.obs[column].iloc[kept_rows]
-                    values = values.astype(str).where(values.notna(), "nan")
-                    part[column] = pd.Categorical(values, categories=plan["obs"][column])
-                obs_parts.append(pd.DataFrame(part, index=source.obs.index[kept_rows].astype(str)))
-                if progress_queue is not None:
-                    progress_queue(end - start)
-        finally:
-            source.close()
+        source = _open_source(meta, plan["allow_non_integer"])
+        positions = np.asarray(meta["positions"], np.int64)
+        mapping = sp.csr_matrix(
+            (np.ones(int((positions >= 0).sum()), np.float32),
+             (np.flatnonzero(positions >= 0), positions[positions >= 0])),
+            shape=(len(positions), num_genes))
+        empty = np.asarray(meta["empty_rows"], np.int64)
+        step = source.chunk_rows()
+        for start in range(first, stop, step):
+            end = min(start + step, stop)
+            aligned = (source.rows(start, end).astype(np.float32) @ mapping).tocsr()
+            aligned.sum_duplicates()
+            aligned.sort_indices()
+            aligned.eliminate_zeros()
+            keep = np.ones(end - start, bool)
+            keep[empty[(empty >= start) & (empty < end)] - start] = False
+            skipped += int((~keep).sum())
+            aligned = aligned[np.flatnonzero(keep)]
+            data.append(aligned.data.astype(np.float32))
+            indices.append(aligned.indices.astype(np.int32))
+            lengths.append(np.diff(aligned.indptr))
+            kept_rows = np.arange(start, end)[keep]
+            part = {"source": pd.Categorical.from_codes(
+                        np.full(len(kept_rows), source_index), plan["obs"]["source"]),
+                    "source_row": kept_rows.astype(np.int64)}
+            for column in plan["obs_columns"]:
+                values = source.obs[column].iloc[kept_rows]
+                values = values.astype(str).where(values.notna(), "nan")
+                part[column] = pd.Categorical(values, categories=plan["obs"][column])
+            obs_parts.append(pd.DataFrame(part, index=source.obs.index[kept_rows].astype(str)))
+            if progress_queue is not None:
+                progress_queue(end - start)
 
     nnz = data.close()
     indices.close()
