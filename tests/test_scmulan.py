@@ -183,3 +183,11 @@ def test_parameters_carry_logical_axes():
     for path, param in nnx.state(model, nnx.Param).flat_state():
         names = param.get_metadata().get("out_sharding")
         assert names is not None and len(names) == param[...].ndim, path
+
+
+def test_released_size_config():
+    from scfm_jax.configs import scmulan_368m
+
+    config = scmulan_368m.get_config()
+    assert config.model.n_head == 16
+    assert scmulan.count_parameters(config.model) == 368_800_320

@@ -19,6 +19,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 
@@ -30,6 +32,9 @@ NUM_SPECIAL_TOKENS = 15
 NUM_LEVELS = 10  # expression levels 1..10; 0 is the level of every non-gene token
 # Categories whose terms count as cell types when a generated token is read as an annotation.
 CELL_TYPE_CATEGORIES = ("cell_type", "MCT")
+
+# obs categories that mean "no value" (the cell store writes missing entries as "nan")
+MISSING_TERMS = frozenset({"nan", ""})
 
 TOKEN_FILE, GENE_FILE, CATEGORY_FILE = "token_set.tsv", "gene_set.txt", "meta_categories.json"
 
@@ -121,11 +126,13 @@ class TokenSet:
         terms: list[str] = []
         for values in categories.values():
             for term in map(str, values):
-                if term not in terms and term not in reserved:
+                if term not in terms and term not in reserved and term not in MISSING_TERMS:
                     terms.append(term)
         special = [f"<SPToken{i}>" for i in range(1, NUM_SPECIAL_TOKENS + 1)]
         tokens = (END_TOKEN, *genes, *terms, CELL_TYPE_TASK, *special)
-        return cls(tokens, genes, {k: tuple(map(str, v)) for k, v in categories.items()},
+        categories = {k: tuple(t for t in map(str, v) if t not in MISSING_TERMS)
+                      for k, v in categories.items()}
+        return cls(tokens, genes, categories,
                    tuple(cell_type_categories))
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -205,3 +212,155 @@ def pad_prompts(prompts: Sequence[tuple[np.ndarray, np.ndarray]], length: int | 
         ids[row, :len(i)] = i
         levels[row, :len(lv)] = lv
     return ids, levels, lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining sentences, built on the device from the pipeline's sparse batches.
+
+TASKS = ("annotate", "organ", "generate")  # order of objective.task_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceTables:
+    """How a store's batches become sentences of a token set.
+
+    `gene_positions[i]`: store vocabulary position of gene i of the gene set (-1: not in the store).
+    `obs_tokens[column][code]`: token id of that obs category (-1: not a term of the token set).
+    """
+    token_set: TokenSet
+    gene_positions: tuple[int, ...]
+    obs_tokens: Mapping[str, tuple[int, ...]]
+    metadata_columns: tuple[str, ...]
+    cell_type_columns: tuple[str, ...]
+    organ_columns: tuple[str, ...]
+
+    @classmethod
+    def create(cls, token_set: TokenSet, store_genes: Sequence[str],
+               obs_categories: Mapping[str, Sequence[str]], metadata_columns: Sequence[str] = (),
+               cell_type_columns: Sequence[str] = (), organ_columns: Sequence[str] = (),
+               ) -> "SentenceTables":
+        positions = {}
+        for i, symbol in enumerate(store_genes):
+            positions.setdefault(symbol, i)
+            positions.setdefault(symbol.upper(), i)
+        gene_positions = tuple(positions.get(g, positions.get(g.upper(), -1))
+                               for g in token_set.genes)
+        if max(gene_positions, default=-1) < 0:
+            raise ValueError("none of the token set's genes is in the store's vocabulary")
+        columns = dict.fromkeys([*metadata_columns, *cell_type_columns, *organ_columns])
+        missing = [c for c in columns if c not in obs_categories]
+        if missing:
+            raise ValueError(f"obs columns {missing} are not in the store (it has "
+                             f"{sorted(obs_categories)}); set objective.*_columns accordingly")
+        obs_tokens = {c: obs_token_table(token_set, obs_categories[c]) for c in columns}
+        return cls(token_set, gene_positions, obs_tokens, tuple(metadata_columns),
+                   tuple(cell_type_columns), tuple(organ_columns))
+
+
+def obs_token_table(token_set: TokenSet, categories: Sequence[str]) -> tuple[int, ...]:
+    """Token id per obs category code; -1 for missing values and terms outside the token set."""
+    return tuple(-1 if str(t) in MISSING_TERMS or str(t) not in token_set else token_set.id(str(t))
+                 for t in categories)
+
+
+def _compact(tokens, levels):
+    """Moves valid entries (token >= 0) to the front, keeping their order; returns the count."""
+    order = jnp.argsort(tokens < 0, axis=1, stable=True)
+    tokens = jnp.take_along_axis(tokens, order, axis=1)
+    return tokens, jnp.take_along_axis(levels, order, axis=1), jnp.sum(tokens >= 0, axis=1)
+
+
+def _pad_to(x, width, value):
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def build_sentences(batch: Mapping, tables: SentenceTables, key, task_weights=(1.0, 1.0, 1.0),
+                    num_levels: int = NUM_LEVELS) -> dict:
+    """Pretraining sentences for a pipeline batch, with fixed shapes (jit-able).
+
+    Each cell draws one task (among those its data allows, weighted by `task_weights` for
+    annotate / organ / generate) and becomes `prefix + task token + targets + <E>`:
+    annotate `genes <PCT> cell types`, organ `genes <SPToken3> organ terms`, generate
+    `metadata <SPToken1> genes`. Genes are the cell's expressed genes of the gene set in gene set
+    order, reversed, with per-cell levels of log1p(count / total * 1e4) as at inference.
+
+    Returns ids, levels [B, L] (right-padded with 0), `prefix_length` [B] (tokens before the
+    targets, the task token included), `target_length` [B] (targets without <E>), `valid` [B]
+    (False for cells with no gene of the gene set) and `task` [B] (index into TASKS).
+    """
+
+    ts = tables.token_set
+    gene_ids, counts = batch["gene_ids"], batch["counts"]
+    batch_size = gene_ids.shape[0]
+    positions = np.asarray(tables.gene_positions)
+    store_to_token = np.full(max(positions.max() + 1, 1), -1, np.int32)
+    store_to_token[positions[positions >= 0]] = ts.gene_ids[positions >= 0]
+    in_range = (gene_ids >= 0) & (gene_ids < store_to_token.shape[0])
+    tokens = jnp.where(in_range & (counts > 0),
+                       jnp.asarray(store_to_token)[jnp.clip(gene_ids, 0, store_to_token.shape[0] - 1)],
+                       -1)
+    total = jnp.maximum(batch["total_counts"], 1e-12)[:, None]
+    values = jnp.where(tokens >= 0, jnp.log1p(counts / total * 1e4), 0.0)
+    cell_max = jnp.max(values, axis=1, keepdims=True)
+    edges = cell_max[..., None] * (jnp.arange(num_levels + 1) / num_levels)  # [B, 1, levels+1]
+    levels = jnp.sum(edges < values[..., None], axis=-1).astype(jnp.int32)
+    # expressed genes in gene-set order reversed = descending token id (genes are ids in order)
+    order = jnp.argsort(jnp.where(tokens >= 0, -tokens, jnp.iinfo(jnp.int32).max), axis=1)
+    genes = jnp.take_along_axis(tokens, order, axis=1)
+    gene_levels = jnp.where(genes >= 0, jnp.take_along_axis(levels, order, axis=1), 0)
+    num_genes = jnp.sum(genes >= 0, axis=1)
+
+    def obs_tokens(columns):
+        if not columns:
+            return jnp.full((batch_size, 1), -1, jnp.int32), jnp.zeros((batch_size,), jnp.int32)
+        cols = []
+        for c in columns:
+            table = jnp.asarray(np.asarray(tables.obs_tokens[c], np.int32).reshape(-1))
+            code = batch[f"obs/{c}"].astype(jnp.int32)
+            ok = (code >= 0) & (code < table.shape[0])
+            cols.append(jnp.where(ok, table[jnp.clip(code, 0, max(table.shape[0] - 1, 0))], -1))
+        stacked = jnp.stack(cols, axis=1)
+        compact, _, count = _compact(stacked, jnp.zeros_like(stacked))
+        return compact, count
+
+    meta, num_meta = obs_tokens(tables.metadata_columns)
+    cell_types, num_types = obs_tokens(tables.cell_type_columns)
+    organs, num_organs = obs_tokens(tables.organ_columns)
+
+    weights = jnp.asarray(task_weights, jnp.float32)
+    available = jnp.stack([num_types > 0, num_organs > 0, jnp.ones_like(num_genes, bool)], 1)
+    available = available & (num_genes > 0)[:, None] & (weights > 0)[None, :]
+    valid = jnp.any(available, axis=1)
+    logits = jnp.where(available, jnp.log(jnp.maximum(weights, 1e-30))[None, :], -jnp.inf)
+    task = jax.random.categorical(key, jnp.where(valid[:, None], logits, 0.0), axis=1)
+    is_generate = task == 2
+
+    width_first = max(genes.shape[1], meta.shape[1])
+    width_second = max(genes.shape[1], cell_types.shape[1], organs.shape[1])
+    zeros_meta = jnp.zeros_like(meta)
+    first = jnp.where(is_generate[:, None], _pad_to(meta, width_first, -1),
+                      _pad_to(genes, width_first, -1))
+    first_levels = jnp.where(is_generate[:, None], _pad_to(zeros_meta, width_first, 0),
+                             _pad_to(gene_levels, width_first, 0))
+    num_first = jnp.where(is_generate, num_meta, num_genes)
+    second = jnp.select([task[:, None] == 0, task[:, None] == 1],
+                        [_pad_to(cell_types, width_second, -1), _pad_to(organs, width_second, -1)],
+                        _pad_to(genes, width_second, -1))
+    second_levels = jnp.where(is_generate[:, None], _pad_to(gene_levels, width_second, 0), 0)
+    num_second = jnp.select([task == 0, task == 1], [num_types, num_organs], num_genes)
+    task_token = jnp.asarray(ts.encode([CELL_TYPE_TASK, ORGAN_TASK, GENERATE_TASK]))[task]
+
+    length = genes.shape[1] + max(meta.shape[1], cell_types.shape[1], organs.shape[1]) + 2
+    p = jnp.arange(length)[None, :]
+    n1, n2 = num_first[:, None], num_second[:, None]
+    in_first, in_second = p < n1, (p > n1) & (p <= n1 + n2)
+    take = lambda x, i: jnp.take_along_axis(x, jnp.clip(i, 0, x.shape[1] - 1), axis=1)  # noqa
+    ids = jnp.where(in_first, take(first, p), 0)
+    ids = jnp.where(p == n1, task_token[:, None], ids)
+    ids = jnp.where(in_second, take(second, p - n1 - 1), ids)
+    sentence_levels = jnp.where(in_first, take(first_levels, p), 0)
+    sentence_levels = jnp.where(in_second, take(second_levels, p - n1 - 1), sentence_levels)
+    # <E> (id 0) follows the targets; padding is id 0 too, so nothing more to write
+    return dict(ids=ids.astype(jnp.int32), levels=sentence_levels.astype(jnp.int32),
+                prefix_length=(num_first + 1).astype(jnp.int32),
+                target_length=num_second.astype(jnp.int32), valid=valid, task=task)
