@@ -191,3 +191,29 @@ def test_released_size_config():
     config = scmulan_368m.get_config()
     assert config.model.n_head == 16
     assert scmulan.count_parameters(config.model) == 368_800_320
+
+
+def test_conditional_generation_returns_levels(fixture):
+    conditions = [["Heart", "Cardiomyocyte cell", "50 year", "M"], ["Lung", "T cell"]] * 2
+    cells = scmulan_tasks.generate_cells(fixture["model"], fixture["token_set"], conditions,
+                                         max_new_tokens=24, top_k=20, seed=3, batch_size=4,
+                                         progress=False)
+    assert cells.shape == (4, 2000) and list(cells.var_names) == list(fixture["token_set"].genes)
+    levels = cells.X.toarray()
+    assert levels.min() >= 0 and levels.max() <= 10 and (levels > 0).sum() > 0
+    assert list(cells.obs["condition"])[:2] == ["Heart, Cardiomyocyte cell, 50 year, M",
+                                                "Lung, T cell"]
+    # same prompt, different samples
+    assert not np.array_equal(levels[0], levels[2])
+
+
+def test_smoothing_votes_among_neighbours():
+    rng = np.random.default_rng(0)
+    centres = np.repeat(np.eye(3) * 10, 10, axis=0)
+    adata = anndata.AnnData(np.zeros((30, 1)))
+    adata.obsm["X_scmulan"] = centres + rng.normal(0, 0.1, (30, 3))
+    labels = np.repeat(["A", "B", "C"], 10).astype(object)
+    labels[[3, 14]] = "noise"
+    adata.obs["cell_type_scmulan"] = pd.Categorical(labels)
+    scmulan_tasks.smooth_cell_types(adata, n_neighbors=6)
+    assert list(adata.obs["cell_type_scmulan_smoothed"]) == list(np.repeat(["A", "B", "C"], 10))
