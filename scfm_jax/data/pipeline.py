@@ -173,39 +173,29 @@ class Pipeline:
         lo = self.process_index * self.local_batch_size
         cells = global_cells[lo:lo + self.local_batch_size]
 
-        # Read each distinct cell once, in store order (contiguous runs coalesce), then place rows.
+        # Each distinct cell is read once, in store order (views into the reader's cached pages),
+        # and copied into its padded row; cells longer than the width keep a random subset.
         unique, inverse = np.unique(cells, return_inverse=True)
-        rows = self.store.read(unique)
-        lengths = rows.lengths
-        totals = np.add.reduceat(rows.counts.astype(np.float64), rows.indptr[:-1]) if len(
-            rows.counts) else np.zeros(len(unique))
-        totals = np.where(lengths > 0, totals, 0.0)
-
-        # Positions of the entries kept in each unique row, in gene order.
-        keep_lengths = np.minimum(lengths, width)
-        kept_indptr = np.zeros(len(unique) + 1, np.int64)
-        np.cumsum(keep_lengths, out=kept_indptr[1:])
-        kept = np.repeat(rows.indptr[:-1], keep_lengths) + _ranges(keep_lengths)
-        for u in np.flatnonzero(lengths > width):
-            start = rows.indptr[u]
-            keys = _mix(rows.gene_ids[start:start + lengths[u]].astype(np.uint64)
-                        ^ _row_key(self.seed, step, int(unique[u])))
-            chosen = np.sort(np.argpartition(keys, width - 1)[:width]) + start
-            kept[kept_indptr[u]:kept_indptr[u + 1]] = chosen
-
+        counts_views, gene_views, unique_totals = self.store.row_views(unique)
         gene_ids = np.full((len(cells), width), -1, np.int32)
         counts = np.zeros((len(cells), width), np.float32)
-        row_lengths = keep_lengths[inverse]
-        destination = np.repeat(np.arange(len(cells)) * width, row_lengths) + _ranges(row_lengths)
-        source = kept[np.repeat(kept_indptr[inverse], row_lengths) + _ranges(row_lengths)]
-        gene_ids.reshape(-1)[destination] = rows.gene_ids[source]
-        counts.reshape(-1)[destination] = rows.counts[source]
+        num_nonzero = np.empty(len(cells), np.int32)
+        for row, u in enumerate(inverse.tolist()):
+            row_counts, row_genes = counts_views[u], gene_views[u]
+            if len(row_genes) > width:
+                keys = _mix(row_genes.astype(np.uint64) ^ _row_key(self.seed, step, int(unique[u])))
+                chosen = np.sort(np.argpartition(keys, width - 1)[:width])
+                row_counts, row_genes = row_counts[chosen], row_genes[chosen]
+            n = len(row_genes)
+            num_nonzero[row] = n
+            gene_ids[row, :n] = row_genes
+            counts[row, :n] = row_counts
 
         batch = {
             "gene_ids": gene_ids,
             "counts": counts,
-            "total_counts": totals[inverse].astype(np.float32),
-            "num_nonzero": row_lengths.astype(np.int32),
+            "total_counts": unique_totals[inverse].astype(np.float32),
+            "num_nonzero": num_nonzero,
             "cell_index": cells,
         }
         for key in self.obs_keys:
@@ -215,15 +205,6 @@ class Pipeline:
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> "BatchIterator":
         """Batches of steps start_step, start_step + 1, ... prepared ahead in background threads."""
         return BatchIterator(self, start_step, num_steps, self.prefetch)
-
-
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """concatenate([arange(n) for n in lengths]), vectorised."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.arange(total, dtype=np.int64) - starts
 
 
 class BatchIterator:

@@ -10,11 +10,13 @@ A store is a folder or any TensorStore kvstore URL (`gs://bucket/x/`, `memory://
 
 `anndata.read_zarr(shard)` opens a shard as an ordinary AnnData. The reader keeps each shard's
 indptr in memory (row lengths are free) and fetches rows with asynchronous TensorStore reads, one
-per contiguous run of requested cells, all in flight at once: on cloud storage latency, not
-bandwidth, is what limits a random-access loader.
+per page of requested cells, all in flight at once: on cloud storage latency, not
+bandwidth, is what limits a random-access loader. Rows come in pages of contiguous cells kept
+decoded in an LRU cache, since the pipeline's shuffled batches revisit the pages of a window.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -43,7 +45,7 @@ def context() -> ts.Context:
     global _CONTEXT
     with _CONTEXT_LOCK:
         if _CONTEXT is None:
-            cache_bytes = int(os.environ.get("SCFM_STORE_CACHE_BYTES", 256 << 20))
+            cache_bytes = int(os.environ.get("SCFM_TENSORSTORE_CACHE_BYTES", 64 << 20))
             _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes},
                                    "data_copy_concurrency": {"limit": "shared"}})
         return _CONTEXT
@@ -140,19 +142,53 @@ class _Shard:
         return codes
 
 
+class _PageCache:
+    """A thread-safe LRU of decoded pages, bounded in bytes."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity = capacity_bytes
+        self.size = 0
+        self._pages: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: list[int], fetch) -> list:
+        with self._lock:
+            found = {k: self._pages[k] for k in keys if k in self._pages}
+            for k in found:
+                self._pages.move_to_end(k)
+        waiting = {k: fetch(k) for k in keys if k not in found}   # all reads in flight at once
+        for k, wait in waiting.items():
+            found[k] = wait()
+        with self._lock:
+            for k in waiting:
+                if k not in self._pages:
+                    self._pages[k] = found[k]
+                    self.size += found[k][0].nbytes + found[k][1].nbytes
+            while self.size > self.capacity and len(self._pages) > 1:
+                _, (counts, genes, *_) = self._pages.popitem(last=False)
+                self.size -= counts.nbytes + genes.nbytes
+        return [found[k] for k in keys]
+
+
 class CellStore:
     """Random access to the cells of a store, by global cell index (shards concatenated)."""
 
-    def __init__(self, url: str, kvstore: ts.KvStore, manifest: dict, vocabulary: Vocabulary):
+    def __init__(self, url: str, kvstore: ts.KvStore, manifest: dict, vocabulary: Vocabulary,
+                 page_cells: int = 64, cache_bytes: int = 512 << 20):
         self.url = url
         self.manifest = manifest
         self.vocabulary = vocabulary
         counts = [s["num_cells"] for s in manifest["shards"]]
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._shards = [_Shard(kvstore, s["key"]) for s in manifest["shards"]]
+        self.page_cells = page_cells
+        self._pages_per_shard = -(-max(counts, default=1) // page_cells)
+        self._pages = _PageCache(cache_bytes)
 
     @classmethod
-    def open(cls, url: str | os.PathLike) -> "CellStore":
+    def open(cls, url: str | os.PathLike, *, page_cells: int = 64,
+             cache_bytes: int = 512 << 20) -> "CellStore":
+        """Open a store; rows are read in pages of `page_cells` cells, `cache_bytes` of them kept."""
         kvstore = open_kvstore(url)
         manifest = read_json(kvstore, MANIFEST)
         if manifest is None:
@@ -173,7 +209,7 @@ class CellStore:
             raise ValueError(f"{url}: {GENES} (digest {vocabulary.digest[:12]}) does not match the "
                              f"manifest's vocabulary digest {manifest['vocabulary']['digest'][:12]}; "
                              "the store is corrupt, convert it again")
-        return cls(str(url), kvstore, manifest, vocabulary)
+        return cls(str(url), kvstore, manifest, vocabulary, page_cells, cache_bytes)
 
     @property
     def num_cells(self) -> int:
@@ -217,32 +253,59 @@ class CellStore:
         cells = np.asarray(cell_indices, np.int64).ravel()
         in_order = cells.size < 2 or bool(np.all(cells[1:] > cells[:-1]))
         unique, inverse = (cells, None) if in_order else np.unique(cells, return_inverse=True)
-        shard, local = self._locate(unique)
-        lengths = self.row_lengths(unique)
-        indptr = np.zeros(len(unique) + 1, np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        counts = np.empty(indptr[-1], np.float32)
-        gene_ids = np.empty(indptr[-1], np.int32)
+        counts, gene_ids, _ = self.row_views(unique)
+        if inverse is not None:
+            counts = [counts[i] for i in inverse.tolist()]
+            gene_ids = [gene_ids[i] for i in inverse.tolist()]
+        indptr = np.zeros(len(cells) + 1, np.int64)
+        np.cumsum([len(g) for g in gene_ids], out=indptr[1:])
+        if not cells.size:
+            return SparseRows(np.zeros(0, np.float32), np.zeros(0, np.int32), indptr)
+        return SparseRows(np.concatenate(counts), np.concatenate(gene_ids), indptr)
 
-        # One read per contiguous run of cells inside a shard; all issued before any is awaited.
-        breaks = np.flatnonzero((np.diff(unique) != 1) | (np.diff(shard) != 0)) + 1
-        starts = np.concatenate([[0], breaks])
-        ends = np.concatenate([breaks, [len(unique)]])
-        pending = []
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            if indptr[end] == indptr[start]:
-                continue
-            s = self._shards[shard[start]]
-            lo = int(s.indptr[local[start]])
-            hi = int(s.indptr[local[end - 1] + 1])
-            data, indices = s.arrays
-            pending.append((int(indptr[start]), data[lo:hi].read(), indices[lo:hi].read()))
-        for out, data_future, indices_future in pending:
-            values = data_future.result()
-            counts[out:out + len(values)] = values
-            gene_ids[out:out + len(values)] = indices_future.result()
-        rows = SparseRows(counts, gene_ids, indptr)
-        return rows if inverse is None else take_rows(rows, inverse)
+    def row_views(self, sorted_cells: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray],
+                                                          np.ndarray]:
+        """(counts, gene_ids, totals) of ascending cells: read-only views into cached pages, and
+        each cell's total count (float64).
+
+        Rows are fetched in pages of `page_cells` contiguous cells: one TensorStore read per
+        missing page (all in flight together), kept decoded in an LRU cache, since a shuffled
+        batch touches many pages and the next batches of the same window touch them again.
+        """
+        cells = np.asarray(sorted_cells, np.int64)
+        shard, local = self._locate(cells)
+        pages = shard * self._pages_per_shard + local // self.page_cells
+        bounds = np.flatnonzero(np.diff(pages)) + 1
+        starts = np.concatenate([[0], bounds]).tolist()
+        ends = np.concatenate([bounds, [len(cells)]]).tolist()
+        loaded = self._pages.get_many(pages[starts].tolist(), self._fetch_page) if cells.size else []
+        counts, gene_ids = [], []
+        totals = np.empty(len(cells), np.float64)
+        for start, end, (page_counts, page_genes, base, page_totals) in zip(starts, ends, loaded):
+            indptr = self._shards[shard[start]].indptr
+            rows = local[start:end]
+            totals[start:end] = page_totals[rows % self.page_cells]
+            for lo, hi in zip((indptr[rows] - base).tolist(), (indptr[rows + 1] - base).tolist()):
+                counts.append(page_counts[lo:hi])
+                gene_ids.append(page_genes[lo:hi])
+        return counts, gene_ids, totals
+
+    def _fetch_page(self, page: int):
+        """Start reading one page; returns a callable that waits and gives (counts, genes, base)."""
+        shard, first = divmod(page, self._pages_per_shard)
+        s = self._shards[shard]
+        indptr = s.indptr
+        first *= self.page_cells
+        last = min(first + self.page_cells, len(indptr) - 1)
+        lo, hi = int(indptr[first]), int(indptr[last])
+        data, indices = s.arrays
+        data_future, indices_future = data[lo:hi].read(), indices[lo:hi].read()
+
+        def wait():
+            page_counts, page_genes = data_future.result(), indices_future.result()
+            page_counts.flags.writeable = page_genes.flags.writeable = False   # shared views
+            return page_counts, page_genes, lo, _row_sums(page_counts, indptr[first:last + 1] - lo)
+        return wait
 
     def read_obs(self, column: str, cell_indices) -> np.ndarray:
         """int32 codes of an obs column (index into `obs_categories(column)`)."""
@@ -269,10 +332,8 @@ class CellStore:
         return anndata.AnnData(rows.to_csr(len(self.vocabulary)), obs=obs, var=var)
 
 
-def take_rows(rows: SparseRows, order: np.ndarray) -> SparseRows:
-    """Rows `order[i]` of `rows`, as a new SparseRows."""
-    lengths = rows.lengths[order]
-    indptr = np.zeros(len(order) + 1, np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    gather = np.repeat(rows.indptr[order] - indptr[:-1], lengths) + np.arange(indptr[-1])
-    return SparseRows(rows.counts[gather], rows.gene_ids[gather], indptr)
+
+def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """float64 sums of values[offsets[i]:offsets[i+1]] (empty rows give 0)."""
+    cumulative = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    return cumulative[offsets[1:]] - cumulative[offsets[:-1]]

@@ -1,0 +1,221 @@
+"""Loader throughput: our pipeline and reader vs anndata backed mode vs annbatch (a table).
+
+Builds a synthetic dataset (default 200,000 cells x 19,264 genes, ~2,000 non-zero genes per cell,
+negative-binomial counts) as an .h5ad, converts it with `scfm-jax convert` (rate and peak memory),
+then measures cells/s, each the median of --runs runs over --batches batches of 256 cells:
+
+* pipeline: `Pipeline.iterate` end to end (shuffled, padded [256, K] batches, 2 prefetch threads)
+* reader:   `CellStore.read` of the same batches (sorted cell indices), no padding
+* anndata:  `read_h5ad(backed="r")`, random batches `X[sorted(idx)]` from the same data
+* annbatch: `annbatch.Loader` on its own pre-shuffled zarr collection, in its own Python
+            environment (`--annbatch-python`, e.g. a venv with `pip install annbatch`)
+
+    python benchmarks/bench_loader.py --workdir /tmp/scfm-bench [--cells 200000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 256
+
+
+def make_h5ad(path: Path, cells: int, genes: int, nonzero: int, seed: int = 0):
+    """Write a CSR .h5ad in row chunks (never the whole matrix in memory)."""
+    import anndata
+    import h5py
+    import pandas as pd
+    from anndata.io import write_elem
+
+    rng = np.random.default_rng(seed)
+    p = nonzero / genes
+    chunk = 4096
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        x = f.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": [cells, genes]})
+        data = x.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(1 << 20,))
+        indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(1 << 20,))
+        indptr = [np.zeros(1, np.int64)]
+        total = 0
+        for start in range(0, cells, chunk):
+            n = min(chunk, cells - start)
+            # Sorted random genes per cell: cumulative geometric gaps, cut at the gene count.
+            gaps = rng.geometric(p, size=(n, int(nonzero * 1.4)))
+            positions = np.cumsum(gaps, axis=1) - 1
+            keep = positions < genes
+            lengths = keep.sum(1)
+            cols = positions[keep].astype(np.int32)
+            values = (1 + rng.negative_binomial(2, 0.4, size=len(cols))).astype(np.float32)
+            data.resize((total + len(cols),))
+            indices.resize((total + len(cols),))
+            data[total:] = values
+            indices[total:] = cols
+            indptr.append(total + np.cumsum(lengths))
+            total += len(cols)
+        x.create_dataset("indptr", data=np.concatenate(indptr))
+        obs = pd.DataFrame({"cell_type": pd.Categorical(rng.choice([f"type{i}" for i in range(20)],
+                                                                   cells))},
+                           index=[f"cell{i}" for i in range(cells)])
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=[f"GENE{i}" for i in range(genes)]))
+        for group in ("layers", "obsm", "varm", "obsp", "varp", "uns"):
+            write_elem(f, group, {})
+    return anndata.read_h5ad(path, backed="r").shape
+
+
+def timed(function, runs: int) -> float:
+    rates = []
+    for _ in range(runs):
+        rates.append(function())
+    return statistics.median(rates)
+
+
+ANNBATCH_SCRIPT = textwrap.dedent("""
+    import json, statistics, sys, time, warnings
+    from pathlib import Path
+    warnings.simplefilter("ignore")
+    import numpy as np
+    from annbatch import DatasetCollection, Loader
+    h5ad, collection_path, batches, runs, batch = sys.argv[1:6]
+    batches, runs, batch = int(batches), int(runs), int(batch)
+    build = None
+    if not Path(collection_path).exists():
+        t = time.perf_counter()
+        DatasetCollection(collection_path).add_adatas([h5ad], dataset_size="2GB", shard_size="256MB",
+                                                      rng=np.random.default_rng(0))
+        build = time.perf_counter() - t
+    rates = []
+    for run in range(runs):
+        loader = Loader(batch_size=batch, chunk_size=32, preload_nchunks=256, shuffle=True,
+                        preload_to_gpu=False, rng=np.random.default_rng(run))
+        loader.use_collection(DatasetCollection(collection_path, mode="r"))
+        seen, t = 0, time.perf_counter()
+        for i, out in enumerate(loader):
+            x = out["X"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
+            seen += x.shape[0]
+            if i + 1 == batches:
+                break
+        rates.append(seen / (time.perf_counter() - t))
+    print(json.dumps({"rate": statistics.median(rates), "build_s": build}))
+""")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/scfm-bench")
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--genes", type=int, default=19_264)
+    parser.add_argument("--nonzero", type=int, default=2_000)
+    parser.add_argument("--batches", type=int, default=100, help="batches of 256 per run")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="scfm-jax convert --workers")
+    parser.add_argument("--annbatch-python", default="/tmp/annbatch-venv/bin/python",
+                        help="a Python with annbatch installed ('' to skip)")
+    args = parser.parse_args(argv)
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.cells}x{args.genes}x{args.nonzero}"
+    h5ad = work / f"synthetic-{tag}.h5ad"
+    store_path = work / f"store-{tag}"
+    if not h5ad.exists():
+        t = time.perf_counter()
+        shape = make_h5ad(h5ad, args.cells, args.genes, args.nonzero)
+        print(f"wrote {h5ad} {shape} in {time.perf_counter() - t:.0f} s", flush=True)
+
+    # Conversion: a separate process, so its peak RSS is measured alone.
+    if not (store_path / "manifest.json").exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "scfm_jax.main", "convert", str(h5ad), "--output",
+                        str(store_path), "--vocabulary", "from-data", "--overwrite",
+                        "--no-progress", "--workers", str(args.workers)], check=True)
+        convert_seconds = time.perf_counter() - t
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        (work / f"convert-{tag}.json").write_text(json.dumps(
+            {"seconds": convert_seconds, "peak_mb": peak_mb}))
+    conversion = json.loads((work / f"convert-{tag}.json").read_text())
+
+    from scfm_jax.data.pipeline import Pipeline
+    from scfm_jax.data.store import CellStore
+
+    store = CellStore.open(store_path)
+    pipeline = Pipeline(store, global_batch_size=BATCH, seed=0,
+                        buckets=(1024, 2048, 2304, 2560, 3072), max_nonzero=3072, block_size=64,
+                        window_blocks=16, process_index=0, process_count=1, prefetch=2)
+    run_counter = iter(range(10_000))
+
+    def pipeline_rate():
+        start = next(run_counter) * args.batches
+        t = time.perf_counter()
+        with pipeline.iterate(start, args.batches) as batches:
+            n = sum(batch["gene_ids"].shape[0] for _, batch in batches)
+        return n / (time.perf_counter() - t)
+
+    def reader_rate():
+        start = next(run_counter) * args.batches
+        orders = [np.sort(pipeline.global_cells(s)) for s in range(start, start + args.batches)]
+        t = time.perf_counter()
+        n = sum(store.read(cells).num_rows for cells in orders)
+        return n / (time.perf_counter() - t)
+
+    def anndata_rate():
+        import anndata
+        adata = anndata.read_h5ad(h5ad, backed="r")
+        rng = np.random.default_rng(next(run_counter))
+        t = time.perf_counter()
+        n = 0
+        for _ in range(args.batches):
+            n += adata.X[np.sort(rng.choice(adata.n_obs, BATCH, replace=False))].shape[0]
+        adata.file.close()
+        return n / (time.perf_counter() - t)
+
+    rows = [("scfm-jax pipeline (padded batches of 256)", timed(pipeline_rate, args.runs)),
+            ("scfm-jax reader (CellStore.read)", timed(reader_rate, args.runs)),
+            ("anndata backed h5ad, random batches", timed(anndata_rate, args.runs))]
+    annbatch_note = ""
+    if args.annbatch_python and Path(args.annbatch_python).exists():
+        result = subprocess.run(
+            [args.annbatch_python, "-c", ANNBATCH_SCRIPT, str(h5ad), str(work / f"annbatch-{tag}.zarr"),
+             str(args.batches), str(args.runs), str(BATCH)], capture_output=True, text=True)
+        if result.returncode == 0:
+            out = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(("annbatch Loader (own shuffled zarr collection)", out["rate"]))
+            if out["build_s"]:
+                annbatch_note = f"annbatch collection built in {out['build_s']:.0f} s"
+        else:
+            annbatch_note = "annbatch failed: " + result.stderr.strip().splitlines()[-1]
+    else:
+        annbatch_note = "annbatch skipped (no --annbatch-python)"
+
+    print(f"\nsynthetic {args.cells:,} cells x {args.genes:,} genes, ~{args.nonzero:,} non-zero per "
+          f"cell, {store.nnz / store.num_cells:,.0f} measured; {os.cpu_count()} CPUs; median of "
+          f"{args.runs} runs x {args.batches} batches of {BATCH}")
+    print(f"{'loader':<50} {'cells/s':>12}")
+    print("-" * 63)
+    for name, rate in rows:
+        print(f"{name:<50} {rate:>12,.0f}")
+    print("-" * 63)
+    rates = dict(rows)
+    if len(rows) == 4:
+        print(f"pipeline / annbatch: {rows[0][1] / rows[3][1]:.2f}x")
+    print(f"scfm-jax convert: {args.cells / conversion['seconds']:,.0f} cells/s "
+          f"({conversion['seconds']:.0f} s), peak RSS {conversion['peak_mb']:,.0f} MB")
+    if annbatch_note:
+        print(annbatch_note)
+    return rates
+
+
+if __name__ == "__main__":
+    main()
