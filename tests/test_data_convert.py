@@ -290,3 +290,14 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert convert_lib.main([str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "s"),
                              "--vocabulary", "from-data"]) == 1
     assert "missing.h5ad: no such file" in capsys.readouterr().err
+
+
+def test_permuted_genes_without_duplicates(tmp_path):
+    """The relabelling path (no duplicated genes): rows come out sorted on the vocabulary."""
+    genes = [f"G{i}" for i in np.random.default_rng(9).permutation(40)[:30]] + ["FOREIGN"]
+    a = make_adata(30, seed=9, genes=genes)
+    a = a[:, :-1].copy()                      # drop make_adata's duplicate column
+    quiet_convert([write(a, tmp_path / "a.h5ad")], tmp_path / "store", vocabulary=VOCAB)
+    back = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
+    assert back.X.has_sorted_indices
+    np.testing.assert_array_equal(back.X.toarray(), aligned_rows(a))

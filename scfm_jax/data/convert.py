@@ -44,7 +44,7 @@ from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, 
 PLAN = "plan.json"
 DEFAULT_SHARD_SIZE = 65_536
 DEFAULT_CHUNK_ELEMENTS = 1 << 17   # zarr chunk of the CSR arrays: 512 KiB of float32
-_READ_ELEMENTS = 1 << 24            # values read from an input at a time (bounds memory)
+_READ_ELEMENTS = 1 << 22            # values read from an input at a time (bounds memory)
 _COUNT_SOURCES = ("layers/counts", "raw/X", "X")
 
 
@@ -279,8 +279,9 @@ def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, pr
             row = int(np.searchsorted(block.indptr, bad, side="right") - 1) + start
             raise InputError(f"{source.path}: {source.layer} row {row} holds {data[bad]}; counts "
                              "must be non-negative")
-        gene_totals += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
-        on_vocabulary = np.asarray(block[:, np.flatnonzero(mapped)].sum(axis=1)).ravel()
+        values = data.astype(np.float64)
+        gene_totals += np.bincount(block.indices, weights=values, minlength=len(gene_totals))
+        on_vocabulary = _row_sums(values * mapped[block.indices], block.indptr)
         empty_rows.extend((np.flatnonzero(on_vocabulary == 0) + start).tolist())
         if progress is not None:
             progress.update(block.shape[0])
@@ -468,6 +469,47 @@ def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
     return {key: value.to_bytes() for key, value in files.items()}
 
 
+def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    cumulative = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    return cumulative[indptr[1:]] - cumulative[indptr[:-1]]
+
+
+class _Aligner:
+    """Input CSR rows -> CSR on the vocabulary (float32, sorted indices, duplicates summed)."""
+
+    def __init__(self, positions: np.ndarray, num_genes: int):
+        self.positions = positions
+        self.num_genes = num_genes
+        matched = positions[positions >= 0]
+        # Without duplicates a column relabelling is enough; if the matched genes are also in
+        # vocabulary order the rows even stay sorted.
+        self.relabel = len(np.unique(matched)) == len(matched)
+        self.monotone = self.relabel and bool(np.all(np.diff(matched) > 0))
+        self.mapping = sp.csr_matrix(
+            (np.ones(len(matched), np.float32), (np.flatnonzero(positions >= 0), matched)),
+            shape=(len(positions), num_genes))
+
+    def __call__(self, block: sp.csr_matrix) -> sp.csr_matrix:
+        if not self.relabel:
+            aligned = (block.astype(np.float32) @ self.mapping).tocsr()
+            aligned.sum_duplicates()
+        else:
+            block.sum_duplicates()
+            targets = self.positions[block.indices]
+            keep = (targets >= 0) & (block.data != 0)
+            kept_per_row = _row_sums(keep.astype(np.float64), block.indptr).astype(np.int64)
+            indptr = np.zeros(block.shape[0] + 1, np.int64)
+            np.cumsum(kept_per_row, out=indptr[1:])
+            aligned = sp.csr_matrix((block.data[keep].astype(np.float32),
+                                     targets[keep].astype(np.int32), indptr),
+                                    shape=(block.shape[0], self.num_genes))
+            if not self.monotone:
+                aligned.has_sorted_indices = False
+        aligned.sort_indices()
+        aligned.eliminate_zeros()
+        return aligned
+
+
 _OPEN_SOURCES: dict = {}
 
 
@@ -508,18 +550,12 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
         meta = plan["sources"][source_index]
         source = _open_source(meta, plan["allow_non_integer"])
         positions = np.asarray(meta["positions"], np.int64)
-        mapping = sp.csr_matrix(
-            (np.ones(int((positions >= 0).sum()), np.float32),
-             (np.flatnonzero(positions >= 0), positions[positions >= 0])),
-            shape=(len(positions), num_genes))
+        aligner = _Aligner(positions, num_genes)
         empty = np.asarray(meta["empty_rows"], np.int64)
         step = source.chunk_rows()
         for start in range(first, stop, step):
             end = min(start + step, stop)
-            aligned = (source.rows(start, end).astype(np.float32) @ mapping).tocsr()
-            aligned.sum_duplicates()
-            aligned.sort_indices()
-            aligned.eliminate_zeros()
+            aligned = aligner(source.rows(start, end))
             keep = np.ones(end - start, bool)
             keep[empty[(empty >= start) & (empty < end)] - start] = False
             skipped += int((~keep).sum())
