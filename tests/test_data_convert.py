@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -184,7 +185,10 @@ def test_anndata_zarr_and_10x_inputs(tmp_path):
     mtx = tmp_path / "filtered_feature_bc_matrix"
     mtx.mkdir()
     with gzip.open(mtx / "matrix.mtx.gz", "wb") as f:
-        scipy.io.mmwrite(f, sp.coo_matrix(a.X.T))
+        coo = sp.coo_matrix(a.X.T)
+        shuffled = np.random.default_rng(0).permutation(coo.nnz)   # any entry order is accepted
+        scipy.io.mmwrite(f, sp.coo_matrix((coo.data[shuffled], (coo.row[shuffled],
+                                                                coo.col[shuffled])), shape=coo.shape))
     ids = [f"ENSG{i:011d}" for i in range(a.n_vars)]
     pd.DataFrame({0: ids, 1: list(a.var_names), 2: "Gene Expression"}).to_csv(
         mtx / "features.tsv.gz", sep="\t", header=False, index=False)
@@ -208,6 +212,7 @@ def test_anndata_zarr_and_10x_inputs(tmp_path):
         store = CellStore.open(out)
         np.testing.assert_array_equal(store.read(np.arange(12)).to_csr(40).toarray(), expected,
                                       err_msg=str(source))
+    assert not list(Path(tempfile.gettempdir()).glob("scfm-mtx-*")), "mtx cache left behind"
 
 
 def test_memory_kvstore(tmp_path):

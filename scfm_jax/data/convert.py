@@ -83,6 +83,7 @@ class _Source:
             self.var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
             self.obs = pd.DataFrame(index=pd.Index([x.decode() for x in m["barcodes"][:]]))
             self.num_rows = len(self.obs)
+            self._csr = (m["data"], m["indices"], m["indptr"])
         elif p.suffix == ".h5ad" or p.suffix == ".zarr" or (p.is_dir() and (p / "obs").exists()):
             self.kind = "anndata"
             from anndata.io import read_elem
@@ -99,16 +100,11 @@ class _Source:
                              "folder, a 10x folder with matrix.mtx(.gz) or a 10x .h5 file")
 
     def _load_mtx(self, folder: Path):
-        # 10x mtx stores genes x cells in coordinate order; it is read whole (it has no row index).
-        import scipy.io
-
         def find(*names):
             for n in names:
                 if (folder / n).exists():
                     return folder / n
             raise InputError(f"{folder}: missing {' or '.join(names)}")
-        matrix = scipy.io.mmread(find("matrix.mtx.gz", "matrix.mtx"))
-        self._mtx = sp.csr_matrix(matrix.T)
         features = pd.read_csv(find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
                                sep="\t", header=None)
         barcodes = pd.read_csv(find("barcodes.tsv.gz", "barcodes.tsv"), sep="\t", header=None)
@@ -116,10 +112,11 @@ class _Source:
         self.var = pd.DataFrame({"gene_ids": features[0].astype(str).values},
                                 index=pd.Index(features[column].astype(str).values))
         self.obs = pd.DataFrame(index=pd.Index(barcodes[0].astype(str).values))
-        self.num_rows = self._mtx.shape[0]
-        if self._mtx.shape[1] != len(self.var):
-            raise InputError(f"{folder}: matrix.mtx has {self._mtx.shape[1]} genes but the features "
-                             f"file lists {len(self.var)}")
+        self._csr, shape = _mtx_as_csr(find("matrix.mtx.gz", "matrix.mtx"))
+        self.num_rows = shape[0]
+        if shape != (len(self.obs), len(self.var)):
+            raise InputError(f"{folder}: matrix.mtx is {shape[1]} genes x {shape[0]} cells but the "
+                             f"features / barcodes files list {len(self.var)} x {len(self.obs)}")
 
     def _anndata_candidates(self) -> list[str]:
         h = self._handle
@@ -156,7 +153,6 @@ class _Source:
             if layer not in (None, "X"):
                 raise InputError(f"{self.path}: a {self.kind} input has only X; --layer {layer} "
                                  "does not apply")
-            self._matrix = self._mtx if self.kind == "10x-mtx" else None
             return "X"
         aliases = {"X": "X", "raw": "raw/X", "raw.X": "raw/X"}
         if layer is not None:
@@ -191,21 +187,19 @@ class _Source:
         return [f"layers/{k}" for k in self._handle["layers"]] if self._has("layers") else []
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        if self.kind == "10x-h5":
-            m = self._handle["matrix"]
-            indptr = m["indptr"][start:stop + 1].astype(np.int64)
+        if self.kind in ("10x-h5", "10x-mtx"):
+            data, indices, indptr = self._csr
+            indptr = np.asarray(indptr[start:stop + 1], np.int64)
             lo, hi = int(indptr[0]), int(indptr[-1])
-            return sp.csr_matrix((m["data"][lo:hi], m["indices"][lo:hi], indptr - lo),
+            return sp.csr_matrix((np.asarray(data[lo:hi]), np.asarray(indices[lo:hi]), indptr - lo),
                                  shape=(stop - start, len(self.var)))
         block = self._matrix[start:stop]
         return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
 
     def chunk_rows(self) -> int:
         """Rows per read so that one chunk holds about _READ_ELEMENTS values."""
-        if self.kind == "10x-mtx" or not sp.issparse(self.rows(0, min(1, self.num_rows))):
-            dense = self.kind != "10x-mtx"
-            width = len(self.var) if dense else 1
-            return max(1, min(65_536, _READ_ELEMENTS // max(width, 1)))
+        if not sp.issparse(self.rows(0, min(1, self.num_rows))):
+            return max(1, min(65_536, _READ_ELEMENTS // max(len(self.var), 1)))
         sample = self.rows(0, min(self.num_rows, 1024))
         per_row = max(1.0, sample.nnz / max(sample.shape[0], 1))
         return max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
@@ -224,6 +218,73 @@ class _Source:
     def close(self):
         if self._handle is not None and hasattr(self._handle, "close"):
             self._handle.close()
+
+
+def _mtx_cache(path: Path) -> Path:
+    stat = path.stat()
+    identity = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return Path(tempfile.gettempdir()) / f"scfm-mtx-{identity.hexdigest()[:24]}"
+
+
+def _mtx_as_csr(path: Path):
+    """A Matrix Market file (genes x cells, any entry order) as cell-major CSR memmaps.
+
+    Two streaming passes (count entries per cell, then place them), so memory stays bounded; the
+    result is cached in the temp folder under the file's identity for the other workers / reruns.
+    """
+    import gzip
+
+    cache = _mtx_cache(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        header_lines = 0
+        line = f.readline()
+        while line.startswith("%"):
+            header_lines += 1
+            line = f.readline()
+        num_genes, num_cells, nnz = (int(x) for x in line.split())
+    shape = (num_cells, num_genes)
+
+    def chunks():
+        with opener(path, "rt") as f:
+            yield from pd.read_csv(f, sep=r"\s+", header=None, names=["gene", "cell", "value"],
+                                   skiprows=header_lines + 1, chunksize=1 << 22,
+                                   dtype={"gene": np.int64, "cell": np.int64, "value": np.float64})
+
+    if not (cache / "indptr.npy").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
+        per_cell = np.zeros(num_cells, np.int64)
+        for chunk in chunks():
+            per_cell += np.bincount(chunk["cell"].to_numpy() - 1, minlength=num_cells)
+        if per_cell.sum() != nnz:
+            shutil.rmtree(tmp)
+            raise InputError(f"{path}: the header announces {nnz} entries, the file holds "
+                             f"{per_cell.sum()}")
+        indptr = np.zeros(num_cells + 1, np.int64)
+        np.cumsum(per_cell, out=indptr[1:])
+        data = np.lib.format.open_memmap(tmp / "data.npy", "w+", np.float32, (nnz,))
+        indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", np.int32, (nnz,))
+        fill = indptr[:-1].copy()
+        for chunk in chunks():
+            cells = chunk["cell"].to_numpy() - 1
+            order = np.argsort(cells, kind="stable")
+            cells = cells[order]
+            first = np.searchsorted(cells, cells, side="left")
+            where = fill[cells] + np.arange(len(cells)) - first
+            data[where] = chunk["value"].to_numpy()[order]
+            indices[where] = chunk["gene"].to_numpy()[order] - 1
+            fill += np.bincount(cells, minlength=num_cells)
+        data.flush()
+        indices.flush()
+        del data, indices
+        np.save(tmp / "indptr.npy", indptr)   # last: marks the cache complete
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            shutil.rmtree(tmp)                 # another process built it first
+    arrays = tuple(np.load(cache / f"{name}.npy", mmap_mode="r")
+                   for name in ("data", "indices", "indptr"))
+    return arrays, shape
 
 
 def _genes(source: _Source, gene_column: str | None) -> list[str]:
@@ -747,10 +808,12 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
             if bar is not None:
                 bar.close()
         finalized = num_tasks == 1
-        if finalized:
-            manifest = finalize(url)
-        else:
-            manifest = None
+        manifest = finalize(url) if finalized else None
+        for source in plan["sources"]:
+            if source["kind"] == "10x-mtx":
+                for name in ("matrix.mtx.gz", "matrix.mtx"):
+                    if (Path(source["path"]) / name).exists():
+                        shutil.rmtree(_mtx_cache(Path(source["path"]) / name), ignore_errors=True)
     cells = manifest["num_cells"] if manifest else sum(
         _shard_rows_count(plan, k) for k in mine)
     return ConversionSummary(
