@@ -49,14 +49,11 @@ def gaussian_orthogonal_random_matrix(key: jax.Array, num_rows: int, num_cols: i
     row rescaled by the norm of an independent N(0, I) vector so rows are marginally Gaussian.
     """
     num_blocks = -(-num_rows // num_cols)
-    block_keys = jax.random.split(key, num_blocks + 1)
-    blocks = []
-    for block_key in block_keys[:-1]:
-        q, _ = jnp.linalg.qr(jax.random.normal(block_key, (num_cols, num_cols), jnp.float32))
-        blocks.append(q.T)
-    matrix = jnp.concatenate(blocks, axis=0)[:num_rows]
+    block_key, norm_key = jax.random.split(key)
+    q, _ = jnp.linalg.qr(jax.random.normal(block_key, (num_blocks, num_cols, num_cols), jnp.float32))
+    matrix = jnp.swapaxes(q, 1, 2).reshape(num_blocks * num_cols, num_cols)[:num_rows]
     multiplier = jnp.linalg.norm(
-        jax.random.normal(block_keys[-1], (num_rows, num_cols), jnp.float32), axis=1)
+        jax.random.normal(norm_key, (num_rows, num_cols), jnp.float32), axis=1)
     return multiplier[:, None] * matrix
 
 
