@@ -112,9 +112,13 @@ def _call_layer(layer: nnx.Module, policy: str, *args, **static):
         raise ValueError(f"model.remat_policy must be one of {tuple(REMAT_POLICIES)}, got {policy!r}")
     if policy == "none":
         return layer(*args, **static)
-    remat = nnx.remat(lambda module, *arrays: module(*arrays, **static),
-                      policy=REMAT_POLICIES[policy])
-    return remat(layer, *args)
+    # Layers never mutate their variables, so a functional checkpoint of (state, inputs) suffices.
+    graphdef, state = nnx.split(layer)
+
+    def apply(state, *arrays):
+        return nnx.merge(graphdef, state)(*arrays, **static)
+
+    return jax.checkpoint(apply, policy=REMAT_POLICIES[policy])(state, *args)
 
 
 class ScFoundation(nnx.Module):
