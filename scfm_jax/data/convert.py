@@ -169,9 +169,9 @@ class _Source:
             self._matrix = self._select(key)
             if self._first_non_integer(self.rows(0, min(self.num_rows, 2048))) is None:
                 return key
-        if allow_non_integer:
-            self._matrix = self._select(candidates[-1])
-            return candidates[-1]
+        if allow_non_integer:   # the first by preference: layers["counts"], then raw.X, then X
+            self._matrix = self._select(candidates[0])
+            return candidates[0]
         raise InputError(f"{self.path}: none of {candidates} holds integer counts (checked the first "
                          "rows). Point --layer at the raw counts, or pass --allow-non-integer if "
                          "the values are meant to be non-integer")

@@ -335,5 +335,9 @@ class CellStore:
 
 def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """float64 sums of values[offsets[i]:offsets[i+1]] (empty rows give 0)."""
-    cumulative = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
-    return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    starts = offsets[:-1]
+    nonempty = offsets[1:] > starts
+    sums = np.zeros(len(starts), np.float64)
+    if nonempty.any():
+        sums[nonempty] = np.add.reduceat(values, starts[nonempty], dtype=np.float64)
+    return sums
