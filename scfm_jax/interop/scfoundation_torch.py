@@ -179,16 +179,18 @@ def load_official_state_dict(state_dict, model_config: ml_collections.ConfigDict
             problems.append(f"missing in {source}: {', '.join(missing)}")
             continue
         converted = to_ours([arrays[key] for key in torch_keys])
-        for path, value in zip(paths, converted):
+        for index, (path, value) in enumerate(zip(paths, converted)):
+            # one-to-one rules name the very tensor; fused ones (q/k/v) their group
+            name = torch_keys[index] if len(torch_keys) == len(paths) else ", ".join(torch_keys)
             variable = variables.get(path)
             if variable is None:
-                problems.append(f"{', '.join(torch_keys)} -> {_path_name(path)}: the model "
-                                "has no such variable (config/architecture mismatch)")
+                problems.append(f"{name} -> {_path_name(path)}: the model has no such variable "
+                                "(config/architecture mismatch)")
                 continue
             target = variable.get_value()
             if tuple(value.shape) != tuple(target.shape):
-                problems.append(f"{', '.join(torch_keys)}: shape {value.shape} does not fit "
-                                f"{_path_name(path)} {tuple(target.shape)}")
+                problems.append(f"{name}: shape {value.shape} does not fit {_path_name(path)} "
+                                f"{tuple(target.shape)}")
                 continue
             variable.set_value(jax.numpy.asarray(value, dtype=target.dtype))
             filled.add(path)
