@@ -67,6 +67,7 @@ def get_config(arg: str | None = None):
     data.window_blocks = 16            # cells are shuffled inside windows of this many blocks
     data.eval_fraction = 0.1           # held-out cells for the evaluation loss
     data.eval_batches = 4
+    data.obs_keys = ()                 # obs columns each batch carries as integer codes
     data.prefetch = 2
 
     config.train = train = ml_collections.ConfigDict()

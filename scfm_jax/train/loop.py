@@ -25,7 +25,7 @@ from scfm_jax.data.store import CellStore
 from scfm_jax.train import partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
-from scfm_jax.train.state import Trainer, step_flops
+from scfm_jax.train.state import Trainer, cached_trainer, step_flops
 from scfm_jax.train.tasks import get_task
 
 HOST_ONLY_FIELDS = ("cell_index",)  # pipeline fields that stay on the host (int64 bookkeeping)
@@ -81,8 +81,14 @@ def evaluate(trainer: Trainer, state, pipeline: Pipeline, num_batches: int, seed
     return float(np.mean(losses))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Run (or resume) the experiment in `workdir`; returns a summary of the run."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
+          devices=None, stop_after: int | None = None) -> dict:
+    """Run (or resume) the experiment in `workdir`; returns a summary of the run.
+
+    `devices` (default: all devices of all processes) is the set the mesh is built over.
+    `stop_after` ends the run early at that step with a checkpoint, as a preemption would; the
+    schedule still follows `config.train.steps`, so a later call resumes the same run.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if not config.data.store:
@@ -95,11 +101,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     task = get_task(config.model.name)
-    mesh = partitioning.make_mesh(config.mesh)
+    mesh = partitioning.make_mesh(config.mesh, devices=devices)
     train_config = config.train
     partitioning.check_batch_divisible(config.data.global_batch_size, mesh,
                                        train_config.grad_accum_steps)
-    trainer = Trainer(config, task, mesh)
+    trainer = cached_trainer(config, task, mesh)
     vocabulary = {"name": store.vocabulary.name, "digest": store.vocabulary.digest,
                   "symbols": list(store.vocabulary.symbols)}
 
@@ -143,7 +149,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
             while step < train_config.steps:
                 if profile_steps and step == profile_steps[0]:
                     jax.profiler.start_trace(str(workdir / "profile"))
-                local = next(batches)
+                batch_step, local = next(batches)
+                assert batch_step == step, (batch_step, step)
                 batch = _host_to_device(local, mesh)
                 compiled = trainer.compiled_train_step(state, batch)
                 if not window_steps:  # compilation (once per bucket) stays out of the rates
@@ -186,13 +193,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                                          config.seed)
                     writer.write(step, {"loss": last_eval}, prefix="eval")
                     summary["eval_loss"] = last_eval
-                stop = preempted.event.is_set() or checkpoints.reached_preemption(step)
+                stop = (preempted.event.is_set() or checkpoints.reached_preemption(step)
+                        or step == stop_after)
                 if step % train_config.checkpoint_every == 0 or step == train_config.steps or stop:
                     checkpoints.save(step, state, config=config, seed=config.seed,
                                      vocabulary=vocabulary,
                                      eval_loss=last_eval if evaluate_now else None)
                 if stop:
-                    summary["preempted"] = True
+                    summary["stopped_early"] = True
                     break
     finally:
         bar.close()

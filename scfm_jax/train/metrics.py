@@ -4,6 +4,7 @@ the device peak FLOP/s that MFU is measured against.
 Only process 0 writes. A resumed run appends to the same files; readers keep the last record of a
 step (`read_metrics`), since steps after the last checkpoint of a killed run are logged twice.
 """
+import functools
 import json
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5,
     return 2.0 * size ** 3 / best
 
 
+@functools.lru_cache(maxsize=None)
 def device_peak_flops(dtype_name: str) -> tuple[float, str]:
     """(peak FLOP/s per device, where the number comes from) for the first local device."""
     kind = jax.local_devices()[0].device_kind.lower()

@@ -104,7 +104,9 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------------------
     def _loss(self, params, buffers, batch, key):
-        model = nnx.merge(self.graphdef, params, buffers)
+        # Fresh Variables for the buffers: merge reuses the State's Variable objects, and NNX
+        # transforms inside the model (remat) refuse to update Variables of an outer trace.
+        model = nnx.merge(self.graphdef, params, jax.tree.map(lambda x: x, buffers))
         return self.task.loss(model, batch, key, self.config.objective)
 
     def _grads(self, params, buffers, batch, key):
@@ -183,6 +185,23 @@ class Trainer:
             with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
                 self._compiled[signature] = jitted.lower(state, batch, key_data).compile()
         return self._compiled[signature]
+
+
+_TRAINERS: dict = {}
+
+
+def cached_trainer(config: ml_collections.ConfigDict, task: Task, mesh: Mesh) -> Trainer:
+    """One Trainer (and its compiled steps) per (config, mesh) in this process.
+
+    Resuming, evaluating or re-running an experiment in the same process (tests, notebooks, the
+    demo) reuses the executables instead of compiling again.
+    """
+    key = (config.to_json(sort_keys=True), task.name, mesh.axis_names, mesh.devices.shape,
+           tuple(d.id for d in mesh.devices.flat))
+    if key not in _TRAINERS:
+        _TRAINERS.clear()  # keep one: executables of large models are big
+        _TRAINERS[key] = Trainer(config, task, mesh)
+    return _TRAINERS[key]
 
 
 def step_flops(compiled) -> float:
