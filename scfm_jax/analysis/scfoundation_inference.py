@@ -4,8 +4,8 @@ The batched equivalent of the official `get_embedding.py`: cell embeddings (enco
 gene embeddings (decoder output without the head) and predicted expression (with the head), with
 the same input conventions (`pre_normalized` F/T/A, `input_type` singlecell/bulk, `tgthighres`).
 
-Cells are grouped by their number of expressed genes into padded length buckets (powers of two),
-so the model compiles once per bucket length whatever the cells; a short last batch of a bucket is
+Cells are grouped by their number of expressed genes into padded length buckets (see
+`bucket_length`), so the model compiles once per bucket length whatever the cells; a short last batch of a bucket is
 filled with copies of its last cell (results dropped), which keeps one shape per bucket and leaves
 the batch-wide key stabiliser unchanged (a max is blind to duplicates). Normalisation and the T/S
 tokens are computed on the device by `models.scfoundation.inference_inputs`.
@@ -110,11 +110,16 @@ def prepare(counts, num_genes: int, *, pre_normalized: str = "F", input_type: st
 
 
 def bucket_length(num_expressed: int, num_genes: int) -> int:
-    """Padded encoder length: the next power of two (at least 32), at most num_genes."""
-    length = MIN_BUCKET
-    while length < num_expressed:
-        length *= 2
-    return min(length, num_genes)
+    """Padded gene count: 32, then four steps per doubling (..., 1024, 1280, 1536, 1792, 2048,
+    ...), so padding wastes at most a quarter of the encoder while few shapes compile."""
+    octave = MIN_BUCKET
+    while True:
+        steps = (4, 5, 6, 7) if octave >= 4 * MIN_BUCKET else (4,)
+        for step in steps:
+            length = octave * step // 4
+            if length >= num_expressed:
+                return min(length, num_genes)
+        octave *= 2
 
 
 def _batches(csr: sp.csr_matrix, num_genes: int, batch_size: int, single_bucket: bool):
