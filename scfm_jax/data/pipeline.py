@@ -211,6 +211,7 @@ class BatchIterator:
     """Yields `(step, batch)`; `prefetch` batches are prepared ahead. Close it (or use `with`)."""
 
     def __init__(self, pipeline: Pipeline, start_step: int, num_steps: int | None, prefetch: int):
+        self._closed = False
         self._pipeline = pipeline
         self._next_submit = start_step
         self._end = None if num_steps is None else start_step + num_steps
@@ -218,7 +219,6 @@ class BatchIterator:
             max(1, prefetch), thread_name_prefix="scfm-pipeline")
         self._pending: collections.deque = collections.deque()
         self._depth = max(1, prefetch)
-        self._closed = False
         self._fill()
 
     def _fill(self):
@@ -255,4 +255,5 @@ class BatchIterator:
         self.close()
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "_executor"):
+            self.close()
