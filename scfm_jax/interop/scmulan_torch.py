@@ -7,7 +7,6 @@ misshapen key is an error naming it. Torch is imported only here (the `[torch]` 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,9 +17,6 @@ import numpy as np
 from flax import nnx
 
 from scfm_jax.models.scmulan import ScMulan, ScMulanConfig
-
-_BLOCK = re.compile(r"transformer\.h\.(\d+)\.(.+)")
-
 
 def _torch():
     try:

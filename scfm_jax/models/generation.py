@@ -125,6 +125,8 @@ def generate(model: ScMulan, ids, levels, lengths, *, max_new_tokens: int, top_k
         raise ValueError(f"ids must be [B, T] with lengths [B]; got {ids.shape}, {lengths.shape}")
     if int(jnp.min(lengths)) < 1:
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if top_k < 0 or temperature <= 0 or gamma < 0:
         raise ValueError("need top_k >= 0 (0: no filter), temperature > 0 and gamma >= 0")
     ignore_mask = np.zeros((model.cfg.vocab_size,), bool)

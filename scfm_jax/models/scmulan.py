@@ -308,6 +308,12 @@ def sentence_tables(objective):
                           tuple(objective.organ_columns))
 
 
+def token_set_from_config(config):
+    """The token set a model was pretrained with, from its resolved config (e.g. the config saved
+    in one of our checkpoints): what `annotate` / `generate_cells` need next to the model."""
+    return sentence_tables(config.objective).token_set
+
+
 def sentence_loss(model: ScMulan, sentences: Mapping[str, jax.Array], mse_weight: float = 1.0):
     """(loss, metrics) of sentences from `build_sentences` (see the note above)."""
     ids, levels = sentences["ids"], sentences["levels"]
