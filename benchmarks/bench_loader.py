@@ -5,7 +5,8 @@ negative-binomial counts) as an .h5ad, converts it with `scfm-jax convert` (rate
 then measures cells/s, each the median of --runs runs over --batches batches of 256 cells:
 
 * pipeline: `Pipeline.iterate` end to end (shuffled, padded [256, K] batches, 2 prefetch threads)
-* reader:   `CellStore.read` of the same batches (sorted cell indices), no padding
+* reader:   `CellStore.read` of the same batches (sorted cell indices), no padding; and
+            `CellStore.row_views`, the zero-copy views into the page cache the pipeline uses
 * anndata:  `read_h5ad(backed="r")`, random batches `X[sorted(idx)]` from the same data
 * annbatch: `annbatch.Loader` on its own pre-shuffled zarr collection, in its own Python
             environment (`--annbatch-python`, e.g. a venv with `pip install annbatch`)
@@ -112,41 +113,14 @@ ANNBATCH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/scfm-bench")
-    parser.add_argument("--cells", type=int, default=200_000)
-    parser.add_argument("--genes", type=int, default=19_264)
-    parser.add_argument("--nonzero", type=int, default=2_000)
-    parser.add_argument("--batches", type=int, default=100, help="batches of 256 per run")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=1, help="scfm-jax convert --workers")
-    parser.add_argument("--annbatch-python", default="/tmp/annbatch-venv/bin/python",
-                        help="a Python with annbatch installed ('' to skip)")
-    args = parser.parse_args(argv)
+# glibc returns every large freed array to the OS and page-faults the next one in; a loader that
+# allocates fresh batches at 100k+ cells/s spends most of its time in those faults. Raising the
+# mmap threshold (or using tcmalloc/jemalloc) keeps the memory in the heap for reuse.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2 << 30)}
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.cells}x{args.genes}x{args.nonzero}"
-    h5ad = work / f"synthetic-{tag}.h5ad"
-    store_path = work / f"store-{tag}"
-    if not h5ad.exists():
-        t = time.perf_counter()
-        shape = make_h5ad(h5ad, args.cells, args.genes, args.nonzero)
-        print(f"wrote {h5ad} {shape} in {time.perf_counter() - t:.0f} s", flush=True)
 
-    # Conversion: a separate process, so its peak RSS is measured alone.
-    if not (store_path / "manifest.json").exists():
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "scfm_jax.main", "convert", str(h5ad), "--output",
-                        str(store_path), "--vocabulary", "from-data", "--overwrite",
-                        "--no-progress", "--workers", str(args.workers)], check=True)
-        convert_seconds = time.perf_counter() - t
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        (work / f"convert-{tag}.json").write_text(json.dumps(
-            {"seconds": convert_seconds, "peak_mb": peak_mb}))
-    conversion = json.loads((work / f"convert-{tag}.json").read_text())
-
+def measure(args, h5ad: Path, store_path: Path) -> list[tuple[str, float]]:
+    """Loader rates in this process (run as a child with the allocator settings under test)."""
     from scfm_jax.data.pipeline import Pipeline
     from scfm_jax.data.store import CellStore
 
@@ -170,6 +144,13 @@ def main(argv=None):
         n = sum(store.read(cells).num_rows for cells in orders)
         return n / (time.perf_counter() - t)
 
+    def views_rate():
+        start = next(run_counter) * args.batches
+        orders = [np.sort(pipeline.global_cells(s)) for s in range(start, start + args.batches)]
+        t = time.perf_counter()
+        n = sum(len(store.row_views(cells)[0]) for cells in orders)
+        return n / (time.perf_counter() - t)
+
     def anndata_rate():
         import anndata
         adata = anndata.read_h5ad(h5ad, backed="r")
@@ -181,35 +162,95 @@ def main(argv=None):
         adata.file.close()
         return n / (time.perf_counter() - t)
 
-    rows = [("scfm-jax pipeline (padded batches of 256)", timed(pipeline_rate, args.runs)),
-            ("scfm-jax reader (CellStore.read)", timed(reader_rate, args.runs)),
-            ("anndata backed h5ad, random batches", timed(anndata_rate, args.runs))]
+    rows = [("scfm-jax pipeline, padded batches of 256", timed(pipeline_rate, args.runs)),
+            ("scfm-jax reader, CellStore.read", timed(reader_rate, args.runs)),
+            ("scfm-jax reader, CellStore.row_views (no copy)", timed(views_rate, args.runs))]
+    if args.measure == "all":
+        rows.append(("anndata backed h5ad, random batches", timed(anndata_rate, args.runs)))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/scfm-bench")
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--genes", type=int, default=19_264)
+    parser.add_argument("--nonzero", type=int, default=2_000)
+    parser.add_argument("--batches", type=int, default=100, help="batches of 256 per run")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="scfm-jax convert --workers")
+    parser.add_argument("--measure", choices=["ours", "all"], help=argparse.SUPPRESS)
+    parser.add_argument("--annbatch-python", default="/tmp/annbatch-venv/bin/python",
+                        help="a Python with annbatch installed ('' to skip)")
+    args = parser.parse_args(argv)
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.cells}x{args.genes}x{args.nonzero}"
+    h5ad = work / f"synthetic-{tag}.h5ad"
+    store_path = work / f"store-{tag}"
+    if args.measure:
+        print(json.dumps(measure(args, h5ad, store_path)))
+        return None
+    if not h5ad.exists():
+        t = time.perf_counter()
+        shape = make_h5ad(h5ad, args.cells, args.genes, args.nonzero)
+        print(f"wrote {h5ad} {shape} in {time.perf_counter() - t:.0f} s", flush=True)
+
+    # Conversion: a separate process, so its peak RSS is measured alone.
+    if not (store_path / "manifest.json").exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "scfm_jax.main", "convert", str(h5ad), "--output",
+                        str(store_path), "--vocabulary", "from-data", "--overwrite",
+                        "--no-progress", "--workers", str(args.workers)], check=True)
+        convert_seconds = time.perf_counter() - t
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        (work / f"convert-{tag}.json").write_text(json.dumps(
+            {"seconds": convert_seconds, "peak_mb": peak_mb}))
+    conversion = json.loads((work / f"convert-{tag}.json").read_text())
+
+    rows = []
+    for env_name, env in (("glibc defaults", {}), ("MALLOC_MMAP_THRESHOLD_=1GiB", TUNED_MALLOC)):
+        which = "ours" if not env else "all"
+        result = subprocess.run(
+            [sys.executable, __file__, "--measure", which, "--workdir", str(work), "--cells",
+             str(args.cells), "--genes", str(args.genes), "--nonzero", str(args.nonzero),
+             "--batches", str(args.batches), "--runs", str(args.runs)],
+            env={**os.environ, **env}, capture_output=True, text=True)
+        if result.returncode:
+            sys.exit(f"measurement failed:\n{result.stderr}")
+        for name, rate in json.loads(result.stdout.strip().splitlines()[-1]):
+            rows.append((f"{name} [{env_name}]", rate))
     annbatch_note = ""
     if args.annbatch_python and Path(args.annbatch_python).exists():
         result = subprocess.run(
             [args.annbatch_python, "-c", ANNBATCH_SCRIPT, str(h5ad), str(work / f"annbatch-{tag}.zarr"),
-             str(args.batches), str(args.runs), str(BATCH)], capture_output=True, text=True)
+             str(args.batches), str(args.runs), str(BATCH)], capture_output=True, text=True,
+            env={**os.environ, **TUNED_MALLOC})
         if result.returncode == 0:
             out = json.loads(result.stdout.strip().splitlines()[-1])
-            rows.append(("annbatch Loader (own shuffled zarr collection)", out["rate"]))
+            rows.append(("annbatch Loader, own shuffled zarr [MALLOC_MMAP_THRESHOLD_=1GiB]",
+                         out["rate"]))
             if out["build_s"]:
                 annbatch_note = f"annbatch collection built in {out['build_s']:.0f} s"
         else:
             annbatch_note = "annbatch failed: " + result.stderr.strip().splitlines()[-1]
     else:
         annbatch_note = "annbatch skipped (no --annbatch-python)"
-
+    manifest = json.loads((store_path / "manifest.json").read_text())
     print(f"\nsynthetic {args.cells:,} cells x {args.genes:,} genes, ~{args.nonzero:,} non-zero per "
-          f"cell, {store.nnz / store.num_cells:,.0f} measured; {os.cpu_count()} CPUs; median of "
+          f"cell, {manifest['nnz'] / manifest['num_cells']:,.0f} measured; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}; median of "
           f"{args.runs} runs x {args.batches} batches of {BATCH}")
-    print(f"{'loader':<50} {'cells/s':>12}")
-    print("-" * 63)
+    print(f"{'loader [allocator]':<78} {'cells/s':>10}")
+    print("-" * 89)
     for name, rate in rows:
-        print(f"{name:<50} {rate:>12,.0f}")
-    print("-" * 63)
+        print(f"{name:<78} {rate:>10,.0f}")
+    print("-" * 89)
     rates = dict(rows)
-    if len(rows) == 4:
-        print(f"pipeline / annbatch: {rows[0][1] / rows[3][1]:.2f}x")
+    if rows[-1][0].startswith("annbatch"):
+        tuned_pipeline = next(r for n, r in rows if n.startswith("scfm-jax pipeline") and "MALLOC" in n)
+        print(f"pipeline / annbatch (same allocator): {tuned_pipeline / rows[-1][1]:.2f}x")
     print(f"scfm-jax convert: {args.cells / conversion['seconds']:,.0f} cells/s "
           f"({conversion['seconds']:.0f} s), peak RSS {conversion['peak_mb']:,.0f} MB")
     if annbatch_note:

@@ -306,3 +306,16 @@ def test_permuted_genes_without_duplicates(tmp_path):
     back = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
     assert back.X.has_sorted_indices
     np.testing.assert_array_equal(back.X.toarray(), aligned_rows(a))
+
+
+def test_zstd_compressed_store_reads_back(tmp_path):
+    a = make_adata(20, seed=11)
+    quiet_convert([write(a, tmp_path / "a.h5ad")], tmp_path / "store", vocabulary=VOCAB,
+                  compression="zstd")
+    meta = json.loads((tmp_path / "store" / "shards" / "00000.zarr" / "X" / "data" / "zarr.json")
+                      .read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
+    np.testing.assert_array_equal(CellStore.open(tmp_path / "store").read(np.arange(20))
+                                  .to_csr(40).toarray(), aligned_rows(a))
+    back = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
+    np.testing.assert_array_equal(back.X.toarray(), aligned_rows(a))
