@@ -4,7 +4,7 @@ The parameters and optimiser state (~16 GB in float32) do not fit one accelerato
 activations, so the config shards them over `fsdp` (embed dimension) and `tensor` (heads, MLP,
 gene table). On a v4-64 slice (32 chips): data=1, fsdp=8, tensor=4.
 
-  scfm-jax train --config configs/scfoundation_1b.py --workdir gs://bucket/runs/1b \
+  scfm-jax train --config configs/scfoundation_1b.py --workdir /mnt/gcs/runs/1b \
       --config.data.store=gs://bucket/store --auto_distributed
 """
 from scfm_jax.configs import scfoundation_100m

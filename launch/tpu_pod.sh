@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train on a TPU VM slice: create it (or reuse it), install scfm-jax on every worker, then run the
-# same command on all workers. jax.distributed.initialize() discovers the pod by itself.
+# same command on all workers. jax.distributed.initialize() discovers the pod by itself. The
+# workdir must be visible to every worker (a bucket mounted with gcsfuse, or a shared filesystem).
 #
 #   TPU_NAME=scfm ZONE=us-central2-b ACCELERATOR=v4-64 \
-#     launch/tpu_pod.sh configs/scfoundation_1b.py gs://bucket/runs/1b \
+#     launch/tpu_pod.sh configs/scfoundation_1b.py /mnt/gcs/runs/1b \
 #       --config.data.store=gs://bucket/store
 set -euo pipefail
 if [ $# -lt 2 ]; then echo "usage: $0 CONFIG WORKDIR [--config.x=y ...]" >&2; exit 2; fi

@@ -1,0 +1,97 @@
+"""Training throughput of the scFoundation configs on this machine: a table, not a test.
+
+For each config: the compiled train step's FLOPs (XLA cost analysis), its median step time over a
+few steps after compilation, cells/s, non-zero genes/s and MFU against the float32 matmul peak
+measured in the same run. Synthetic cells with a fixed number of expressed genes are fed straight
+to the step (the loader has its own benchmark, bench_loader.py).
+
+  python benchmarks/bench_train.py [--configs scfoundation_tiny,scfoundation_100m] [--steps 3]
+"""
+import argparse
+import importlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scfm_jax.train import partitioning
+from scfm_jax.train.metrics import measure_matmul_peak
+from scfm_jax.train.state import Trainer, step_flops
+from scfm_jax.train.tasks import get_task
+
+
+def synthetic_batch(cells: int, genes: int, expressed: int, width: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    gene_ids = np.full((cells, width), -1, np.int32)
+    counts = np.zeros((cells, width), np.float32)
+    for row in range(cells):
+        gene_ids[row, :expressed] = np.sort(rng.choice(genes, expressed, replace=False))
+        counts[row, :expressed] = rng.negative_binomial(2, 0.4, expressed) + 1
+    return {"gene_ids": gene_ids, "counts": counts, "total_counts": counts.sum(1),
+            "num_nonzero": np.full(cells, expressed, np.int32)}
+
+
+def bench(name: str, cells: int, expressed: int, steps: int, peak: float) -> dict:
+    config = importlib.import_module(f"scfm_jax.configs.{name}").get_config()
+    if config.model.num_genes <= 0:  # the tiny config takes its vocabulary from the store
+        config.model.num_genes = 765 if name.endswith("tiny") else 19264  # 765: the demo's
+    config.model.dtype = "float32"  # this CPU has no fast bf16 matmul; MFU is against f32 peak
+    config.data.global_batch_size = cells
+    config.train.grad_accum_steps = 1
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    trainer = Trainer(config, get_task(config.model.name), mesh)
+    width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
+    batch = partitioning.global_batch(
+        synthetic_batch(cells, config.model.num_genes, expressed, width), mesh)
+    state = trainer.init_state(0)
+    start = time.perf_counter()
+    compiled = trainer.compiled_train_step(state, batch)
+    compile_seconds = time.perf_counter() - start
+    flops = step_flops(compiled)
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    return {"config": name, "params": params, "cells": cells, "expressed": expressed,
+            "compile_s": compile_seconds, "step_s": step_time, "cells_s": cells / step_time,
+            "genes_s": cells * expressed / step_time, "gflop_step": flops / 1e9,
+            "mfu": flops / step_time / peak}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", default="scfoundation_tiny,scfoundation_100m")
+    parser.add_argument("--cells", default="32,4", help="batch size per config")
+    parser.add_argument("--expressed", type=int, default=1100, help="non-zero genes per cell")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")
+    peak = measure_matmul_peak(jnp.float32, size=2048)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.device_count()} device(s)), float32 matmul peak "
+          f"measured now: {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for name, cells in zip(args.configs.split(","), (int(c) for c in args.cells.split(","))):
+        # the demo's pbmc68k_reduced cells express ~200-400 of its 765 genes
+        expressed = min(args.expressed, 300) if name.endswith("tiny") else args.expressed
+        rows.append(bench(name, cells, expressed, args.steps, peak))
+    header = (f"{'config':20}{'params':>13}{'cells':>6}{'nnz':>6}{'compile s':>10}{'step s':>9}"
+              f"{'cells/s':>9}{'genes/s':>10}{'GFLOP/step':>11}{'MFU':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['config']:20}{r['params']:>13,}{r['cells']:>6}{r['expressed']:>6}"
+              f"{r['compile_s']:>10.1f}{r['step_s']:>9.3f}{r['cells_s']:>9.2f}{r['genes_s']:>10.0f}"
+              f"{r['gflop_step']:>11.1f}{r['mfu']:>7.1%}")
+
+
+if __name__ == "__main__":
+    main()
