@@ -99,7 +99,7 @@ def run(workdir: str | Path, steps: int = 600) -> dict:
         print("1/3 converting pbmc68k_reduced (counts recovered from raw.X) ...")
         summary = convert([datasets.pbmc68k_reduced_counts()], str(store), vocabulary="from-data",
                           progress=True)
-        print(summary)
+        print(summary.table())
     else:
         print(f"1/3 using the existing store {store}")
     config = demo_config(str(store), steps)

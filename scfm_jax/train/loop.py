@@ -128,7 +128,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     pipeline_options = dict(
         global_batch_size=config.data.global_batch_size, buckets=tuple(config.data.buckets),
         max_nonzero=config.data.max_nonzero, block_size=config.data.block_size,
-        window_blocks=config.data.window_blocks, obs_keys=obs_keys)
+        window_blocks=config.data.window_blocks, obs_keys=obs_keys,
+        prefetch=config.data.prefetch)
     train_pipeline = Pipeline(store, seed=config.seed, cell_indices=train_cells, **pipeline_options)
     eval_pipeline = (Pipeline(store, seed=config.seed + 1, cell_indices=eval_cells,
                               **pipeline_options) if len(eval_cells) else None)
