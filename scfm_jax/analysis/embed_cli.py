@@ -69,42 +69,16 @@ def _load_model(args):
     """(model, vocabulary or None) from an official .ckpt or a training workdir."""
     path = Path(args.checkpoint)
     if path.is_dir():
-        return _load_workdir(path, args.step)
+        from scfm_jax.analysis.loading import load
+        loaded = load(path, step=args.step)
+        if loaded.kind != "scfoundation":
+            raise ValueError(f"{path} holds a {loaded.kind!r} model, not scfoundation")
+        return loaded.model, loaded.vocabulary
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or training workdir")
     from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
     _, model = load_official_checkpoint(path, args.key or DEFAULT_KEY[args.output_type])
     return model, None
-
-
-def _load_workdir(workdir: Path, step: int | None):
-    import jax
-    import ml_collections
-    from flax import nnx
-
-    from scfm_jax.data.vocabulary import Vocabulary
-    from scfm_jax.train import partitioning
-    from scfm_jax.train.checkpointing import Checkpoints
-    from scfm_jax.train.state import Trainer
-    from scfm_jax.train.tasks import get_task
-
-    if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"--checkpoint {workdir}: a folder, but no checkpoints/ inside; "
-                                "give an official models.ckpt or a scfm-jax train --workdir")
-    checkpoints = Checkpoints(workdir, read_only=True)
-    try:
-        metadata = checkpoints.restore_metadata(step)
-        config = ml_collections.ConfigDict(metadata["config"])
-        if config.model.name != "scfoundation":
-            raise ValueError(f"{workdir} holds a {config.model.name!r} model, not scfoundation")
-        mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-        trainer = Trainer(config, get_task("scfoundation"), mesh)
-        state = checkpoints.restore_state(trainer.abstract_sharded_state(), metadata["step"])
-    finally:
-        checkpoints.close()
-    model = nnx.merge(trainer.graphdef, state.params, state.buffers)
-    saved = metadata["vocabulary"]
-    return model, Vocabulary(name=saved["name"], symbols=tuple(saved["symbols"]))
 
 
 def _read_input(path: Path, layer: str | None, pre_normalized: str):

@@ -1,0 +1,220 @@
+"""scFoundation on AnnData: cell embeddings, gene embeddings and read-depth enhancement.
+
+Thin AnnData wrappers over `scfoundation_inference` (batched, length-bucketed forwards): they pick
+the count matrix (`X`, a layer, or `raw`), align its genes onto the model's vocabulary with the
+vocabulary module (coverage report printed and kept in `uns`), refuse values that are not counts
+where counts are expected, and write the results back in the scverse way (`obsm`, `varm`, `layers`).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+import scipy.sparse as sp
+
+from scfm_jax.analysis import scfoundation_inference as inference
+from scfm_jax.analysis.loading import LoadedModel
+from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
+
+# Values further than this from an integer are not counts (float32 storage of counts is exact).
+COUNT_TOLERANCE = 1e-3
+
+
+def model_and_vocabulary(model, vocabulary: Vocabulary | None):
+    if isinstance(model, LoadedModel):
+        if model.kind != "scfoundation":
+            raise ValueError(f"this function runs scFoundation models; {model.source} holds a "
+                             f"{model.kind} model")
+        vocabulary = vocabulary or model.vocabulary
+        model = model.model
+    if vocabulary is None:
+        raise ValueError("no gene vocabulary: pass a model from scfm_jax.analysis.load (it carries "
+                         "one) or vocabulary=")
+    if len(vocabulary) != model.num_genes:
+        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the model "
+                         f"has {model.num_genes}")
+    return model, vocabulary
+
+
+def matrix_source(adata: anndata.AnnData, layer: str | None):
+    """(matrix, var, description) of the values to feed: X, a layer, or raw ('raw')."""
+    if layer is None:
+        return adata.X, adata.var, "adata.X"
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' but adata.raw is None")
+        return adata.raw.X, adata.raw.var, "adata.raw.X"
+    if layer not in adata.layers:
+        raise KeyError(f"adata has no layer {layer!r} (layers: {list(adata.layers)}; "
+                       "'raw' reads adata.raw)")
+    return adata.layers[layer], adata.var, f"adata.layers[{layer!r}]"
+
+
+def _values(matrix) -> np.ndarray:
+    return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+
+
+def _is_counts(matrix) -> bool:
+    values = _values(matrix)
+    return bool(np.all(values >= 0) and np.all(np.abs(values - np.round(values)) <= COUNT_TOLERANCE))
+
+
+def _candidate_count_sources(adata: anndata.AnnData) -> list[str]:
+    names = sorted(adata.layers, key=lambda name: name != "counts")
+    found = [f"layer={name!r}" for name in names if _is_counts(adata.layers[name])]
+    if adata.raw is not None and _is_counts(adata.raw.X):
+        found.append("layer='raw'")
+    return found
+
+
+def require_counts(adata: anndata.AnnData, layer: str | None, matrix, where: str) -> None:
+    """Raise ValueError naming where counts are, when `matrix` holds non-count values."""
+    if _is_counts(matrix):
+        return
+    values = _values(matrix)
+    bad = values[(values < 0) | (np.abs(values - np.round(values)) > COUNT_TOLERANCE)]
+    found = [c for c in _candidate_count_sources(adata) if c != f"layer={layer!r}"]
+    advice = (f"pass {' or '.join(found)} (it holds integer counts)" if found else
+              "keep the raw counts before normalising (adata.layers['counts'] = adata.X.copy()) and "
+              "pass layer='counts'")
+    raise ValueError(
+        f"{where} does not hold raw counts (e.g. {bad[:3].tolist()}; it looks log-normalised), but "
+        f"scFoundation normalises counts itself: {advice}. If these values are log1p(counts / "
+        "total * 1e4), pass pre_normalized='T' instead.")
+
+
+def aligned_matrix(adata: anndata.AnnData, vocabulary: Vocabulary, *, layer: str | None = None,
+                   gene_column: str | None = None, min_coverage: float = 0.5,
+                   counts_expected: bool = True, verbose: bool = True
+                   ) -> tuple[sp.csr_matrix, GeneAlignment]:
+    """(the chosen matrix as CSR on the vocabulary's genes, the alignment with its report)."""
+    matrix, var, where = matrix_source(adata, layer)
+    if counts_expected:
+        require_counts(adata, layer, matrix, where)
+    alignment = align_genes(var, vocabulary, gene_column=gene_column)
+    aligned = alignment.apply(matrix, min_fraction=min_coverage)
+    if verbose:
+        print(f"genes: {alignment.report.summary()}", file=sys.stderr)
+    return aligned, alignment
+
+
+def _settings(model, vocabulary, alignment, **options) -> dict:
+    source = model.source if isinstance(model, LoadedModel) else type(model).__name__
+    settings = dict(options, model=source, vocabulary=vocabulary.name,
+                    coverage=alignment.report.summary(),
+                    counts_fraction=alignment.report.counts_fraction)
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def embed_cells(model, adata: anndata.AnnData, *, layer: str | None = None,
+                tgthighres: str = "t4", pool: str = "all", key_added: str = "X_scfoundation",
+                batch_size: int = 16, pre_normalized: str = "F", input_type: str = "singlecell",
+                gene_column: str | None = None, min_coverage: float = 0.5,
+                vocabulary: Vocabulary | None = None, progress: bool = True) -> None:
+    """Encoder cell embeddings into `adata.obsm[key_added]` ([cells, 4 x width] for pool 'all').
+
+    `layer`: where the raw counts are (None: X; a layer name; 'raw': adata.raw). Genes are matched
+    to the vocabulary by symbol or Ensembl ID (`gene_column` picks a var column); fewer than
+    `min_coverage` of the counts on vocabulary genes is refused. Cells are batched by their number
+    of expressed genes. Settings and the coverage report go to `adata.uns[key_added]`.
+    """
+    model_, vocabulary = model_and_vocabulary(model, vocabulary)
+    counts_expected = pre_normalized == "F" and input_type == "singlecell"
+    matrix, alignment = aligned_matrix(adata, vocabulary, layer=layer, gene_column=gene_column,
+                                       min_coverage=min_coverage, counts_expected=counts_expected,
+                                       verbose=progress)
+    adata.obsm[key_added] = inference.cell_embeddings(
+        model_, matrix, tgthighres=tgthighres, pool=pool, pre_normalized=pre_normalized,
+        input_type=input_type, batch_size=batch_size, cell_names=list(adata.obs_names),
+        progress=progress)
+    adata.uns[key_added] = _settings(model, vocabulary, alignment, layer=str(layer),
+                                     tgthighres=tgthighres, pool=pool,
+                                     pre_normalized=pre_normalized, input_type=input_type)
+
+
+class _CellSum:
+    """An `out` for the inference loop that keeps the sum over cells (and tees to a zarr array)."""
+
+    def __init__(self, per_cell=None):
+        self.total = None
+        self.cells = 0
+        self.per_cell = per_cell
+
+    def __setitem__(self, rows, values):
+        if self.per_cell is not None:
+            self.per_cell.oindex[rows] = values
+        summed = values.sum(axis=0, dtype=np.float64)
+        self.total = summed if self.total is None else self.total + summed
+        self.cells += len(rows)
+
+
+def _to_input_genes(per_vocabulary_gene: np.ndarray, alignment: GeneAlignment) -> np.ndarray:
+    """Rows per vocabulary gene -> rows per input gene (NaN for genes outside the vocabulary)."""
+    positions = alignment.positions
+    out = np.full((len(positions),) + per_vocabulary_gene.shape[1:], np.nan, np.float32)
+    out[positions >= 0] = per_vocabulary_gene[positions[positions >= 0]]
+    return out
+
+
+def embed_genes(model, adata: anndata.AnnData, *, layer: str | None = None,
+                tgthighres: str = "t4", key_added: str = "X_scfoundation",
+                zarr_path: str | Path | None = None, batch_size: int = 4,
+                pre_normalized: str = "F", input_type: str = "singlecell",
+                gene_column: str | None = None, min_coverage: float = 0.5,
+                vocabulary: Vocabulary | None = None, progress: bool = True):
+    """Context gene embeddings (decoder output per gene), averaged over all cells.
+
+    Writes `adata.varm[key_added]` [input genes, decoder width] (NaN rows for genes outside the
+    vocabulary). With `zarr_path`, every cell's embeddings are also streamed to a zarr array
+    [cells, vocabulary genes, width] (the vocabulary's symbols and the cell names in its attrs),
+    which is returned; memory stays at one batch whatever the number of cells.
+    """
+    import zarr
+
+    model_, vocabulary = model_and_vocabulary(model, vocabulary)
+    counts_expected = pre_normalized == "F" and input_type == "singlecell"
+    matrix, alignment = aligned_matrix(adata, vocabulary, layer=layer, gene_column=gene_column,
+                                       min_coverage=min_coverage, counts_expected=counts_expected,
+                                       verbose=progress)
+    width = model_.decoder_norm.num_features
+    per_cell = None
+    if zarr_path is not None:
+        per_cell = zarr.open_array(str(zarr_path), mode="w", dtype="float32",
+                                   shape=(adata.n_obs, model_.num_genes, width),
+                                   chunks=(1, model_.num_genes, width))
+        per_cell.attrs.update(genes=list(vocabulary.symbols), cells=list(map(str, adata.obs_names)),
+                              tgthighres=tgthighres)
+    accumulator = _CellSum(per_cell)
+    inference.gene_embeddings(model_, matrix, tgthighres=tgthighres,
+                              pre_normalized=pre_normalized, input_type=input_type,
+                              batch_size=batch_size, stabilizer_scope="cell", out=accumulator,
+                              cell_names=list(adata.obs_names), progress=progress)
+    mean = (accumulator.total / accumulator.cells).astype(np.float32)
+    adata.varm[key_added] = _to_input_genes(mean, alignment)
+    adata.uns[f"{key_added}_genes"] = _settings(model, vocabulary, alignment, layer=str(layer),
+                                                tgthighres=tgthighres, cells=int(adata.n_obs))
+    return per_cell
+
+
+def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
+            layer_added: str = "scfoundation_enhanced", layer: str | None = None,
+            batch_size: int = 4, gene_column: str | None = None, min_coverage: float = 0.5,
+            vocabulary: Vocabulary | None = None, progress: bool = True) -> None:
+    """Read-depth enhancement: the expression predicted at a higher depth, as `layers[layer_added]`.
+
+    The cell is encoded from its raw counts with the target depth token T = `target` (`a5`:
+    log10(total) + 5, the official rde demo; `f5`: five times the observed total; `t4`: 10^4
+    counts); the decoder then predicts every gene's normalised expression log1p(count / total *
+    1e4) at that depth. The layer has the input's genes (NaN for genes outside the vocabulary).
+    """
+    model_, vocabulary = model_and_vocabulary(model, vocabulary)
+    matrix, alignment = aligned_matrix(adata, vocabulary, layer=layer, gene_column=gene_column,
+                                       min_coverage=min_coverage, verbose=progress)
+    predicted = inference.predicted_expression(
+        model_, matrix, tgthighres=target, batch_size=batch_size, stabilizer_scope="cell",
+        cell_names=list(adata.obs_names), progress=progress)
+    adata.layers[layer_added] = _to_input_genes(predicted.T, alignment).T
+    adata.uns[layer_added] = _settings(model, vocabulary, alignment, layer=str(layer),
+                                       target=target)

@@ -1,0 +1,176 @@
+"""`load(path)`: a ready model from any checkpoint, on whatever devices this machine has.
+
+Three sources:
+  * a scfm-jax training workdir (or its `checkpoints/` folder, or one `checkpoints/<step>/`), written
+    on any mesh: only the parameters and buffers are read (an Orbax partial restore; the optimiser
+    state, which is twice the parameters, stays on disk) onto a one-device mesh here;
+  * an official scFoundation `models.ckpt` (weight set `key`: cell, gene or rde);
+  * an official scMulan `.pt` (`{'model_args', 'model'}`).
+The result carries the model, its config and its gene vocabulary, so `embed_cells` and friends need
+nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from scfm_jax.data.vocabulary import Vocabulary, load_vocabulary
+
+OFFICIAL_SCFOUNDATION_GENES = 19264
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for analysis, with what is needed to feed it."""
+
+    kind: str                           # "scfoundation" or "scmulan"
+    model: nnx.Module
+    config: ml_collections.ConfigDict   # has `.model`; the whole experiment config for our runs
+    vocabulary: Vocabulary | None       # model gene position i is vocabulary.symbols[i]
+    source: str                         # the file or workdir it came from
+    step: int | None = None             # training step of a workdir checkpoint
+    key: str | None = None              # weight set of an official scFoundation checkpoint
+
+    def __repr__(self) -> str:
+        genes = f"{len(self.vocabulary)} genes ({self.vocabulary.name})" if self.vocabulary else \
+            "no vocabulary"
+        where = f"step {self.step}" if self.step is not None else f"key {self.key!r}" if self.key \
+            else ""
+        return f"LoadedModel({self.kind}, {genes}, from {self.source} {where})".replace(" )", ")")
+
+
+def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, int | None] | None:
+    """The training workdir a folder refers to (and a step it names), or None if it is not one."""
+    if (path / "checkpoints").is_dir():
+        return path, step
+    if path.name == "checkpoints":
+        return path.parent, step
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        if step is not None and step != int(path.name):
+            raise ValueError(f"{path} is step {path.name} but step={step} was asked for")
+        return path.parent.parent, int(path.name)
+    if (path / "train" / "checkpoints").is_dir():  # `scfm-jax demo --workdir` puts training in train/
+        return path / "train", step
+    return None
+
+
+def _restore_params_and_buffers(checkpoints, step: int, trainer):
+    """Partial restore of the TrainState: params and buffers only, placed as `trainer` says."""
+    abstract = trainer.abstract_sharded_state()
+    target = {"params": abstract.params, "buffers": abstract.buffers}
+    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
+    return restored["params"], restored["buffers"]
+
+
+def load_workdir(workdir: str | Path, step: int | None = None) -> LoadedModel:
+    """The model of a scfm-jax training workdir at `step` (default: the latest checkpoint)."""
+    from scfm_jax.train import partitioning
+    from scfm_jax.train.checkpointing import Checkpoints
+    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.tasks import get_task
+
+    workdir = Path(workdir)
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet "
+                                    "(training writes one every train.checkpoint_every steps)")
+        if step is not None and step not in steps:
+            raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
+        metadata = checkpoints.restore_metadata(step)
+        config = ml_collections.ConfigDict(metadata["config"])
+        mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+        trainer = Trainer(config, get_task(config.model.name), mesh)
+        params, buffers = _restore_params_and_buffers(checkpoints, metadata["step"], trainer)
+    finally:
+        checkpoints.close()
+    saved = metadata["vocabulary"]
+    vocabulary = Vocabulary(name=saved["name"], symbols=tuple(saved["symbols"]))
+    return LoadedModel(kind=config.model.name, model=nnx.merge(trainer.graphdef, params, buffers),
+                       config=config, vocabulary=vocabulary, source=str(workdir),
+                       step=int(metadata["step"]))
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """'scfoundation' or 'scmulan' from the top-level keys of a torch checkpoint."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(f"reading {path} (an official PyTorch checkpoint) needs PyTorch: "
+                          'pip install "scfm-jax[torch]"') from error
+    try:  # memory-mapped: only the pickle's key table is read, not the tensors
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
+    if {"model_args", "model"} <= keys:
+        return "scmulan"
+    if keys & {"gene", "cell", "rde"} or {"config", "state_dict"} <= keys:
+        return "scfoundation"
+    raise ValueError(f"{path} is neither an official scFoundation checkpoint (keys gene/cell/rde) "
+                     f"nor an scMulan one (keys model_args/model); its top-level keys are "
+                     f"{sorted(map(str, keys))}")
+
+
+def _scfoundation_vocabulary(vocabulary, num_genes: int, path: Path) -> Vocabulary:
+    if vocabulary is None:
+        if num_genes != OFFICIAL_SCFOUNDATION_GENES:
+            raise ValueError(f"{path} has {num_genes} genes, not the released "
+                             f"{OFFICIAL_SCFOUNDATION_GENES}; pass the vocabulary it was trained "
+                             "with: load(path, vocabulary='genes.tsv')")
+        vocabulary = "scfoundation"
+    if not isinstance(vocabulary, Vocabulary):
+        vocabulary = load_vocabulary(vocabulary)
+    if len(vocabulary) != num_genes:
+        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but {path} "
+                         f"has {num_genes}; pass the vocabulary the checkpoint was trained with")
+    return vocabulary
+
+
+def load(path: str | Path, *, key: str = "cell", step: int | None = None,
+         vocabulary: str | Path | Vocabulary | None = None) -> LoadedModel:
+    """A ready model from a training workdir or an official checkpoint file.
+
+    `key`: weight set of an official scFoundation `models.ckpt` (`cell` for cell embeddings, `gene`
+    for gene embeddings, `rde` for read-depth enhancement). `step`: checkpoint step of a workdir
+    (default the latest). `vocabulary`: the gene list of an official checkpoint (`"scfoundation"`,
+    the default for the released 19,264-gene model, or a `gene_name<TAB>index` file); for scMulan
+    the 42,117-symbol list its genes are aligned through. A workdir carries its own vocabulary.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = _workdir_and_step(path, step)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a folder without checkpoints/: give a scfm-jax "
+                                    "training workdir (scfm-jax train/demo --workdir) or a "
+                                    "checkpoint file")
+        loaded = load_workdir(*found)
+        if vocabulary is not None:
+            raise ValueError(f"{path} carries its own vocabulary ({loaded.vocabulary.name}); "
+                             "drop vocabulary=")
+        return loaded
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or training workdir")
+    kind = _checkpoint_kind(path)
+    if kind == "scmulan":
+        from scfm_jax.interop.scmulan_torch import load_official_checkpoint
+        model_config, model = load_official_checkpoint(path)
+        genes = None if vocabulary is None else (
+            vocabulary if isinstance(vocabulary, Vocabulary) else load_vocabulary(vocabulary))
+        return LoadedModel(kind="scmulan", model=model,
+                           config=ml_collections.ConfigDict({"model": model_config.to_dict()}),
+                           vocabulary=genes, source=str(path))
+    from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
+    model_config, model = load_official_checkpoint(path, key)
+    return LoadedModel(kind="scfoundation", model=model,
+                       config=ml_collections.ConfigDict({"model": model_config.to_dict()}),
+                       vocabulary=_scfoundation_vocabulary(vocabulary, model.num_genes, path),
+                       source=str(path), key=key)
