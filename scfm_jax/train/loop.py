@@ -36,16 +36,9 @@ class TrainingDiverged(FloatingPointError):
 
 
 def resolve_config(config: ml_collections.ConfigDict, store: CellStore) -> ml_collections.ConfigDict:
-    """A copy of the config with the fields that depend on the store filled in and checked."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.model.get("num_genes", -1) in (-1, None):
-        config.model.num_genes = len(store.vocabulary)
-    elif config.model.num_genes != len(store.vocabulary):
-        raise ValueError(
-            f"config.model.num_genes={config.model.num_genes} but the store {config.data.store} "
-            f"has a {len(store.vocabulary)}-gene vocabulary ({store.vocabulary.name}); set "
-            f"--config.model.num_genes=-1 to take the store's")
-    return config
+    """A copy of the config with the fields that depend on the store filled in and checked
+    (scFoundation: the number of genes; scMulan: the token set and its tables)."""
+    return get_task(config.model.name).resolve_config(config, store)
 
 
 def _host_to_device(local_batch: dict, mesh) -> dict:

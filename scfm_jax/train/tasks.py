@@ -18,6 +18,7 @@ class Task:
     loss: Callable[..., tuple[jax.Array, dict]]  # (model, batch, key, config.objective) -> (loss, metrics)
     redraw: Callable[[nnx.Module, jax.Array], None] | None  # refresh random features in place
     redraw_interval: Callable[..., int]           # (config.model) -> steps between redraws, 0: never
+    resolve_config: Callable[..., object]        # (config, store) -> config with store fields set
 
 
 _TASKS = {
@@ -41,4 +42,21 @@ def get_task(name: str) -> Task:
         return int(decoder.get("redraw_interval", 0))
 
     return Task(name=name, build_model=getattr(module, class_name),
-                loss=module.pretraining_loss, redraw=redraw, redraw_interval=redraw_interval)
+                loss=module.pretraining_loss, redraw=redraw, redraw_interval=redraw_interval,
+                resolve_config=getattr(module, "resolve_config", resolve_num_genes))
+
+
+def resolve_num_genes(config, store):
+    """A copy of the config whose `model.num_genes` is the store's vocabulary size (-1) or checked
+    against it."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.num_genes in (-1, None):
+        config.model.num_genes = len(store.vocabulary)
+    elif config.model.num_genes != len(store.vocabulary):
+        raise ValueError(
+            f"config.model.num_genes={config.model.num_genes} but the store {config.data.store} "
+            f"has a {len(store.vocabulary)}-gene vocabulary ({store.vocabulary.name}); set "
+            f"--config.model.num_genes=-1 to take the store's")
+    return config
