@@ -10,6 +10,7 @@ _EXPORTS = {
     "Classifier": "annotation",
     "knn_transfer": "evaluation", "clustering_agreement": "evaluation",
     "pca_baseline": "evaluation", "compare_embeddings": "evaluation",
+    "thin_counts": "evaluation", "enhancement_check": "evaluation",
     "umap": "plots", "training_curves": "plots",
 }
 __all__ = list(_EXPORTS)
