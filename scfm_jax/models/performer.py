@@ -176,8 +176,10 @@ class SelfAttention(nnx.Module):
             self.projection = None
 
     def __call__(self, x: jax.Array, *, stabilizer_scope: str | None = None,
-                 key_lengths: jax.Array | None = None) -> jax.Array:
-        """`key_lengths` [B]: only the first n keys of each row are attended (dot-product only)."""
+                 key_lengths: jax.Array | None = None, dropout_rate: float = 0.0,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """`key_lengths` [B]: only the first n keys of each row are attended, with dropout on the
+        attention weights as torch's MultiheadAttention (dot-product only)."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.attention == "performer":
             if key_lengths is not None:
@@ -185,9 +187,35 @@ class SelfAttention(nnx.Module):
             attended = favor_attention(q, k, v, self.projection.get_value(),
                                        stabilizer_scope=stabilizer_scope or self.stabilizer_scope,
                                        chunk_size=self.chunk_size)
+        elif key_lengths is not None:
+            attended = masked_softmax_attention(q, k, v, key_lengths, dropout_rate=dropout_rate,
+                                                dropout_key=dropout_key)
         else:
-            attended = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=key_lengths)
+            attended = jax.nn.dot_product_attention(q, k, v)
         return self.out(attended)
+
+
+def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_lengths: jax.Array, *,
+                             dropout_rate: float = 0.0, dropout_key: jax.Array | None = None
+                             ) -> jax.Array:
+    """Exact softmax attention over the first `key_lengths[b]` keys; [B, L, H, d] in and out.
+
+    The softmax is normalised after the value product (one pass less over the [B, H, L, L]
+    weights, which dominate the encoder's time on CPUs); dropout, when on, hits the weights.
+    """
+    length = k.shape[1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k,
+                        preferred_element_type=jnp.float32)
+    valid = jnp.arange(length)[None, None, None, :] < key_lengths[:, None, None, None]
+    # finite, so a row without keys (a cell whose every token is masked) averages instead of NaN
+    logits = jnp.where(valid, logits, -1e30)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1)
+    if dropout_key is not None and dropout_rate > 0:
+        weights = dropout(weights, dropout_rate, dropout_key)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / jnp.transpose(total, (0, 2, 1))[..., None]).astype(v.dtype)
 
 
 class FeedForward(nnx.Module):

@@ -93,9 +93,10 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, lengths: jax.Array,
                  dropout_key: jax.Array | None = None) -> jax.Array:
-        keys = (jax.random.split(dropout_key, 3) if dropout_key is not None and self.dropout_rate > 0
-                else (None, None, None))
-        attended = self.attention(x, key_lengths=lengths)
+        keys = (jax.random.split(dropout_key, 4) if dropout_key is not None and self.dropout_rate > 0
+                else (None,) * 4)
+        attended = self.attention(x, key_lengths=lengths, dropout_rate=self.dropout_rate,
+                                  dropout_key=keys[3])
         if keys[0] is not None:
             attended = dropout(attended, self.dropout_rate, keys[0])
         x = self.norm1(x + attended)

@@ -1,0 +1,184 @@
+"""scFoundation 100M inference speed and memory on this machine (prints tables; not a test).
+
+    python benchmarks/bench_model.py [--cells 4] [--expressed 1100] [--repeats 3]
+
+The released architecture (configs/scfoundation_100m.py, float32 compute, random weights) on
+synthetic cells with about 1,100 expressed genes, through the public path
+(`analysis.scfoundation_inference`): cell embeddings (encoder only) and the full forward over all
+19,266 positions (predicted expression). Reports wall time (best of --repeats, after a compile
+run), the executable's memory (XLA's buffer assignment: arguments + outputs + temporaries) and the
+process's peak RSS, useful FLOPs per cell (analytic, at each cell's own length, no padding) and
+XLA's count for the executed (padded) program, and MFU against a float32 matmul peak measured in
+the same run. Then the memory of one decoder layer for 2k-19,266 genes, performer vs exact
+dot-product attention (compiled only; the quadratic ones would not fit).
+
+Reference (issue 3): the official PyTorch code on a 2-core machine takes 8.6-9.6 s for the cell
+embeddings of 4 cells and 70-78 s (4.6 GB peak, ~27% of peak) for their full forward.
+"""
+import argparse
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+from flax import nnx
+
+from scfm_jax.analysis import scfoundation_inference as inference
+from scfm_jax.configs import scfoundation_100m
+from scfm_jax.models import performer
+from scfm_jax.models.scfoundation import ScFoundation
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matmul FLOP/s of this process's devices."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def synthetic_counts(cells: int, expressed: int, num_genes: int, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(cells):
+        n = int(rng.integers(int(expressed * 0.95), int(expressed * 1.05)))
+        row = np.zeros(num_genes, np.float32)
+        row[rng.choice(num_genes, n, replace=False)] = rng.negative_binomial(1, 0.3, n) + 1
+        rows.append(row)
+    return sp.csr_matrix(np.stack(rows))
+
+
+def encoder_flops(config, tokens: int) -> float:
+    enc = config.encoder
+    per_layer = tokens * (2 * 4 * enc.width**2 + 2 * 2 * enc.width * enc.mlp_dim)
+    per_layer += 2 * 2 * tokens**2 * enc.width  # QK^T and AV
+    embed = tokens * 2 * (config.bin_num + config.bin_num**2 + config.bin_num * enc.width)
+    return enc.depth * per_layer + embed
+
+
+def decoder_flops(config) -> float:
+    enc, dec = config.encoder, config.decoder
+    length = config.num_genes + 2
+    inner = dec.heads * dec.head_dim
+    features = performer.num_random_features(dec.head_dim, dec.num_features)
+    per_token = (2 * 4 * dec.width * inner + 2 * 2 * dec.width * dec.mlp_dim
+                 + 4 * 2 * dec.heads * features * dec.head_dim)  # q, k features; kv; output
+    embed = 2 * (config.bin_num + config.bin_num**2 + config.bin_num * enc.width)
+    return length * (dec.depth * per_token + embed + 2 * enc.width * dec.width + 2 * dec.width)
+
+
+def executable_stats(output: str, model, counts, batch_size: int):
+    """(XLA memory bytes, XLA FLOPs per call) of the executable the public path runs."""
+    csr, totals, prepared = inference.prepare(counts, model.num_genes)
+    tgthighres = prepared.pop("tgthighres") or "t4"
+    _, batch, padded = next(inference._batches(csr, model.num_genes, batch_size, False))
+    batch["total_counts"] = totals[padded].astype(np.float32)
+    graphdef, state = nnx.split(model)
+    compiled = inference._forward.lower(
+        graphdef, state, batch, output=output, num_genes=model.num_genes, tgthighres=tgthighres,
+        pool="all", stabilizer_scope=None, **prepared).compile()
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return total, float(cost.get("flops", 0.0))
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # compile
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def layer_memory(config, genes: int, attention: str) -> float:
+    dec = config.decoder
+    layer = nnx.eval_shape(lambda: performer.PerformerLayer(
+        dec.width, dec.heads, dec.head_dim, dec.mlp_dim, attention=attention,
+        chunk_size=dec.chunk_size, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(layer)
+    x = jax.ShapeDtypeStruct((1, genes, dec.width), jnp.float32)
+    compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile()
+    memory = compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=4)
+    parser.add_argument("--expressed", type=int, default=1100)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    config = scfoundation_100m.get_config().model
+    config.dtype = "float32"
+    device = jax.devices()[0]
+    print(f"device: {device.platform} {device.device_kind}, {os.cpu_count()} CPU cores visible, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    if device.platform == "cpu":
+        print("note: this CPU has 2 cores shared with other agents' processes right now; timings "
+              "and the peak are noisy and both drop when others compute")
+    peak = matmul_peak()
+    print(f"float32 matmul peak (2048^3, best of 5): {peak / 1e9:.1f} GFLOP/s\n")
+
+    model = ScFoundation(config, rngs=nnx.Rngs(0))
+    counts = synthetic_counts(args.cells, args.expressed, config.num_genes)
+    expressed = np.diff(counts.indptr)
+    tokens = expressed + 2
+    cells = args.cells
+    cell_flops = sum(encoder_flops(config, int(n)) for n in tokens)
+    full_flops = cell_flops + cells * decoder_flops(config)
+    runs = [("cell embeddings", "cell", inference.cell_embeddings, cells, cell_flops),
+            ("full forward (19,266)", "expression", inference.predicted_expression, 1, full_flops)]
+    rows = []
+    for name, output, function, batch_size, flops in runs:
+        seconds = timed(lambda: function(model, counts, batch_size=batch_size, progress=False),
+                        args.repeats)
+        memory, xla = executable_stats(output, model, counts, batch_size)
+        rows.append((name, batch_size, seconds, memory, flops, xla / batch_size))
+
+    print(f"{cells} cells, {expressed.min()}-{expressed.max()} expressed genes "
+          f"(encoder bucket {inference.bucket_length(int(expressed.max()) + 2, config.num_genes)}"
+          f" tokens), float32, best of {args.repeats}; time and FLOP/s are for all {cells} cells")
+    header = (f"{'path':<24}{'batch':>6}{'time s':>9}{'XLA mem GB':>12}{'GFLOP/cell':>12}"
+              f"{'XLA GFLOP/cell':>16}{'GFLOP/s':>10}{'MFU':>7}")
+    print(header)
+    print("-" * len(header))
+    peak_after = matmul_peak()
+    print(f"float32 matmul peak again after the runs: {peak_after / 1e9:.1f} GFLOP/s; MFU uses "
+          f"the higher of the two")
+    peak = max(peak, peak_after)
+    for name, batch_size, seconds, memory, flops, xla in rows:
+        rate = flops / seconds
+        print(f"{name:<24}{batch_size:>6}{seconds:>9.2f}{memory / 1e9:>12.2f}"
+              f"{flops / cells / 1e9:>12.1f}{xla / 1e9:>16.1f}{rate / 1e9:>10.1f}{rate / peak:>7.0%}")
+    print(f"process peak RSS (everything so far, incl. compilers): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    print("(official PyTorch, same 2-core class of machine: 8.6-9.6 s cell embeddings, "
+          "70-78 s / 4.6 GB full forward)\n")
+
+    print("one decoder layer (width 512, 8 heads x 64), one cell, XLA memory in MB")
+    print(f"{'genes':>8}{'performer':>12}{'dot-product':>14}")
+    for genes in (2_000, 5_000, 10_000, 19_266):
+        print(f"{genes:>8}{layer_memory(config, genes, 'performer') / 1e6:>12.1f}"
+              f"{layer_memory(config, genes, 'dot_product') / 1e6:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
