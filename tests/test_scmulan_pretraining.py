@@ -66,6 +66,7 @@ def test_resolve_builds_the_token_set_from_the_store(store, resolved):
     assert all(symbols[p] == g for g, p in zip(token_set.genes, tables.gene_positions))
     assert set(resolved.data.obs_keys) == {"tissue", "cell_type"}
     assert token_set.cell_type_terms == frozenset(TYPES)
+    assert scmulan.token_set_from_config(resolved).tokens == token_set.tokens
 
 
 def _host_sentence(batch, row, tables, task):
@@ -135,11 +136,28 @@ def test_loss_matches_its_definition():
     np.testing.assert_allclose(loss, np.mean(bce) + 0.5 * np.mean(squares), rtol=1e-5)
 
 
-def test_train_loop_lowers_the_loss(store, resolved, tmp_path):
-    from scfm_jax.train import loop
+def test_train_loop_pretrains_and_the_checkpoint_annotates(store, resolved, tmp_path):
+    from scfm_jax.analysis import scmulan_tasks
+    from scfm_jax.train import loop, partitioning
+    from scfm_jax.train.checkpointing import Checkpoints
+    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.tasks import get_task
 
     summary = loop.train(resolved, tmp_path / "run", progress=False)
     losses = summary["losses"]
     steps = sorted(losses)
     assert np.isfinite(list(losses.values())).all()
     assert np.mean([losses[s] for s in steps[-5:]]) < np.mean([losses[s] for s in steps[:5]])
+
+    # the checkpoint + the token set from its config -> zero-shot annotation of the store's cells
+    trainer = Trainer(resolved, get_task("scmulan"), partitioning.make_mesh(resolved.mesh))
+    params = Checkpoints(tmp_path / "run", read_only=True).restore_state(
+        trainer.abstract_sharded_state()).params
+    model = scmulan.ScMulan(resolved.model, rngs=nnx.Rngs(0))
+    nnx.update(model, params)
+    token_set = scmulan.token_set_from_config(resolved)
+    cells = CellStore.open(store).to_anndata()
+    scmulan_tasks.annotate(model, token_set, cells, counts=True, progress=False)
+    # 30 tiny steps do not teach the types (that takes a few hundred); this checks the path
+    assert cells.obsm["X_scmulan"].shape == (96, 32)
+    assert set(cells.obs["cell_type_scmulan"]) <= set(TYPES) | {"Unclassified"}
