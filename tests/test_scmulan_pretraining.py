@@ -161,3 +161,15 @@ def test_train_loop_pretrains_and_the_checkpoint_annotates(store, resolved, tmp_
     # 30 tiny steps do not teach the types (that takes a few hundred); this checks the path
     assert cells.obsm["X_scmulan"].shape == (96, 32)
     assert set(cells.obs["cell_type_scmulan"]) <= set(TYPES) | {"Unclassified"}
+
+    # the same through `scfm-jax annotate` on the workdir (token set from its saved config)
+    from scfm_jax.main import main as scfm_main
+
+    raw = CellStore.open(store).to_anndata()
+    raw.write_h5ad(tmp_path / "cells.h5ad")
+    assert scfm_main(["annotate", "--checkpoint", str(tmp_path / "run"), "--counts", "--quiet",
+                      "--input", str(tmp_path / "cells.h5ad"),
+                      "--output", str(tmp_path / "out.h5ad")]) == 0
+    out = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert list(out.obs["cell_type_scmulan"]) == list(cells.obs["cell_type_scmulan"])
+    np.testing.assert_allclose(out.obsm["X_scmulan"], cells.obsm["X_scmulan"], atol=1e-5)

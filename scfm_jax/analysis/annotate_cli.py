@@ -2,6 +2,10 @@
 
     scfm-jax annotate --checkpoint ckpt_scMulan.pt --vocabulary DIR --input cells.h5ad \\
         --output annotated.h5ad [--counts] [--smooth 15]
+    scfm-jax annotate --checkpoint runs/scmulan --input cells.h5ad --output annotated.h5ad --counts
+
+`--checkpoint` is an official `.pt` (with `--vocabulary`, the official token-set folder) or a
+scfm-jax training workdir (its config carries the token set, its store vocabulary the genes).
 
 The input's genes (symbols or Ensembl IDs in var_names or `--gene-column`) are mapped onto scMulan's
 42,117-symbol list with the vocabulary module (duplicates summed, absent genes zero), then the
@@ -27,9 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scfm-jax annotate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="official scMulan checkpoint ({'model_args','model'} .pt)")
-    p.add_argument("--vocabulary", required=True,
-                   help="folder with token_set.tsv, gene_set.txt, meta_categories.json")
+                   help="official scMulan checkpoint ({'model_args','model'} .pt) or a scfm-jax "
+                        "training workdir")
+    p.add_argument("--vocabulary", default=None,
+                   help="for a .pt: folder with token_set.tsv, gene_set.txt, meta_categories.json")
     p.add_argument("--input", required=True, help="h5ad file")
     p.add_argument("--output", required=True, help="h5ad file to write")
     p.add_argument("--counts", action="store_true",
@@ -64,23 +69,22 @@ def gene_set_expression(adata: anndata.AnnData, token_set, gene_list, *, layer=N
     return aligned[:, columns].tocsr(), alignment.report
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    from scfm_jax.analysis import scmulan_tasks
+def _official_model(args):
     from scfm_jax.data import vocabulary
     from scfm_jax.data.cell_sentence import TokenSet
     from scfm_jax.interop.scmulan_torch import load_official_checkpoint
 
-    if not os.path.isfile(args.input):
-        print(f"scfm-jax annotate: input {args.input} does not exist", file=sys.stderr)
-        return 2
+    if args.vocabulary is None:
+        raise ValueError("an official .pt checkpoint needs --vocabulary: the folder with "
+                         "token_set.tsv, gene_set.txt and meta_categories.json")
     token_set = TokenSet.from_folder(args.vocabulary)
     gene_list_spec = args.gene_list
     if gene_list_spec is None:
         local = Path(args.vocabulary) / GENE_LIST_FILE
         gene_list_spec = str(local) if local.is_file() else "scmulan"
     gene_list = vocabulary.load_vocabulary(gene_list_spec)
-    missing = [g for g in token_set.genes if g not in gene_list._positions]
+    symbols = set(gene_list.symbols)
+    missing = [g for g in token_set.genes if g not in symbols]
     if missing:
         raise ValueError(f"{len(missing)} scMulan genes are not in the gene list {gene_list_spec} "
                          f"(e.g. {missing[:5]}); use the 42,117-symbol list of scMulan")
@@ -88,7 +92,30 @@ def main(argv=None) -> int:
     if model.cfg.vocab_size != len(token_set):
         raise ValueError(f"the checkpoint has {model.cfg.vocab_size} tokens but the vocabulary "
                          f"folder {args.vocabulary} has {len(token_set)}; they do not belong together")
+    return token_set, gene_list, model
 
+
+def _trained_model(workdir):
+    from scfm_jax.analysis.loading import load
+    from scfm_jax.models.scmulan import token_set_from_config
+
+    loaded = load(workdir)
+    if loaded.kind != "scmulan":
+        raise ValueError(f"{workdir} holds a {loaded.kind} model, not scMulan")
+    return token_set_from_config(loaded.config), loaded.vocabulary, loaded.model
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from scfm_jax.analysis import scmulan_tasks
+
+    if not os.path.isfile(args.input):
+        print(f"scfm-jax annotate: input {args.input} does not exist", file=sys.stderr)
+        return 2
+    if Path(args.checkpoint).is_dir():
+        token_set, gene_list, model = _trained_model(args.checkpoint)
+    else:
+        token_set, gene_list, model = _official_model(args)
     adata = anndata.read_h5ad(args.input)
     if args.layer is not None and args.layer not in adata.layers:
         raise KeyError(f"{args.input} has no layer {args.layer!r} (layers: {list(adata.layers)})")
