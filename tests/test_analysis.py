@@ -288,3 +288,29 @@ def test_umap_keeps_existing_coordinates(tmp_path):
     assert adata.obsm["X_umap_blobs"].shape == (60, 2)
     assert not np.any(adata.obsm["X_umap"])
     assert figure is not None and (tmp_path / "umap.png").stat().st_size > 0
+
+
+def test_masked_enhancement_predicts_each_gene_while_it_is_masked(loaded, cells):
+    from flax import nnx
+
+    from scfm_jax.models.scfoundation import inputs_from_dense_values
+
+    adata = cells[:3].copy()
+    analysis.enhance(loaded, adata, "f2", folds=3, batch_size=4, progress=False)
+    assert adata.uns["scfoundation_enhanced"]["masked"] is True  # a workdir model: masked default
+    enhanced = adata.layers["scfoundation_enhanced"]
+    model = loaded.model
+    counts = adata.X.toarray().astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    values = np.log1p(counts / totals * 1e4)
+    t, s = np.log10(totals * 2), np.log10(totals)
+    for fold in range(3):
+        dense = np.concatenate([values, t, s], axis=1)
+        genes = np.arange(model.num_genes) % 3 == fold
+        dense[:, :model.num_genes][:, genes] = model.mask_value
+        inputs = inputs_from_dense_values(dense, num_genes=model.num_genes)
+        expected = nnx.jit(lambda m, i: m(i["encoder_values"], i["encoder_gene_ids"],
+                                          i["encoder_padding_mask"], i["decoder_values"]))(
+            model, inputs)[:, :model.num_genes]
+        np.testing.assert_allclose(enhanced[:, genes], np.asarray(expected)[:, genes],
+                                   rtol=1e-4, atol=1e-4)

@@ -256,8 +256,10 @@ def fine_tune(model, adata: anndata.AnnData, label_key: str, *, layer: str | Non
     head = Head(*_standardization(initial), len(classes), hidden=hidden, rngs=nnx.Rngs(seed))
     network = _EncoderClassifier(nnx.clone(encoder), head, tgthighres=tgthighres, pool=pool,
                                  options=options)
-    label_of = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, _: "head" if path[0].key == "head" else "encoder", params)
+    def label_of(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "head" if path[0].key == "head" else "encoder", params)
+
     optimizer = nnx.Optimizer(network, optax.multi_transform(
         {"encoder": optax.adamw(encoder_learning_rate, weight_decay=0.0),
          "head": optax.adamw(head_learning_rate, weight_decay=1e-4)}, label_of), wrt=nnx.Param)

@@ -7,16 +7,22 @@ where counts are expected, and write the results back in the scverse way (`obsm`
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import anndata
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from flax import nnx
+from tqdm.auto import tqdm
 
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.loading import LoadedModel
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
+from scfm_jax.models.scfoundation import inference_inputs
 
 # Values further than this from an integer are not counts (float32 storage of counts is exact).
 COUNT_TOLERANCE = 1e-3
@@ -198,9 +204,62 @@ def embed_genes(model, adata: anndata.AnnData, *, layer: str | None = None,
     return per_cell
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "tgthighres", "fold", "folds"))
+def _masked_prediction(graphdef, state, batch, *, tgthighres: str, fold: int, folds: int):
+    """Predicted expression with the genes of `fold` masked: absent from the encoder (the batch
+    holds only the other genes) and at the mask value in the decoder, as in pretraining."""
+    model = nnx.merge(graphdef, state)
+    inputs = inference_inputs(batch, num_genes=model.num_genes, tgthighres=tgthighres,
+                              pad_value=model.pad_value)
+    positions = jnp.arange(model.num_genes + 2)
+    in_fold = (positions < model.num_genes) & (positions % folds == fold)
+    decoder_values = jnp.where(in_fold[None], model.mask_value, inputs["decoder_values"])
+    encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
+                           inputs["encoder_padding_mask"])
+    predicted = model.decode(encoded, inputs["encoder_gene_ids"], inputs["encoder_padding_mask"],
+                             decoder_values, output="expression", stabilizer_scope="cell")
+    return predicted[:, :model.num_genes].astype(jnp.float32)
+
+
+def _masked_expression(model, counts: sp.csr_matrix, *, tgthighres: str, folds: int,
+                       batch_size: int, cell_names, progress: bool) -> np.ndarray:
+    """Every gene predicted while masked: `folds` passes, fold k masking genes k, k + folds, ..."""
+    csr, totals, _ = inference.prepare(counts, model.num_genes, cell_names=cell_names)
+    graphdef, state = nnx.split(model)
+    out = np.zeros((csr.shape[0], model.num_genes), np.float32)
+    fold_of_gene = np.arange(model.num_genes) % folds
+    steps = [(fold, start) for fold in range(folds) for start in range(0, csr.shape[0], batch_size)]
+    lengths = np.diff(csr.indptr)
+    # cells of similar length together, so few padded widths compile
+    order = np.argsort(lengths, kind="stable")
+    for fold, start in tqdm(steps, desc="enhanced expression", disable=not progress,
+                            unit="batch"):
+        chosen = order[start:start + batch_size]
+        padded = np.concatenate([chosen, np.full(batch_size - len(chosen), chosen[-1])])
+        rows = []
+        for cell in padded:
+            genes = csr.indices[csr.indptr[cell]:csr.indptr[cell + 1]]
+            visible = fold_of_gene[genes] != fold
+            rows.append((genes[visible], csr.data[csr.indptr[cell]:csr.indptr[cell + 1]][visible]))
+        width = inference.bucket_length(max(max(len(g) for g, _ in rows), 1), model.num_genes)
+        gene_ids = np.full((batch_size, width), -1, np.int32)
+        values = np.zeros((batch_size, width), np.float32)
+        for row, (genes, data) in enumerate(rows):
+            gene_ids[row, :len(genes)] = genes
+            values[row, :len(genes)] = data
+        batch = {"gene_ids": gene_ids, "counts": values,
+                 "total_counts": totals[padded].astype(np.float32)}
+        predicted = np.asarray(_masked_prediction(graphdef, state, batch, tgthighres=tgthighres,
+                                                  fold=fold, folds=folds))
+        columns = fold_of_gene == fold
+        out[np.ix_(chosen, columns)] = predicted[:len(chosen)][:, columns]
+    return out
+
+
 def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
             layer_added: str = "scfoundation_enhanced", layer: str | None = None,
-            batch_size: int = 4, gene_column: str | None = None, min_coverage: float = 0.5,
+            masked: bool | None = None, folds: int = 4, batch_size: int = 4,
+            gene_column: str | None = None, min_coverage: float = 0.5,
             vocabulary: Vocabulary | None = None, progress: bool = True) -> None:
     """Read-depth enhancement: the expression predicted at a higher depth, as `layers[layer_added]`.
 
@@ -208,13 +267,29 @@ def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
     log10(total) + 5, the official rde demo; `f5`: five times the observed total; `t4`: 10^4
     counts); the decoder then predicts every gene's normalised expression log1p(count / total *
     1e4) at that depth. The layer has the input's genes (NaN for genes outside the vocabulary).
+
+    `masked=False` is the official `gene_expression` output: one forward with every gene visible.
+    A model pretrained here learned to predict masked genes only (the loss covers nothing else), so
+    `masked=True` predicts each gene while it is masked: `folds` forwards, each hiding every
+    `folds`-th gene from the encoder and giving the decoder the mask value there. Default: False
+    for official checkpoints, True for scfm-jax workdirs.
     """
+    if masked is None:
+        masked = not (isinstance(model, LoadedModel) and model.key is not None)
     model_, vocabulary = model_and_vocabulary(model, vocabulary)
     matrix, alignment = aligned_matrix(adata, vocabulary, layer=layer, gene_column=gene_column,
                                        min_coverage=min_coverage, verbose=progress)
-    predicted = inference.predicted_expression(
-        model_, matrix, tgthighres=target, batch_size=batch_size, stabilizer_scope="cell",
-        cell_names=list(adata.obs_names), progress=progress)
+    if masked:
+        if folds < 2:
+            raise ValueError(f"folds must be >= 2 (each pass masks 1/folds of the genes), got {folds}")
+        predicted = _masked_expression(model_, matrix, tgthighres=target, folds=folds,
+                                       batch_size=batch_size, cell_names=list(adata.obs_names),
+                                       progress=progress)
+    else:
+        predicted = inference.predicted_expression(
+            model_, matrix, tgthighres=target, batch_size=batch_size, stabilizer_scope="cell",
+            cell_names=list(adata.obs_names), progress=progress)
     adata.layers[layer_added] = _to_input_genes(predicted.T, alignment).T
     adata.uns[layer_added] = _settings(model, vocabulary, alignment, layer=str(layer),
-                                       target=target)
+                                       target=target, masked=masked,
+                                       folds=folds if masked else None)

@@ -114,12 +114,13 @@ def profile_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def enhancement_check(model, adata: anndata.AnnData, *, rate: float = 0.2,
                       target: str | None = None, layer: str | None = None, seed: int = 0,
-                      batch_size: int = 8, progress: bool = False) -> dict:
+                      masked: bool | None = None, batch_size: int = 8,
+                      progress: bool = False) -> dict:
     """Thin the counts to `rate`, enhance the thinned cells back to the original depth, and
     compare with the unthinned cells (mean per-cell Pearson r of log-normalised profiles).
 
     `target` defaults to f<1/rate> (T = log10 of the thinned total times 1/rate, i.e. the original
-    depth). Cells left with no counts are dropped. Returns the mean correlations of the thinned
+    depth). `masked`: see `enhance`. Cells left with no counts are dropped. Returns the mean correlations of the thinned
     and of the enhanced profiles with the original, and of the enhanced original (the model's
     reconstruction of cells it saw whole).
     """
@@ -133,12 +134,13 @@ def enhancement_check(model, adata: anndata.AnnData, *, rate: float = 0.2,
     target = target or f"f{1 / rate:g}"
     cells = anndata.AnnData(original[kept], obs=adata.obs.iloc[kept][[]], var=var[[]])
     cells.layers["thinned"] = thinned[kept]
-    enhance(model, cells, target, layer="thinned", layer_added="enhanced", batch_size=batch_size,
-            progress=progress)
-    enhance(model, cells, target="f1", layer_added="reconstructed", batch_size=batch_size,
-            progress=progress)
+    enhance(model, cells, target, layer="thinned", layer_added="enhanced", masked=masked,
+            batch_size=batch_size, progress=progress)
+    enhance(model, cells, target="f1", layer_added="reconstructed", masked=masked,
+            batch_size=batch_size, progress=progress)
     reference = log_normalised(cells.X)
     return {"cells": len(kept), "rate": rate, "target": target,
+            "masked": bool(cells.uns["enhanced"]["masked"]),
             "thinned_r": float(np.nanmean(profile_correlation(
                 log_normalised(cells.layers["thinned"]), reference))),
             "enhanced_r": float(np.nanmean(profile_correlation(cells.layers["enhanced"],

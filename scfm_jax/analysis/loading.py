@@ -37,11 +37,13 @@ class LoadedModel:
     key: str | None = None              # weight set of an official scFoundation checkpoint
 
     def __repr__(self) -> str:
-        genes = f"{len(self.vocabulary)} genes ({self.vocabulary.name})" if self.vocabulary else \
-            "no vocabulary"
-        where = f"step {self.step}" if self.step is not None else f"key {self.key!r}" if self.key \
-            else ""
-        return f"LoadedModel({self.kind}, {genes}, from {self.source} {where})".replace(" )", ")")
+        parts = [self.kind, f"{len(self.vocabulary)} genes ({self.vocabulary.name})"
+                 if self.vocabulary else "no vocabulary", f"from {self.source}"]
+        if self.step is not None:
+            parts.append(f"step {self.step}")
+        if self.key is not None:
+            parts.append(f"key {self.key!r}")
+        return f"LoadedModel({', '.join(parts)})"
 
 
 def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, int | None] | None:
@@ -152,11 +154,10 @@ def load(path: str | Path, *, key: str = "cell", step: int | None = None,
             raise FileNotFoundError(f"{path} is a folder without checkpoints/: give a scfm-jax "
                                     "training workdir (scfm-jax train/demo --workdir) or a "
                                     "checkpoint file")
-        loaded = load_workdir(*found)
         if vocabulary is not None:
-            raise ValueError(f"{path} carries its own vocabulary ({loaded.vocabulary.name}); "
+            raise ValueError(f"{path} is a training workdir, which carries its own vocabulary; "
                              "drop vocabulary=")
-        return loaded
+        return load_workdir(*found)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file or training workdir")
     kind = _checkpoint_kind(path)
