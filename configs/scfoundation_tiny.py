@@ -14,7 +14,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("genes", "tensor"),
+    ("genes", None),                # 19,267 rows (prime): the table splits on embed instead
     ("vocab", "tensor"),
     ("bins", None),
     ("features", None),

@@ -125,10 +125,16 @@ def test_divergence_stops_with_the_step_and_keeps_the_checkpoint(store, tmp_path
     assert "intact" in str(error.value)
 
 
-def test_config_typo_fails_with_a_suggestion(store, tmp_path):
-    with pytest.raises(Exception, match="stpes|steps"):
-        loop.main(["--config", "configs/scfoundation_tiny.py", "--workdir", str(tmp_path),
-                   "--config.train.stpes=3"])
+def test_config_overrides_and_a_typo_with_a_suggestion(tmp_path):
+    for form in (["--config=configs/scfoundation_tiny.py"],
+                 ["--config", "configs/scfoundation_tiny.py"]):
+        parsed = loop._parse(form + ["--workdir", str(tmp_path), "--config.data.store=/s",
+                                     "--config.train.steps", "7", "--config.mesh.fsdp=2"])
+        assert (parsed.config.data.store, parsed.config.train.steps) == ("/s", 7)
+        assert parsed.config.mesh.fsdp == 2
+    with pytest.raises(AttributeError, match='Did you mean "steps"'):
+        loop._parse(["--config", "configs/scfoundation_tiny.py", "--workdir", str(tmp_path),
+                     "--config.train.stpes=3"])
 
 
 @pytest.mark.slow

@@ -209,8 +209,6 @@ def _parse(argv):
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
-                                    flag_values=flag_values, lock_config=True)
     flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard",
                         flag_values=flag_values)
     flags.DEFINE_string("coordinator_address", None,
@@ -222,6 +220,11 @@ def _parse(argv):
                       flag_values=flag_values)
     flags.DEFINE_integer("num_cpu_devices", None, "simulated CPU devices in this process",
                          flag_values=flag_values)
+    # ml_collections finds the --config.a.b=... overrides in the argv it is given (default sys.argv,
+    # which is not ours when `main` is called from Python).
+    config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
+                                    flag_values=flag_values, lock_config=True,
+                                    sys_argv=["scfm-jax train", *argv])
     flag_values(["scfm-jax train", *argv])
     if flag_values.config is None or flag_values.workdir is None:
         raise SystemExit("scfm-jax train: --config and --workdir are required\n"
