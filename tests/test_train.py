@@ -29,6 +29,13 @@ def test_mesh_shape_fills_one_axis():
         partitioning.mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
 
 
+def test_uneven_dimensions_are_replicated_not_refused():
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=2, tensor=4), devices=jax.devices()[:8])
+    spec = partitioning.fit_spec(jax.P("tensor", "fsdp"), (2222, 64), mesh)
+    assert spec == jax.P(None, "fsdp")
+    assert partitioning.fit_spec(jax.P(("fsdp", "tensor")), (16, 3), mesh) == jax.P(("fsdp", "tensor"), None)
+
+
 def test_batch_must_split_over_the_mesh():
     mesh = partitioning.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=jax.devices()[:4])
     with pytest.raises(ValueError, match="multiple of data x fsdp = 4"):
