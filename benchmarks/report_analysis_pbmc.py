@@ -9,7 +9,8 @@ demo-pretrained model:
      scFoundation cell embedding vs PCA of the log-normalised counts, same cells, same split;
   2. logistic regression on each frozen embedding, and the fine-tuned encoder + head (held out);
   3. read-depth enhancement: counts thinned binomially to --rate, enhanced back to the original
-     depth, per-cell Pearson r with the unthinned profiles vs that of the thinned profiles.
+     depth, per-cell Pearson r with the unthinned profiles vs that of the thinned profiles
+     (genes predicted while masked, as pretrained, and all visible as the official tool).
 The demo pretrains on 90% of these cells without labels, so the embedding has seen most of them
 (as any foundation model applied to its own atlas); the label splits are the same for every method.
 """
@@ -59,13 +60,14 @@ def main() -> None:
     print(f"fine-tuning loss per epoch: {[round(v, 4) for v in tuned.report['losses']]}")
 
     print(f"\n## Read-depth enhancement (counts thinned to {args.rate:.0%})")
-    print("| target | cells | r(thinned, original) | r(enhanced, original) | "
-          "r(model on original, original) |\n|---|---|---|---|---|")
-    for target in (None, "a5"):
+    print("| prediction | target | cells | r(thinned, original) | r(enhanced, original) | "
+          "r(model on original, original) |\n|---|---|---|---|---|---|")
+    for masked, target in ((True, None), (True, "a5"), (False, None)):
         result = analysis.enhancement_check(model, adata, rate=args.rate, target=target,
-                                            seed=args.seed, batch_size=16)
-        print(f"| {result['target']} | {result['cells']} | {result['thinned_r']:.3f} | "
-              f"{result['enhanced_r']:.3f} | {result['reconstructed_r']:.3f} |")
+                                            masked=masked, seed=args.seed, batch_size=16)
+        print(f"| {'masked genes' if masked else 'all visible (official)'} | {result['target']} | "
+              f"{result['cells']} | {result['thinned_r']:.3f} | {result['enhanced_r']:.3f} | "
+              f"{result['reconstructed_r']:.3f} |", flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind})")
 
 

@@ -204,7 +204,7 @@ def embed_genes(model, adata: anndata.AnnData, *, layer: str | None = None,
     return per_cell
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tgthighres", "fold", "folds"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "tgthighres", "folds"))
 def _masked_prediction(graphdef, state, batch, *, tgthighres: str, fold: int, folds: int):
     """Predicted expression with the genes of `fold` masked: absent from the encoder (the batch
     holds only the other genes) and at the mask value in the decoder, as in pretraining."""
