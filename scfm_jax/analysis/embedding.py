@@ -127,6 +127,10 @@ def embed_cells(model, adata: anndata.AnnData, *, layer: str | None = None,
     of expressed genes. Settings and the coverage report go to `adata.uns[key_added]`.
     """
     model_, vocabulary = model_and_vocabulary(model, vocabulary)
+    if pre_normalized == "A":
+        raise ValueError("pre_normalized='A' reads the raw totals from an extra last column, which "
+                         "an AnnData's genes do not have; use `scfm-jax embed --pre-normalized A` "
+                         "or scfoundation_inference.cell_embeddings on the aligned matrix")
     counts_expected = pre_normalized == "F" and input_type == "singlecell"
     matrix, alignment = aligned_matrix(adata, vocabulary, layer=layer, gene_column=gene_column,
                                        min_coverage=min_coverage, counts_expected=counts_expected,
