@@ -240,28 +240,28 @@ def test_two_processes_match_one_process_and_a_single_process_restores(store, tm
 
 @pytest.mark.slow
 def test_sharded_train_steps_of_the_large_configs_compile_for_64_devices():
-    """Per-device parameter + optimiser memory falls as the mesh grows (every large parameter is
-    sharded), read from XLA's compiled memory analysis of the 100M and 1B train steps."""
+    """Per-device parameter + optimiser memory falls as the mesh grows and every large parameter is
+    sharded, read from XLA's compiled memory analysis of the 100M and 1B train steps."""
     import json
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(__file__))
-    for config, layouts in (("scfoundation_100m", ["8,1", "16,4"]),
-                            ("scfoundation_1b", ["8,2", "16,4"])):
+    for config, layouts in (("scfoundation_100m", ["8,1", "16,4"]), ("scfoundation_1b", ["16,4"])):
         result = subprocess.run(
             [sys.executable, "tests/compile_memory.py", "64", config, *layouts], cwd=root,
             env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-            timeout=1800)
+            timeout=2400)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        small, large = rows
-        assert large["devices"] > small["devices"]
-        # parameters + Adam moments, float32, split over every device of the mesh
-        full_state = rows[0]["parameters"] * 4 * 3
+        assert len(rows) == len(layouts)
+        full_state = rows[0]["parameters"] * 4 * 3  # parameters + Adam moments, float32
         for row in rows:
-            assert row["state_bytes_per_device"] < 1.1 * full_state / row["devices"]
+            # the step's arguments (state + batch) are close to 1/devices of the whole state: a
+            # replicated large parameter (the 100M gene table alone is 12% of it) breaks this
+            assert row["argument_bytes_per_device"] < 2 * full_state / row["devices"], row
             assert row["argument_bytes_per_device"] >= row["state_bytes_per_device"]
-        assert large["argument_bytes_per_device"] < 0.6 * small["argument_bytes_per_device"]
+        if len(rows) == 2:
+            assert rows[1]["argument_bytes_per_device"] < 0.25 * rows[0]["argument_bytes_per_device"]
         print(json.dumps(rows))
