@@ -206,12 +206,7 @@ def _training_batches(csr, totals, cells: np.ndarray, codes: np.ndarray, batch_s
     for index in rng.permutation(len(batches)):
         width, chosen = batches[index]
         padded = np.concatenate([chosen, np.full(batch_size - len(chosen), chosen[0])])
-        gene_ids = np.full((batch_size, width), -1, np.int32)
-        values = np.zeros((batch_size, width), np.float32)
-        for row, cell in enumerate(padded):
-            lo, hi = csr.indptr[cell], csr.indptr[cell + 1]
-            gene_ids[row, :hi - lo] = csr.indices[lo:hi]
-            values[row, :hi - lo] = csr.data[lo:hi]
+        gene_ids, values = inference.padded_rows(csr, padded, width)
         weights = (np.arange(batch_size) < len(chosen)).astype(np.float32)
         yield ({"gene_ids": gene_ids, "counts": values,
                 "total_counts": totals[padded].astype(np.float32)},

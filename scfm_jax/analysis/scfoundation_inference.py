@@ -122,6 +122,17 @@ def bucket_length(num_expressed: int, num_genes: int) -> int:
         octave *= 2
 
 
+def padded_rows(csr, cells, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `cells` of a CSR matrix as right-padded (gene_ids, values) [len(cells), width]; pad -1 / 0."""
+    gene_ids = np.full((len(cells), width), -1, np.int32)
+    values = np.zeros((len(cells), width), np.float32)
+    for row, cell in enumerate(cells):
+        lo, hi = csr.indptr[cell], csr.indptr[cell + 1]
+        gene_ids[row, :hi - lo] = csr.indices[lo:hi]
+        values[row, :hi - lo] = csr.data[lo:hi]
+    return gene_ids, values
+
+
 def _batches(csr: sp.csr_matrix, num_genes: int, batch_size: int, single_bucket: bool):
     """Yield (cell indices, padded sparse batch) grouped by bucket length."""
     lengths = np.diff(csr.indptr)
@@ -134,12 +145,7 @@ def _batches(csr: sp.csr_matrix, num_genes: int, batch_size: int, single_bucket:
         for start in range(0, len(cells), batch_size):
             chosen = cells[start:start + batch_size]
             padded = np.concatenate([chosen, np.full(batch_size - len(chosen), chosen[-1])])
-            gene_ids = np.full((batch_size, width), -1, np.int32)
-            values = np.zeros((batch_size, width), np.float32)
-            for row, cell in enumerate(padded):
-                lo, hi = csr.indptr[cell], csr.indptr[cell + 1]
-                gene_ids[row, :hi - lo] = csr.indices[lo:hi]
-                values[row, :hi - lo] = csr.data[lo:hi]
+            gene_ids, values = padded_rows(csr, padded, width)
             yield chosen, {"gene_ids": gene_ids, "counts": values}, padded
 
 
