@@ -147,6 +147,33 @@ def test_orthogonal_features_and_redraw():
     jax.tree.map(np.testing.assert_array_equal, params_before, nnx.state(layers, nnx.Param))
 
 
+def _equations(jaxpr):
+    for equation in jaxpr.eqns:
+        yield equation
+        for param in equation.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    yield from _equations(getattr(inner, "jaxpr", inner))
+
+
+def test_orthogonal_draw_uses_unbatched_qr_only():
+    """A batched QR inside a jitted init deadlocked XLA:CPU (jaxlib 0.10.2): keep each QR 2-D,
+    with the same blocks a batched QR gives."""
+    key = jax.random.key(11)
+    closed = jax.make_jaxpr(lambda k: performer.gaussian_orthogonal_random_matrix(k, 266, 64))(key)
+    qr_shapes = [eq.invars[0].aval.shape for eq in _equations(closed.jaxpr)
+                 if eq.primitive.name == "qr"]
+    assert qr_shapes == [(64, 64)] * 5
+    block_key, norm_key = jax.random.split(key)
+    batched_q = np.asarray(jnp.linalg.qr(jax.random.normal(block_key, (5, 64, 64)))[0])
+    norms = np.linalg.norm(np.asarray(jax.random.normal(norm_key, (266, 64))), axis=1)
+    expected = norms[:, None] * np.swapaxes(batched_q, 1, 2).reshape(320, 64)[:266]
+    np.testing.assert_allclose(jax.jit(performer.gaussian_orthogonal_random_matrix,
+                                       static_argnums=(1, 2))(key, 266, 64), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_bad_settings_are_refused():
     q, k, v = _qkv(0, batch=1, length=4)
     projection = performer.gaussian_orthogonal_random_matrix(jax.random.key(0), 16, 8)

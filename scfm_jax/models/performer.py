@@ -50,7 +50,11 @@ def gaussian_orthogonal_random_matrix(key: jax.Array, num_rows: int, num_cols: i
     """
     num_blocks = -(-num_rows // num_cols)
     block_key, norm_key = jax.random.split(key)
-    q, _ = jnp.linalg.qr(jax.random.normal(block_key, (num_blocks, num_cols, num_cols), jnp.float32))
+    blocks = jax.random.normal(block_key, (num_blocks, num_cols, num_cols), jnp.float32)
+    # One QR per block: jaxlib's CPU LAPACK kernel spreads a *batched* QR over XLA's intra-op
+    # thread pool, and inside a jitted init that wait can deadlock (seen with jaxlib 0.10.2 on
+    # 2 cores: every thread parked, forever). Unbatched calls run inline; the values are the same.
+    q = jnp.stack([jnp.linalg.qr(block)[0] for block in blocks])
     matrix = jnp.swapaxes(q, 1, 2).reshape(num_blocks * num_cols, num_cols)[:num_rows]
     multiplier = jnp.linalg.norm(
         jax.random.normal(norm_key, (num_rows, num_cols), jnp.float32), axis=1)
