@@ -173,3 +173,26 @@ def test_train_loop_pretrains_and_the_checkpoint_annotates(store, resolved, tmp_
     out = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert list(out.obs["cell_type_scmulan"]) == list(cells.obs["cell_type_scmulan"])
     np.testing.assert_allclose(out.obsm["X_scmulan"], cells.obsm["X_scmulan"], atol=1e-5)
+
+
+def test_remat_policies_give_the_same_outputs_kv_and_gradients():
+    ids = jnp.array([[3, 4, 10, 5, 6, 0, 0], [7, 11, 2, 0, 0, 0, 0]])
+    levels = jnp.array([[2, 9, 0, 4, 1, 0, 0], [5, 0, 7, 0, 0, 0, 0]])
+    results = {}
+    for policy in ("none", "full", "dots"):
+        model = scmulan.ScMulan(dict(vocab_size=12, n_layer=3, n_head=2, n_embd=8,
+                                     remat_policy=policy), rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            hidden, kv = nnx.merge(graphdef, params, rest)(ids, levels, return_kv=True)
+            return jnp.sum(jnp.tanh(hidden) ** 2), (hidden, kv)
+
+        results[policy] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (_, (hidden, kv)), grads = results["none"]
+    assert len(kv) == 3 and kv[0][0].shape == (2, 7, 2, 4)
+    for policy in ("full", "dots"):
+        (_, (other_hidden, other_kv)), other_grads = results[policy]
+        np.testing.assert_allclose(other_hidden, hidden, rtol=1e-6, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     (other_kv, other_grads), (kv, grads))

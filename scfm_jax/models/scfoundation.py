@@ -26,14 +26,9 @@ from scfm_jax.models.performer import (FeedForward, PerformerLayer, SelfAttentio
 
 __all__ = ["ScFoundation", "inference_inputs", "pretraining_inputs", "pretraining_loss",
            "pool_cell_embeddings", "inputs_from_dense_values", "masked_mse", "redraw_features",
-           "depth_tokens", "REMAT_POLICIES"]
+           "depth_tokens"]
 
 NORMALIZATION_TARGET = 1e4  # get_embedding.py: log1p(x / total * 1e4)
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-}
 OUTPUTS = ("expression", "embedding")
 
 
@@ -107,21 +102,6 @@ class EncoderLayer(nnx.Module):
         return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
 
 
-def _call_layer(layer: nnx.Module, policy: str, *args, **static):
-    """`layer(*args, **static)`, rematerialised in the backward pass per `model.remat_policy`."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"model.remat_policy must be one of {tuple(REMAT_POLICIES)}, got {policy!r}")
-    if policy == "none":
-        return layer(*args, **static)
-    # Layers never mutate their variables, so a functional checkpoint of (state, inputs) suffices.
-    graphdef, state = nnx.split(layer)
-
-    def apply(state, *arrays):
-        return nnx.merge(graphdef, state)(*arrays, **static)
-
-    return jax.checkpoint(apply, policy=REMAT_POLICIES[policy])(state, *args)
-
-
 class ScFoundation(nnx.Module):
     """xTrimoGene / MaeAutobin built from `config.model` (see configs/scfoundation_tiny.py)."""
 
@@ -134,7 +114,7 @@ class ScFoundation(nnx.Module):
         self.num_genes = int(config.num_genes)
         self.seq_len = self.num_genes + 2          # genes, then T, then S
         self.mask_value, self.pad_value = float(config.mask_value), float(config.pad_value)
-        self.remat_policy = config.remat_policy
+        self.remat_policy = layers.check_remat_policy(config.remat_policy)
         self.dtype = dtype = jnp.dtype(config.dtype)
         enc, dec = config.encoder, config.decoder
         self.encoder_dropout = float(enc.dropout)
@@ -177,9 +157,12 @@ class ScFoundation(nnx.Module):
         gene_ids = jnp.where(padding_mask, self.seq_len, gene_ids)
         x = self.token_emb(values) + self.pos_emb(gene_ids)
         x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
-        for index, layer in enumerate(self.encoder_layers):
+
+        def step(layer, x, index):
             layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            x = _call_layer(layer, self.remat_policy, x, lengths, layer_key)
+            return layer(x, lengths, layer_key), None
+
+        x, _ = layers.apply_layers(self.encoder_layers, x, step, self.remat_policy)
         return self.encoder_norm(x)
 
     def decode(self, encoded: jax.Array, gene_ids: jax.Array, padding_mask: jax.Array,
@@ -201,8 +184,10 @@ class ScFoundation(nnx.Module):
         x = x + self.pos_emb(jnp.arange(self.seq_len))[None]
         x = self.decoder_embed(x)
         x = layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
-        for layer in self.decoder_layers:
-            x = _call_layer(layer, self.remat_policy, x, stabilizer_scope=stabilizer_scope)
+        x, _ = layers.apply_layers(
+            self.decoder_layers, x,
+            lambda layer, x, _: (layer(x, stabilizer_scope=stabilizer_scope), None),
+            self.remat_policy)
         x = self.norm(self.decoder_norm(x))
         if output == "embedding":
             return x

@@ -60,21 +60,12 @@ class ScMulanConfig:
         if config.attention != "dot_product":
             raise ValueError(f"scMulan attention {config.attention!r}: only 'dot_product' (exact "
                              "causal softmax attention) is available")
-        if config.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {config.remat_policy!r}: use one of "
-                             f"{sorted(REMAT_POLICIES)}")
+        layers.check_remat_policy(config.remat_policy)
         return config
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-}
 
 
 def _param(rngs, shape, names, std, dtype=jnp.float32):
@@ -182,14 +173,8 @@ class ScMulan(nnx.Module):
         prefill of a generation cache.
         """
         x = self.embed(ids, levels)
-        policy = REMAT_POLICIES[self.cfg.remat_policy]
-        kv = []
-        for block in self.blocks:
-            if self.cfg.remat_policy != "none":
-                x, block_kv = nnx.remat(lambda b, h: b(h), policy=policy)(block, x)
-            else:
-                x, block_kv = block(x)
-            kv.append(block_kv)
+        x, kv = layers.apply_layers(self.blocks, x, lambda block, h, _: block(h),
+                                    self.cfg.remat_policy)
         hidden = self.ln_f(x)
         return (hidden, tuple(kv)) if return_kv else hidden
 
