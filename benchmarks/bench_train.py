@@ -33,12 +33,15 @@ def synthetic_batch(cells: int, genes: int, expressed: int, width: int, seed: in
             "num_nonzero": np.full(cells, expressed, np.int32)}
 
 
-def bench(name: str, cells: int, expressed: int, steps: int, peak: float) -> dict:
+def bench(name: str, cells: int, expressed: int, steps: int, peak: float,
+          remat_policy: str | None = None) -> dict:
     config = importlib.import_module(f"scfm_jax.configs.{name}").get_config()
     if config.model.num_genes <= 0:  # the tiny config takes its vocabulary from the store
         config.model.num_genes = 765 if name.endswith("tiny") else 19264  # 765: the demo's
     config.model.dtype = "float32"  # this CPU has no fast bf16 matmul; MFU is against f32 peak
     config.data.global_batch_size = cells
+    if remat_policy:
+        config.model.remat_policy = remat_policy
     config.train.grad_accum_steps = 1
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     trainer = Trainer(config, get_task(config.model.name), mesh)
@@ -60,7 +63,9 @@ def bench(name: str, cells: int, expressed: int, steps: int, peak: float) -> dic
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     params = sum(x.size for x in jax.tree.leaves(state.params))
-    return {"config": name, "params": params, "cells": cells, "expressed": expressed,
+    memory = compiled.memory_analysis()
+    return {"config": name, "remat": config.model.remat_policy, "params": params,
+            "temp_gb": memory.temp_size_in_bytes / 1e9, "cells": cells, "expressed": expressed,
             "compile_s": compile_seconds, "step_s": step_time, "cells_s": cells / step_time,
             "genes_s": cells * expressed / step_time, "gflop_step": flops / 1e9,
             "mfu": flops / step_time / peak}
@@ -72,6 +77,7 @@ def main():
     parser.add_argument("--cells", default="32,4", help="batch size per config")
     parser.add_argument("--expressed", type=int, default=1100, help="non-zero genes per cell")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--remat", default="", help="override model.remat_policy (none/full/dots)")
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     peak = measure_matmul_peak(jnp.float32, size=2048)
@@ -82,15 +88,18 @@ def main():
     for name, cells in zip(args.configs.split(","), (int(c) for c in args.cells.split(","))):
         # the demo's pbmc68k_reduced cells express ~200-400 of its 765 genes
         expressed = min(args.expressed, 300) if name.endswith("tiny") else args.expressed
-        rows.append(bench(name, cells, expressed, args.steps, peak))
-    header = (f"{'config':20}{'params':>13}{'cells':>6}{'nnz':>6}{'compile s':>10}{'step s':>9}"
-              f"{'cells/s':>9}{'genes/s':>10}{'GFLOP/step':>11}{'MFU':>7}")
+        rows.append(bench(name, cells, expressed, args.steps, peak, args.remat or None))
+    peak_after = measure_matmul_peak(jnp.float32, size=2048)
+    print(f"float32 matmul peak measured after the runs: {peak_after / 1e9:.1f} GFLOP/s "
+          "(MFU below is against the first)")
+    header = (f"{'config':20}{'remat':>6}{'params':>13}{'cells':>6}{'nnz':>6}{'compile s':>10}{'step s':>9}"
+              f"{'cells/s':>9}{'genes/s':>10}{'GFLOP/step':>11}{'MFU':>7}{'XLA temp GB':>12}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:20}{r['params']:>13,}{r['cells']:>6}{r['expressed']:>6}"
+        print(f"{r['config']:20}{r['remat']:>6}{r['params']:>13,}{r['cells']:>6}{r['expressed']:>6}"
               f"{r['compile_s']:>10.1f}{r['step_s']:>9.3f}{r['cells_s']:>9.2f}{r['genes_s']:>10.0f}"
-              f"{r['gflop_step']:>11.1f}{r['mfu']:>7.1%}")
+              f"{r['gflop_step']:>11.1f}{r['mfu']:>7.1%}{r['temp_gb']:>12.2f}")
 
 
 if __name__ == "__main__":
