@@ -1,6 +1,7 @@
 """Training throughput of the scFoundation configs on this machine: a table, not a test.
 
-For each config: the compiled train step's FLOPs (XLA cost analysis), its median step time over a
+For each config: the train step's model FLOPs (`Trainer.model_flops`: XLA's cost analysis of the
+loop-free loss gradient, recomputation not counted), its median step time over a
 few steps after compilation, cells/s, non-zero genes/s and MFU against the float32 matmul peak
 measured in the same run. Synthetic cells with a fixed number of expressed genes are fed straight
 to the step (the loader has its own benchmark, bench_loader.py).
@@ -18,7 +19,7 @@ import numpy as np
 
 from scfm_jax.train import partitioning
 from scfm_jax.train.metrics import measure_matmul_peak
-from scfm_jax.train.state import Trainer, step_flops
+from scfm_jax.train.state import Trainer
 from scfm_jax.train.tasks import get_task
 
 
@@ -52,7 +53,7 @@ def bench(name: str, cells: int, expressed: int, steps: int, peak: float,
     start = time.perf_counter()
     compiled = trainer.compiled_train_step(state, batch)
     compile_seconds = time.perf_counter() - start
-    flops = step_flops(compiled)
+    flops = trainer.model_flops(batch)  # forward + backward, recomputation not counted
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []

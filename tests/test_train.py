@@ -55,6 +55,31 @@ def test_parameters_are_sharded_by_the_rules(store):
     assert jax.tree.leaves(mu)[0].spec == shardings[0].spec
 
 
+def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
+    """XLA's cost analysis counts a loop body once, so MFU's FLOPs come from the loop-free model:
+    the same count whatever the remat scan, attention chunking or micro-batching."""
+    rng = np.random.default_rng(0)
+    gene_ids = np.stack([np.sort(rng.choice(120, 64, replace=False)) for _ in range(8)])
+    counts = rng.integers(1, 50, (8, 64)).astype(np.float32)
+    local = dict(gene_ids=gene_ids.astype(np.int32), counts=counts,
+                 total_counts=counts.sum(1), num_nonzero=np.full(8, 64, np.int32))
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    batch = partitioning.global_batch(local, mesh)
+    counted = {}
+    for name, remat, chunk, accum in (("loop-free", "none", 4096, 1), ("looped", "full", 32, 2)):
+        config = loop.resolve_config(tiny_config(store), _open(store))
+        config.model.encoder.depth, config.model.decoder.depth = 2, 3
+        config.model.remat_policy, config.model.decoder.chunk_size = remat, chunk
+        config.train.grad_accum_steps = accum
+        trainer = Trainer(config, get_task("scfoundation"), mesh)
+        compiled = trainer.compiled_train_step(trainer.abstract_sharded_state(), batch)
+        counted[name] = (trainer.model_flops(batch), compiled.cost_analysis()["flops"])
+    np.testing.assert_allclose(counted["looped"][0], counted["loop-free"][0], rtol=0.02)
+    # the compiled loop-free step (plus the optimiser update) is what model_flops counts
+    np.testing.assert_allclose(counted["loop-free"][0], counted["loop-free"][1], rtol=0.1)
+    assert counted["looped"][1] < 0.7 * counted["looped"][0], counted  # bodies counted once
+
+
 def _open(store):
     from scfm_jax.data.store import CellStore
     return CellStore.open(store)

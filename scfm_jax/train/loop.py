@@ -25,7 +25,7 @@ from scfm_jax.data.store import CellStore
 from scfm_jax.train import partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
-from scfm_jax.train.state import Trainer, cached_trainer, step_flops
+from scfm_jax.train.state import Trainer, cached_trainer
 from scfm_jax.train.tasks import get_task
 
 HOST_ONLY_FIELDS = ("cell_index",)  # pipeline fields that stay on the host (int64 bookkeeping)
@@ -149,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                 compiled = trainer.compiled_train_step(state, batch)
                 if not window_steps:  # compilation (once per bucket) stays out of the rates
                     window_start = time.perf_counter()
-                flops = step_flops(compiled)
+                flops = trainer.model_flops(batch)
                 state, metrics = compiled(state, batch)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):

@@ -176,6 +176,36 @@ class Trainer:
                 self._compiled[signature] = jitted.lower(state, batch).compile()
         return self._compiled[signature]
 
+    def model_flops(self, batch) -> float:
+        """Model FLOPs per device of one train step: forward and backward of the loss.
+
+        XLA's cost analysis counts a loop body once, and the compiled step loops over layers
+        (remat), attention chunks and micro-batches. So the count comes from the loss gradient of
+        the loop-free model (`loop_free_model_config`) on one micro-batch, lowered and not
+        compiled, times the micro-batches, over the devices. Recomputation is not counted: this
+        is the numerator of MFU, not of hardware utilisation.
+        """
+        signature = ("flops",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if signature not in self._compiled:
+            accum = max(int(self.config.train.grad_accum_steps), 1)
+            model_config = loop_free_model_config(self.config.model)
+            graphdef, _, _ = split_model(nnx.eval_shape(
+                lambda: self.task.build_model(model_config, rngs=nnx.Rngs(0))))
+
+            def loss(params, buffers, micro_batch, key):
+                model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
+                return self.task.loss(model, micro_batch, key, self.config.objective)[0]
+
+            micro_batch = {k: jax.ShapeDtypeStruct((v.shape[0] // accum, *v.shape[1:]), v.dtype)
+                           for k, v in batch.items()}
+            lowered = jax.jit(jax.grad(loss)).lower(
+                self.abstract_state.params, self.abstract_state.buffers, micro_batch,
+                jax.random.key(0))
+            analysis = lowered.cost_analysis() or {}
+            self._compiled[signature] = (float(analysis.get("flops", 0.0)) * accum
+                                         / self.mesh.size)
+        return self._compiled[signature]
+
     def compiled_eval_step(self, state: TrainState, batch, key_data):
         signature = ("eval",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
         if signature not in self._compiled:
@@ -204,9 +234,17 @@ def cached_trainer(config: ml_collections.ConfigDict, task: Task, mesh: Mesh) ->
     return _TRAINERS[key]
 
 
-def step_flops(compiled) -> float:
-    """FLOPs of one call of a compiled executable, per device, from XLA's cost analysis."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
+def loop_free_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same model without its loops: no remat scan over layers, one attention chunk."""
+    config = ml_collections.ConfigDict(model_config.to_dict())
+    config.remat_policy = "none"
+
+    def unchunk(node):
+        for name in node.keys():
+            if isinstance(node[name], ml_collections.ConfigDict):
+                unchunk(node[name])
+            elif name == "chunk_size":
+                node[name] = 2**31 - 1
+    unchunk(config)
+    return config
+
