@@ -59,6 +59,24 @@ def test_chunked_equals_unchunked(scope):
         np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6, err_msg=f"chunk {chunk}")
 
 
+def test_chunked_gradients_match_and_features_are_not_kept_per_chunk():
+    q, k, v = _qkv(4, batch=1, length=4096, heads=2, head_dim=8)
+    projection = performer.gaussian_orthogonal_random_matrix(jax.random.key(3), 64, 8)
+
+    def loss(q, k, v, chunk_size):
+        out = performer.favor_attention(q, k, v, projection, chunk_size=chunk_size)
+        return jnp.sum(jnp.sin(out))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grad(q, k, v, 256), grad(q, k, v, 4096))
+    # a feature map [B, L, H, m] in float32 is 2 MB here; with the features of every chunk kept
+    # for the backward pass XLA planned 11.3 MB of temporaries, with checkpointed chunks 1.6 MB
+    feature_map_bytes = 4096 * 2 * 64 * 4
+    compiled = grad.lower(q, k, v, 256).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 2 * feature_map_bytes
+
+
 def test_cell_scope_is_independent_of_batch_mates():
     q, k, v = _qkv(4)
     projection = performer.gaussian_orthogonal_random_matrix(jax.random.key(5), 16, 8)

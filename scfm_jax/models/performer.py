@@ -122,7 +122,13 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, projecti
     initial = (jnp.zeros((batch, heads, num_features, head_dim), jnp.float32),
                jnp.zeros((batch, heads, num_features), jnp.float32),
                jnp.full((batch,), -jnp.inf, jnp.float32))
-    (kv, k_sum, cell_max), _ = jax.lax.scan(accumulate, initial, (keys, values, valid))
+    # With several chunks the bodies are checkpointed: the backward pass recomputes a chunk's
+    # random features instead of keeping [chunks, B, chunk, H, m] of them (m = 266 > d = 64).
+    def per_chunk(body):
+        return jax.checkpoint(body, prevent_cse=False) if keys.shape[0] > 1 else body
+
+    (kv, k_sum, cell_max), _ = jax.lax.scan(per_chunk(accumulate), initial,
+                                            (keys, values, valid))
     if stabilizer_scope == "batch":
         shift = jnp.exp(cell_max - jnp.max(cell_max))
         kv, k_sum = kv * shift[:, None, None, None], k_sum * shift[:, None, None]
@@ -138,7 +144,7 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, projecti
         denominator = jnp.einsum("bchm,bhm->bch", features, normalizer)
         return (numerator / denominator[..., None]).astype(query.dtype)
 
-    out = jax.lax.map(attend, _split_chunks(query, chunk_size))
+    out = jax.lax.map(per_chunk(attend), _split_chunks(query, chunk_size))
     return jnp.moveaxis(out, 0, 1).reshape(batch, -1, heads, head_dim)[:, :length]
 
 
