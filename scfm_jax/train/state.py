@@ -103,10 +103,11 @@ class Trainer:
             return init(key_data)
 
     # -- steps ------------------------------------------------------------------------------
-    def _loss(self, params, buffers, batch, key):
+    def _loss(self, params, buffers, batch, key, graphdef=None):
         # Fresh Variables for the buffers: merge reuses the State's Variable objects, and NNX
         # transforms inside the model (remat) refuse to update Variables of an outer trace.
-        model = nnx.merge(self.graphdef, params, jax.tree.map(lambda x: x, buffers))
+        graphdef = self.graphdef if graphdef is None else graphdef
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
         return self.task.loss(model, batch, key, self.config.objective)
 
     def _grads(self, params, buffers, batch, key):
@@ -193,8 +194,7 @@ class Trainer:
                 lambda: self.task.build_model(model_config, rngs=nnx.Rngs(0))))
 
             def loss(params, buffers, micro_batch, key):
-                model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
-                return self.task.loss(model, micro_batch, key, self.config.objective)[0]
+                return self._loss(params, buffers, micro_batch, key, graphdef)[0]
 
             micro_batch = {k: jax.ShapeDtypeStruct((v.shape[0] // accum, *v.shape[1:]), v.dtype)
                            for k, v in batch.items()}
