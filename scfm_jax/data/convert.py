@@ -1,5 +1,7 @@
 """`scfm-jax convert`: AnnData / 10x files -> a sharded cell store (see `store.py` for the layout).
 
+The input formats are read by `readers.py`; this module plans the store and writes its shards.
+
 The conversion runs in three phases, so that bad input never leaves a half-written store and a
 killed run resumes where it stopped:
 
@@ -20,7 +22,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -38,279 +39,18 @@ import scipy.sparse as sp
 import tensorstore as ts
 
 from scfm_jax.data import store as store_lib
+from scfm_jax.data.readers import (InputError, Source, file_digest, first_non_integer, open_source,
+                                   reader_for)
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
 
 PLAN = "plan.json"
 DEFAULT_SHARD_SIZE = 65_536
 DEFAULT_CHUNK_ELEMENTS = 1 << 17   # zarr chunk of the CSR arrays: 512 KiB of float32
-_READ_ELEMENTS = 1 << 22            # values read from an input at a time (bounds memory)
-_COUNT_SOURCES = ("layers/counts", "raw/X", "X")
-
-
-class InputError(ValueError):
-    """The input cannot be converted; the message names the file, the row or gene and the fix."""
-
-
-# ----------------------------------------------------------------------------------------- inputs
-
-class _Source:
-    """One input file: its genes, its obs, and row-chunk access to one count matrix."""
-
-    def __init__(self, path: str, label: str, layer: str | None, allow_non_integer: bool):
-        self.path, self.label = path, label
-        self._handle = None
-        self._open()
-        self.layer = self._choose_layer(layer, allow_non_integer)
-
-    # -- format specific
-    def _open(self):
-        p = Path(self.path)
-        if p.is_dir() and any((p / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
-            self.kind = "10x-mtx"
-            self._load_mtx(p)
-        elif p.suffix == ".h5" and not p.name.endswith(".h5ad"):
-            self.kind = "10x-h5"
-            import h5py
-            self._handle = h5py.File(p, "r")
-            if "matrix" not in self._handle:
-                raise InputError(f"{p}: not a 10x Genomics v3 .h5 file (no 'matrix' group); convert "
-                                 "it to .h5ad with scanpy.read_10x_h5 first")
-            m = self._handle["matrix"]
-            features = m["features"]
-            names = [x.decode() for x in features["name"][:]]
-            ids = [x.decode() for x in features["id"][:]]
-            self.var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
-            self.obs = pd.DataFrame(index=pd.Index([x.decode() for x in m["barcodes"][:]]))
-            self.num_rows = len(self.obs)
-            self._csr = (m["data"], m["indices"], m["indptr"])
-        elif p.suffix == ".h5ad" or p.suffix == ".zarr" or (p.is_dir() and (p / "obs").exists()):
-            self.kind = "anndata"
-            from anndata.io import read_elem
-            if p.suffix == ".h5ad":
-                import h5py
-                self._handle = h5py.File(p, "r")
-            else:
-                import zarr
-                self._handle = zarr.open_group(str(p), mode="r")
-            self.obs = read_elem(self._handle["obs"])
-            self.num_rows = len(self.obs)
-        else:
-            raise InputError(f"{self.path}: unsupported input; expected .h5ad, an anndata .zarr "
-                             "folder, a 10x folder with matrix.mtx(.gz) or a 10x .h5 file")
-
-    def _load_mtx(self, folder: Path):
-        def find(*names):
-            for n in names:
-                if (folder / n).exists():
-                    return folder / n
-            raise InputError(f"{folder}: missing {' or '.join(names)}")
-        features = pd.read_csv(find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
-                               sep="\t", header=None)
-        barcodes = pd.read_csv(find("barcodes.tsv.gz", "barcodes.tsv"), sep="\t", header=None)
-        column = 1 if features.shape[1] > 1 else 0
-        self.var = pd.DataFrame({"gene_ids": features[0].astype(str).values},
-                                index=pd.Index(features[column].astype(str).values))
-        self.obs = pd.DataFrame(index=pd.Index(barcodes[0].astype(str).values))
-        self._csr, shape = _mtx_as_csr(find("matrix.mtx.gz", "matrix.mtx"))
-        self.num_rows = shape[0]
-        if shape != (len(self.obs), len(self.var)):
-            raise InputError(f"{folder}: matrix.mtx is {shape[1]} genes x {shape[0]} cells but the "
-                             f"features / barcodes files list {len(self.var)} x {len(self.obs)}")
-
-    def _anndata_candidates(self) -> list[str]:
-        h = self._handle
-        found = []
-        for key in _COUNT_SOURCES:
-            try:
-                h[key]
-                found.append(key)
-            except KeyError:
-                continue
-        return found
-
-    def _select(self, key: str):
-        from anndata.io import read_elem, sparse_dataset
-        h = self._handle
-        element = h[key]
-        attrs = dict(element.attrs)
-        if attrs.get("encoding-type") in ("csr_matrix", "csc_matrix"):
-            matrix = sparse_dataset(element)
-            if attrs["encoding-type"] == "csc_matrix":
-                raise InputError(f"{self.path}: {key} is stored column-major (CSC); rows cannot be "
-                                 "streamed. Save it as CSR (adata.X = adata.X.tocsr()) and retry")
-        elif hasattr(element, "shape") and len(element.shape) == 2:
-            matrix = element
-        else:
-            raise InputError(f"{self.path}: {key} is not a 2-D count matrix "
-                             f"(encoding {attrs.get('encoding-type')!r})")
-        var_key = "raw/var" if key == "raw/X" else "var"
-        self.var = read_elem(h[var_key])
-        return matrix
-
-    def _choose_layer(self, layer: str | None, allow_non_integer: bool) -> str:
-        if self.kind != "anndata":
-            if layer not in (None, "X"):
-                raise InputError(f"{self.path}: a {self.kind} input has only X; --layer {layer} "
-                                 "does not apply")
-            return "X"
-        aliases = {"X": "X", "raw": "raw/X", "raw.X": "raw/X"}
-        if layer is not None:
-            key = aliases.get(layer, layer if layer.startswith("layers/") else f"layers/{layer}")
-            if key not in self._anndata_candidates() and not self._has(key):
-                raise InputError(f"{self.path}: --layer {layer} not found (available: "
-                                 f"{self._anndata_candidates() + self._layer_names()})")
-            self._matrix = self._select(key)
-            return key
-        candidates = self._anndata_candidates()
-        if not candidates:
-            raise InputError(f"{self.path}: no count matrix (looked for layers['counts'], raw.X, X)")
-        for key in candidates:
-            self._matrix = self._select(key)
-            if self._first_non_integer(self.rows(0, min(self.num_rows, 2048))) is None:
-                return key
-        if allow_non_integer:   # the first by preference: layers["counts"], then raw.X, then X
-            self._matrix = self._select(candidates[0])
-            return candidates[0]
-        raise InputError(f"{self.path}: none of {candidates} holds integer counts (checked the first "
-                         "rows). Point --layer at the raw counts, or pass --allow-non-integer if "
-                         "the values are meant to be non-integer")
-
-    def _has(self, key: str) -> bool:
-        try:
-            self._handle[key]
-            return True
-        except KeyError:
-            return False
-
-    def _layer_names(self) -> list[str]:
-        return [f"layers/{k}" for k in self._handle["layers"]] if self._has("layers") else []
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        if self.kind in ("10x-h5", "10x-mtx"):
-            data, indices, indptr = self._csr
-            indptr = np.asarray(indptr[start:stop + 1], np.int64)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            return sp.csr_matrix((np.asarray(data[lo:hi]), np.asarray(indices[lo:hi]), indptr - lo),
-                                 shape=(stop - start, len(self.var)))
-        block = self._matrix[start:stop]
-        return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
-
-    def chunk_rows(self) -> int:
-        """Rows per read so that one chunk holds about _READ_ELEMENTS values."""
-        if not sp.issparse(self.rows(0, min(1, self.num_rows))):
-            return max(1, min(65_536, _READ_ELEMENTS // max(len(self.var), 1)))
-        sample = self.rows(0, min(self.num_rows, 1024))
-        per_row = max(1.0, sample.nnz / max(sample.shape[0], 1))
-        return max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
-
-    @staticmethod
-    def _first_non_integer(block: sp.csr_matrix):
-        data = block.data
-        if np.issubdtype(data.dtype, np.integer):
-            return None
-        bad = np.flatnonzero(data != np.round(data))
-        if not len(bad):
-            return None
-        row = int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
-        return row, float(data[bad[0]])
-
-    def close(self):
-        if self._handle is not None and hasattr(self._handle, "close"):
-            self._handle.close()
-
-
-def _mtx_cache(path: Path) -> Path:
-    stat = path.stat()
-    identity = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return Path(tempfile.gettempdir()) / f"scfm-mtx-{identity.hexdigest()[:24]}"
-
-
-def _mtx_as_csr(path: Path):
-    """A Matrix Market file (genes x cells, any entry order) as cell-major CSR memmaps.
-
-    Two streaming passes (count entries per cell, then place them), so memory stays bounded; the
-    result is cached in the temp folder under the file's identity for the other workers / reruns.
-    """
-    import gzip
-
-    cache = _mtx_cache(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        header_lines = 0
-        line = f.readline()
-        while line.startswith("%"):
-            header_lines += 1
-            line = f.readline()
-        num_genes, num_cells, nnz = (int(x) for x in line.split())
-    shape = (num_cells, num_genes)
-
-    def chunks():
-        with opener(path, "rt") as f:
-            yield from pd.read_csv(f, sep=r"\s+", header=None, names=["gene", "cell", "value"],
-                                   skiprows=header_lines + 1, chunksize=1 << 22,
-                                   dtype={"gene": np.int64, "cell": np.int64, "value": np.float64})
-
-    if not (cache / "indptr.npy").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
-        per_cell = np.zeros(num_cells, np.int64)
-        for chunk in chunks():
-            per_cell += np.bincount(chunk["cell"].to_numpy() - 1, minlength=num_cells)
-        if per_cell.sum() != nnz:
-            shutil.rmtree(tmp)
-            raise InputError(f"{path}: the header announces {nnz} entries, the file holds "
-                             f"{per_cell.sum()}")
-        indptr = np.zeros(num_cells + 1, np.int64)
-        np.cumsum(per_cell, out=indptr[1:])
-        data = np.lib.format.open_memmap(tmp / "data.npy", "w+", np.float32, (nnz,))
-        indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", np.int32, (nnz,))
-        fill = indptr[:-1].copy()
-        for chunk in chunks():
-            cells = chunk["cell"].to_numpy() - 1
-            order = np.argsort(cells, kind="stable")
-            cells = cells[order]
-            first = np.searchsorted(cells, cells, side="left")
-            where = fill[cells] + np.arange(len(cells)) - first
-            data[where] = chunk["value"].to_numpy()[order]
-            indices[where] = chunk["gene"].to_numpy()[order] - 1
-            fill += np.bincount(cells, minlength=num_cells)
-        data.flush()
-        indices.flush()
-        del data, indices
-        np.save(tmp / "indptr.npy", indptr)   # last: marks the cache complete
-        try:
-            os.rename(tmp, cache)
-        except OSError:
-            shutil.rmtree(tmp)                 # another process built it first
-    arrays = tuple(np.load(cache / f"{name}.npy", mmap_mode="r")
-                   for name in ("data", "indices", "indptr"))
-    return arrays, shape
-
-
-def _genes(source: _Source, gene_column: str | None) -> list[str]:
-    if gene_column is None:
-        return source.var.index.astype(str).tolist()
-    if gene_column not in source.var.columns:
-        raise InputError(f"{source.path}: --gene-column {gene_column!r} is not a var column "
-                         f"(columns: {list(source.var.columns)})")
-    return source.var[gene_column].astype(str).tolist()
-
-
-def _file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            hasher.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                hasher.update(chunk)
-    return hasher.hexdigest()
-
 
 # ------------------------------------------------------------------------------------------- plan
 
-def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, progress) -> dict:
+def _scan(source: Source, alignment: GeneAlignment, allow_non_integer: bool, progress) -> dict:
     """One pass over the values: refuse bad ones, count genes, find cells empty on the vocabulary."""
     gene_totals = np.zeros(len(source.var), np.float64)
     mapped = alignment.positions >= 0
@@ -328,7 +68,7 @@ def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, pr
                                  f"(cell {source.obs.index[row]!r}) holds {data[bad]}; counts must be "
                                  "finite and non-negative")
             if not allow_non_integer:
-                first = _Source._first_non_integer(block)
+                first = first_non_integer(block)
                 if first is not None:
                     row = first[0] + start
                     raise InputError(
@@ -349,7 +89,7 @@ def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, pr
     return {"gene_totals": gene_totals, "empty_rows": empty_rows}
 
 
-def _obs_plan(sources: list[_Source], obs: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+def _obs_plan(sources: list[Source], obs: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
     if obs is None:
         columns = [c for c in sources[0].obs.columns
                    if all(c in s.obs.columns and isinstance(s.obs[c].dtype, pd.CategoricalDtype)
@@ -400,7 +140,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
             if not Path(path).exists():
                 raise InputError(f"{path}: no such file or folder")
             label = labels[i] if labels else _source_label(path, taken)
-            sources.append(_Source(path, label, layer, allow_non_integer))
+            sources.append(open_source(path, label, layer, allow_non_integer))
         if isinstance(vocabulary, Vocabulary):
             vocab = vocabulary
         elif vocabulary == "from-data":
@@ -408,7 +148,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
             # alignment matches case-insensitively and sums them).
             symbols: dict[str, str] = {}
             for s in sources:
-                for g in _genes(s, gene_column):
+                for g in s.genes(gene_column):
                     symbols.setdefault(g.upper(), g)
             vocab = Vocabulary("from-data", tuple(symbols.values()))
         else:
@@ -419,7 +159,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
         for s in sources:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                alignment = align_genes(_genes(s, gene_column), vocab)
+                alignment = align_genes(s.genes(gene_column), vocab)
             for w in caught:
                 print(f"warning: {s.path}: {w.message}", file=sys.stderr)
             scan = _scan(s, alignment, allow_non_integer, bar)
@@ -429,7 +169,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
                 raise InputError(str(e)) from None
             plan_sources.append({
                 "path": str(Path(s.path).resolve()), "label": s.label, "kind": s.kind,
-                "layer": s.layer, "rows": s.num_rows, "sha256": _file_digest(Path(s.path)),
+                "layer": s.layer, "rows": s.num_rows, "sha256": file_digest(Path(s.path)),
                 "empty_rows": scan["empty_rows"], "alignment": alignment.report.to_dict(),
                 "positions": alignment.positions.tolist()})
         if bar is not None:
@@ -574,14 +314,14 @@ class _Aligner:
 _OPEN_SOURCES: dict = {}
 
 
-def _open_source(meta: dict, allow_non_integer: bool) -> _Source:
+def _open_source(meta: dict, allow_non_integer: bool) -> Source:
     """Inputs stay open between the shards a process writes (opening reads the whole obs)."""
     key = (meta["path"], meta["layer"], allow_non_integer)
     if key not in _OPEN_SOURCES:
         while len(_OPEN_SOURCES) >= 4:
             _OPEN_SOURCES.pop(next(iter(_OPEN_SOURCES))).close()
-        _OPEN_SOURCES[key] = _Source(meta["path"], meta["label"], meta["layer"] if meta["kind"] ==
-                                     "anndata" else None, allow_non_integer)
+        _OPEN_SOURCES[key] = open_source(meta["path"], meta["label"], meta["layer"] if meta["kind"] ==
+                                         "anndata" else None, allow_non_integer)
     return _OPEN_SOURCES[key]
 
 
@@ -810,10 +550,7 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
         finalized = num_tasks == 1
         manifest = finalize(url) if finalized else None
         for source in plan["sources"]:
-            if source["kind"] == "10x-mtx":
-                for name in ("matrix.mtx.gz", "matrix.mtx"):
-                    if (Path(source["path"]) / name).exists():
-                        shutil.rmtree(_mtx_cache(Path(source["path"]) / name), ignore_errors=True)
+            reader_for(source["kind"]).discard_cache(source["path"])
     cells = manifest["num_cells"] if manifest else sum(
         _shard_rows_count(plan, k) for k in mine)
     return ConversionSummary(
