@@ -22,9 +22,11 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -200,18 +202,25 @@ def _codecs(compression: str | None) -> list[dict]:
         codecs.append({"name": "zstd", "configuration": {"level": 3, "checksum": False}})
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}; use 'zstd' or none")
-    return codecs
+    return codecs + [{"name": "crc32c"}]   # every chunk read is checked
+
+
+def _create_array(kvstore: ts.KvStore, dtype: str, shape: int, chunk: int, compression):
+    # Chunks equal to the fill value are stored too: a store lists every chunk it has, so a missing
+    # one is damage, not zeros.
+    return ts.open({"driver": "zarr3", "store_data_equal_to_fill_value": True, "metadata": {
+        "shape": [shape], "data_type": dtype, "codecs": _codecs(compression),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}}}},
+        kvstore=kvstore, create=True, delete_existing=True, context=store_lib.context()).result()
 
 
 class _Appender:
     """A growing 1-D zarr v3 array, written a whole chunk at a time (no read-modify-write)."""
 
     def __init__(self, kvstore: ts.KvStore, dtype: str, chunk: int, compression):
-        self.chunk = chunk
-        self.array = ts.open({"driver": "zarr3", "metadata": {
-            "shape": [0], "data_type": dtype, "codecs": _codecs(compression),
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}}}},
-            kvstore=kvstore, create=True, delete_existing=True, context=store_lib.context()).result()
+        self.chunk, self.dtype = chunk, np.dtype(dtype).newbyteorder("<")
+        self.array = _create_array(kvstore, dtype, 0, chunk, compression)
+        self.digest = hashlib.sha256()   # of the values, little-endian, as they are written
         self.length = 0
         self.pending: list[np.ndarray] = []
         self.pending_size = 0
@@ -228,6 +237,7 @@ class _Appender:
         if n:
             self.array = self.array.resize(exclusive_max=[self.length + n], expand_only=True).result()
             self.array[self.length:self.length + n].write(values[:n]).result()
+            self.digest.update(np.ascontiguousarray(values[:n], self.dtype).tobytes())
             self.length += n
         rest = values[n:]
         self.pending, self.pending_size = ([rest] if len(rest) else []), len(rest)
@@ -250,8 +260,8 @@ def _shard_rows(plan: dict, index: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int, num_genes: int,
-                    stats: dict) -> dict[str, bytes]:
+def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
+                    num_genes: int) -> dict[str, bytes]:
     """The shard's zarr group files other than X's arrays, rendered in memory with anndata."""
     import zarr
     from anndata.io import write_elem
@@ -260,8 +270,7 @@ def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3)
-        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
-                           store_lib.SHARD_ATTRIBUTE: stats})
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         write_elem(root, "obs", obs)
         write_elem(root, "var", pd.DataFrame(index=pd.Index(vocab_symbols, name="gene_name")))
         x = root.create_group("X")
@@ -381,18 +390,22 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     indptr = np.zeros(len(row_lengths) + 1, np.int64)
     np.cumsum(row_lengths, out=indptr[1:])
-    indptr_array = ts.open({"driver": "zarr3", "metadata": {
-        "shape": [len(indptr)], "data_type": "int64", "codecs": _codecs(plan["compression"]),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(len(indptr), 1)]}}}},
-        kvstore=target / "X/indptr/", create=True, delete_existing=True,
-        context=store_lib.context()).result()
-    indptr_array.write(indptr).result()
+    _create_array(target / "X/indptr/", "int64", len(indptr), len(indptr),
+                  plan["compression"]).write(indptr).result()
     obs = pd.concat(obs_parts) if obs_parts else pd.DataFrame()
     obs = obs[["source", "source_row"] + list(plan["obs_columns"])]
+    chunks = -(-nnz // plan["chunk_elements"])
     stats = {"index": index, "num_cells": int(len(row_lengths)), "nnz": int(nnz),
-             "skipped_empty": skipped}
-    files = _metadata_files(obs, list(symbols), len(row_lengths), num_genes, stats)
-    root = files.pop("zarr.json")
+             "skipped_empty": skipped, "chunks": {"data": chunks, "indices": chunks, "indptr": 1},
+             "sha256": {"data": data.digest.hexdigest(), "indices": indices.digest.hexdigest(),
+                        "indptr": hashlib.sha256(indptr.astype("<i8").tobytes()).hexdigest()}}
+    files = _metadata_files(obs, list(symbols), len(row_lengths), num_genes)
+    root = json.loads(files.pop("zarr.json"))
+    written = {n: target.read(n).result().value
+               for n in ("X/data/zarr.json", "X/indices/zarr.json", "X/indptr/zarr.json")}
+    stats["files"] = {n: store_lib.sha256(v) for n, v in sorted((files | written).items())}
+    root["attributes"][store_lib.SHARD_ATTRIBUTE] = stats
+    root = json.dumps(root, indent=2).encode()
     for name, value in sorted(files.items()):
         target.write(name, value).result()
     target.write("zarr.json", root).result()   # last: commits the shard
@@ -508,13 +521,14 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
     if workers > 1 and local is None and not url.startswith(("gs://", "s3://", "http")):
         raise ValueError(f"--workers {workers} cannot share the in-process store {url}; use 1")
     with _materialised(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]) as (paths, labels):
+        kvstore = store_lib.open_kvstore(url)
+        _check_output(url, local, kvstore, paths)
         plan, vocab = build_plan(
             paths, vocabulary=vocabulary, gene_column=gene_column, layer=layer,
             obs=None if obs is None else list(obs), shard_size=shard_size,
             min_coverage=min_coverage, allow_non_integer=allow_non_integer,
             chunk_elements=chunk_elements, compression=compression,
             labels=labels if any(labels) else None, progress=progress)
-        kvstore = store_lib.open_kvstore(url)
         existing = store_lib.read_json(kvstore, PLAN)
         if existing is not None and _plan_for_compare(existing) != _plan_for_compare(plan):
             if not overwrite:
@@ -576,11 +590,51 @@ def _remove_stale_temporaries(local: Path, mine: list[int]):
             shutil.rmtree(entry, ignore_errors=True)
 
 
+_OWN_FILES = (PLAN, store_lib.MANIFEST, store_lib.GENES)
+_OWN_SHARD = re.compile(r"shards/(\d{5}|\.tmp-\d{5}-[0-9a-f]{32})\.zarr/")
+
+
+def _foreign_keys(kvstore: ts.KvStore) -> list[str]:
+    """Keys of the output that a conversion did not write (what --overwrite must never delete)."""
+    keys = [k.decode() for k in kvstore.list().result()]
+    return sorted(k for k in keys if k not in _OWN_FILES and not _OWN_SHARD.match(k))
+
+
+def _check_output(url: str, local: Path | None, kvstore: ts.KvStore, inputs: list[str]):
+    """Refuse an --output that holds an input, sits inside one, or holds files not of a store."""
+    if local is not None:
+        if local.exists() and not local.is_dir():
+            raise InputError(f"--output {url} is a file; name a folder for the store")
+        for path in inputs:
+            source = Path(path).resolve()
+            if source == local or local in source.parents:
+                raise InputError(f"--output {url} contains the input {path}; choose an --output "
+                                 "folder outside the inputs")
+            if source in local.parents:
+                raise InputError(f"--output {url} is inside the input {path}; choose an --output "
+                                 "folder outside the inputs")
+        if not local.exists():
+            return
+    foreign = _foreign_keys(kvstore)
+    if foreign:
+        raise InputError(f"--output {url} holds {len(foreign)} files that are not part of a cell "
+                         f"store (e.g. {foreign[0]!r}); nothing was changed. Choose a new or empty "
+                         "--output folder")
+
+
 def _delete_store(kvstore: ts.KvStore, local: Path | None):
-    if local is not None and local.exists():
-        shutil.rmtree(local)
-    else:
-        kvstore.delete_range(ts.KvStore.KeyRange()).result()
+    """Delete what a conversion wrote, and only that (`_check_output` ran before)."""
+    for key in _OWN_FILES:
+        kvstore.write(key, None).result()   # None deletes the key
+    shards = {m.group(0) for k in kvstore.list(range=ts.KvStore.KeyRange("shards/", "shards0"))
+              .result() if (m := _OWN_SHARD.match(k.decode()))}
+    for prefix in sorted(shards):
+        kvstore.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+        if local is not None:   # the file kvstore leaves the emptied folders behind
+            folder = local / prefix
+            for empty in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
 
 
 def finalize(output) -> dict:
@@ -597,8 +651,8 @@ def finalize(output) -> dict:
         if stats is None:
             missing.append(k)
         else:
-            shards.append({"key": store_lib.shard_key(k), "num_cells": stats["num_cells"],
-                           "nnz": stats["nnz"]})
+            shards.append({"key": store_lib.shard_key(k)} | {
+                name: stats[name] for name in ("num_cells", "nnz", "chunks", "sha256", "files")})
     if missing:
         raise InputError(f"{url}: {len(missing)} of {plan['num_shards']} shards are not complete "
                          f"(e.g. {missing[:5]}); run the missing --task-index jobs (or convert "
