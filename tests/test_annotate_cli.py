@@ -12,7 +12,6 @@ from scfm_jax.main import main as scfm_main
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    pytest.importorskip("torch")
     folder = shared_path("fixtures", "scmulan-tiny")
     gene_list = shared_path("data", "scmulan", "total_gene_list_42117.txt")
     cells = np.load(folder / "cells.npz")

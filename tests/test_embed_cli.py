@@ -7,6 +7,7 @@ import zarr
 
 from conftest import shared_path
 from scfm_jax.analysis import embed_cli
+from scfm_jax.interop import torch_checkpoint
 from scfm_jax.main import main as scfm_main
 
 
@@ -94,10 +95,8 @@ def test_clear_errors(files, capsys):
 
 
 def test_wrong_key_is_refused(files, tmp_path, capsys):
-    import torch
-
     checkpoint = tmp_path / "only_gene.ckpt"
-    torch.save({"gene": torch.load(files["checkpoint"], weights_only=True)["gene"]}, checkpoint)
+    torch_checkpoint.save({"gene": torch_checkpoint.load(files["checkpoint"])["gene"]}, checkpoint)
     assert scfm_main(["embed", "--checkpoint", str(checkpoint), "--vocabulary",
                       str(files["vocabulary"]), "--input", str(files["h5ad"]),
                       "--output", str(tmp_path / "x.h5ad")]) == 2

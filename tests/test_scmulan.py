@@ -15,7 +15,7 @@ from flax import nnx
 from conftest import shared_path
 from scfm_jax.analysis import scmulan_tasks
 from scfm_jax.data import cell_sentence
-from scfm_jax.interop import scmulan_torch
+from scfm_jax.interop import scmulan_torch, torch_checkpoint
 from scfm_jax.models import generation, scmulan
 
 TOL = 1e-5
@@ -148,7 +148,6 @@ def test_export_round_trip(fixture, tmp_path):
 
 
 def test_bias_checkpoint_round_trip(tmp_path):
-    pytest.importorskip("torch")
     model = scmulan.ScMulan(dict(vocab_size=20, n_layer=2, n_head=2, n_embd=8, bias=True),
                             rngs=nnx.Rngs(0))
     for block in model.blocks:
@@ -161,18 +160,17 @@ def test_bias_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_errors_name_the_problem(fixture, tmp_path):
-    torch = pytest.importorskip("torch")
-    checkpoint = torch.load(fixture["folder"] / "ckpt.pt", weights_only=True)
-    checkpoint["model"]["transformer.wpe.weight"] = torch.zeros(3, 64)
-    torch.save(checkpoint, tmp_path / "extra.pt")
+    checkpoint = torch_checkpoint.load(fixture["folder"] / "ckpt.pt")
+    checkpoint["model"]["transformer.wpe.weight"] = np.zeros((3, 64), np.float32)
+    torch_checkpoint.save(checkpoint, tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="transformer.wpe.weight"):
         scmulan_torch.load_official_checkpoint(tmp_path / "extra.pt")
     del checkpoint["model"]["transformer.wpe.weight"]
-    checkpoint["model"]["lm_head.weight"] = torch.zeros(2222, 32)
-    torch.save(checkpoint, tmp_path / "shape.pt")
+    checkpoint["model"]["lm_head.weight"] = np.zeros((2222, 32), np.float32)
+    torch_checkpoint.save(checkpoint, tmp_path / "shape.pt")
     with pytest.raises(ValueError, match="lm_head.weight has shape"):
         scmulan_torch.load_official_checkpoint(tmp_path / "shape.pt")
-    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    torch_checkpoint.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="model_args"):
         scmulan_torch.load_official_checkpoint(tmp_path / "other.pt")
 

@@ -103,15 +103,9 @@ def load_workdir(workdir: str | Path, step: int | None = None) -> LoadedModel:
 
 def _checkpoint_kind(path: Path) -> str:
     """'scfoundation' or 'scmulan' from the top-level keys of a torch checkpoint."""
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(f"reading {path} (an official PyTorch checkpoint) needs PyTorch: "
-                          'pip install "scfm-jax[torch]"') from error
-    try:  # memory-mapped: only the pickle's key table is read, not the tensors
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from scfm_jax.interop import torch_checkpoint
+
+    checkpoint = torch_checkpoint.load(path, read_tensors=False)  # the pickle only, not the weights
     keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
     if {"model_args", "model"} <= keys:
         return "scmulan"

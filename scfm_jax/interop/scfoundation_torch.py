@@ -7,8 +7,8 @@ variable of the model from the state dict: every source tensor must be consumed 
 variable filled, otherwise the import fails naming the keys. Export writes the official naming
 back (a state dict `MaeAutobin.load_state_dict` accepts), so a round trip is exact.
 
-torch is only needed to read `.ckpt` files (`pip install "scfm-jax[torch]"`); `.npz` state dicts
-and dicts of numpy arrays load without it.
+`.ckpt` files are read without PyTorch by `torch_checkpoint`, which refuses any pickle that names
+more than weights need; `.npz` state dicts and dicts of numpy arrays load as well.
 """
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from scfm_jax.configs import scfoundation_tiny
+from scfm_jax.interop import torch_checkpoint
 from scfm_jax.models.scfoundation import ScFoundation
 
 CHECKPOINT_KEYS = ("gene", "cell", "rde")
@@ -26,15 +27,6 @@ CHECKPOINT_KEYS = ("gene", "cell", "rde")
 IGNORED_KEYS = ("decoder.performer.calls_since_last_redraw",)
 _ENCODER = "encoder.transformer_encoder.{}."
 _DECODER = "decoder.performer.net.layers.{}."
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError("reading an official scFoundation .ckpt needs PyTorch: "
-                          'pip install "scfm-jax[torch]" (or pip install torch)') from error
-    return torch
 
 
 # A rule converts a group of official tensors into a group of our variables and back.
@@ -271,11 +263,10 @@ def model_config_from_official(official_config: Mapping, state_dict: Mapping[str
 
 def read_official_checkpoint(path, key: str = "cell") -> tuple[dict, dict[str, np.ndarray]]:
     """(official config, state dict as numpy) of one weight set of an official `.ckpt`."""
-    torch = _import_torch()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch_checkpoint.load(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
     if "state_dict" not in checkpoint:
@@ -286,9 +277,8 @@ def read_official_checkpoint(path, key: str = "cell") -> tuple[dict, dict[str, n
     if "config" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path}[{key!r}] lacks 'config' or 'state_dict'; not an official "
                          "scFoundation checkpoint")
-    state_dict = {name: tensor.detach().cpu().float().numpy() if tensor.is_floating_point()
-                  else tensor.detach().cpu().numpy()
-                  for name, tensor in checkpoint["state_dict"].items()}
+    state_dict = {name: np.asarray(array, np.float32) if torch_checkpoint.is_floating_point(array)
+                  else array for name, array in checkpoint["state_dict"].items()}
     return checkpoint["config"], state_dict
 
 

@@ -2,7 +2,8 @@
 
 The released `ckpt_scMulan.pt` is a `torch.save`d dict: `model_args` (the `MulanConfig` fields) and
 `model` (the state dict of SPEC.md II.7). Every tensor is consumed; an unknown, missing or
-misshapen key is an error naming it. Torch is imported only here (the `[torch]` extra).
+misshapen key is an error naming it. Checkpoints are read and written without PyTorch
+(`torch_checkpoint`); only `export_official_state_dict`, which returns torch tensors, needs it.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from scfm_jax.interop import torch_checkpoint
 from scfm_jax.models.scmulan import ScMulan, ScMulanConfig
 
 def _torch():
     try:
         import torch
     except ImportError as error:
-        raise ImportError("reading or writing official scMulan .pt checkpoints needs PyTorch: "
+        raise ImportError("the scMulan state dict as torch tensors needs PyTorch: "
                           "pip install 'scfm-jax[torch]' (or pip install torch)") from error
     return torch
 
@@ -139,12 +141,11 @@ def state_dict_arrays(model: ScMulan) -> dict[str, np.ndarray]:
 def load_official_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
                              ) -> tuple[ml_collections.ConfigDict, ScMulan]:
     """(config.model, ScMulan with the weights) from an official `{'model_args','model'}` .pt."""
-    torch = _torch()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"scMulan checkpoint {path} does not exist (the released weights "
                                 "are ckpt/ckpt_scMulan.pt from the scMulan repository's link)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch_checkpoint.load(path)
     if not isinstance(checkpoint, Mapping) or not {"model_args", "model"} <= set(checkpoint):
         keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint)
         raise ValueError(f"{path} is not an scMulan checkpoint: expected a dict with 'model_args' "
@@ -167,11 +168,8 @@ def export_official_state_dict(model: ScMulan) -> dict[str, Any]:
 
 def save_official_checkpoint(model: ScMulan, path: str | os.PathLike, block_size: int = 1000):
     """Writes `{'model_args', 'model'}` as the released checkpoint (loadable by the original)."""
-    torch = _torch()
     cfg = model.cfg
     model_args = dict(block_size=block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias,
                       expression_level=cfg.expression_level, ele=1)
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save({"model_args": model_args, "model": export_official_state_dict(model)}, tmp)
-    os.replace(tmp, path)
+    torch_checkpoint.save({"model_args": model_args, "model": state_dict_arrays(model)}, path)
