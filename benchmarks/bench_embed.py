@@ -30,7 +30,6 @@ from scfm_jax.data.vocabulary import Vocabulary
 from scfm_jax.models.scfoundation import ScFoundation
 
 
-
 def reference_rate(model, adata, cells: int, repeats: int, threads: int):
     """(cells/s, settings, embeddings) of the PyTorch reference's one-cell-per-pass
     `get_embedding` on the first `cells` cells; None without torch."""
