@@ -6,9 +6,12 @@ The 100M architecture (configs/scfoundation_100m.py, random weights, float32 com
 official tool) embeds synthetic cells with about --expressed genes (±5%, one length bucket) out of
 the 19,264-gene vocabulary, through the public AnnData path: vocabulary alignment, length
 bucketing, batched encoder forwards, pooling into obsm. Each batch size runs once to compile, then
-is timed over --cells cells (best of --repeats). The reference is the official `get_embedding.py`,
-one cell per forward: ~0.44 cells/s for ~1,100 expressed genes on this kind of 2-core CPU
-(issue 5). On a shared CPU, numbers vary with the other processes' load.
+is timed over --cells cells (best of --repeats). The peer runs in the same process on the same
+weights and cells: the PyTorch reference (`benchmarks/torch_reference`, checked against the
+original code's fixtures) doing what the official `get_embedding.py --output_type cell` does, one
+cell per forward with float64 preprocessing, with `torch.set_num_threads` = the cores JAX uses,
+over the first --reference-cells cells after one untimed cell. Needs torch; without it the peer
+is skipped and no ratio is printed. On a shared CPU, numbers vary with the other processes' load.
 """
 import argparse
 import os
@@ -26,7 +29,27 @@ from scfm_jax.configs import scfoundation_100m
 from scfm_jax.data.vocabulary import Vocabulary
 from scfm_jax.models.scfoundation import ScFoundation
 
-OFFICIAL_CELLS_PER_SECOND = 0.44
+
+def reference_rate(model, adata, cells: int, repeats: int, threads: int):
+    """(cells/s, settings, embeddings) of the PyTorch reference's one-cell-per-pass
+    `get_embedding` on the first `cells` cells; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from torch_reference import scfoundation as reference
+
+    torch.set_num_threads(threads)
+    peer = reference.MaeAutobin.from_scfm_jax(model)
+    counts = adata.X[:cells]
+    reference.get_embedding(peer, counts[:1])  # first-call allocations, untimed
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        embeddings = reference.get_embedding(peer, counts, output_type="cell", tgthighres="t4",
+                                             pool_type="all")
+        best = min(best, time.perf_counter() - start)
+    return cells / best, f"torch {torch.__version__}, {torch.get_num_threads()} threads", embeddings
 
 
 def synthetic_cells(num_cells: int, num_genes: int, expressed: int, seed: int = 0):
@@ -52,6 +75,11 @@ def main() -> None:
     parser.add_argument("--expressed", type=int, default=1100)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--reference-cells", type=int, default=8,
+                        help="cells the PyTorch reference embeds (one per pass), 0 to skip")
+    parser.add_argument("--reference-threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch.set_num_threads for the reference (default: the cores JAX "
+                             "uses)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (the config's is bfloat16)")
     args = parser.parse_args()
 
@@ -62,11 +90,23 @@ def main() -> None:
     parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     adata, vocabulary = synthetic_cells(args.cells, config.model.num_genes, args.expressed)
 
-    print(f"device: {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs visible), "
+    print(f"device: {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs visible, "
+          f"{len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f} at start; "
           f"{parameters / 1e6:.1f}M parameters, {args.dtype} compute, {args.cells} cells with "
           f"{args.expressed} ± 5% expressed genes")
-    print("\n| batch size | compile + first pass (s) | cells/s | x official (0.44 cells/s) |")
-    print("|---|---|---|---|")
+    peer = None
+    if args.reference_cells:
+        peer = reference_rate(model, adata, min(args.reference_cells, args.cells), args.repeats,
+                              args.reference_threads)
+        if peer is None:
+            print("PyTorch reference skipped: torch is not installed (pip install torch)")
+        else:
+            print(f"PyTorch reference (official get_embedding algorithm, one cell per pass, "
+                  f"{peer[1]}): {peer[0]:.3f} cells/s over {min(args.reference_cells, args.cells)}"
+                  " cells")
+    ratio_header = " x PyTorch reference |" if peer else ""
+    print(f"\n| batch size | compile + first pass (s) | cells/s |{ratio_header}")
+    print("|---|---|---|" + ("---|" if peer else ""))
     for batch_size in args.batch_sizes:
         warmup = adata[:batch_size].copy()
         start = time.perf_counter()
@@ -80,8 +120,13 @@ def main() -> None:
                                  progress=False)
             best = min(best, time.perf_counter() - start)
         rate = args.cells / best
-        print(f"| {batch_size} | {first:.1f} | {rate:.2f} | {rate / OFFICIAL_CELLS_PER_SECOND:.1f} |",
-              flush=True)
+        ratio = ""
+        if peer:
+            # the two sides must compute the same embeddings, or the ratio compares nothing
+            difference = np.abs(adata.obsm["X_scfoundation"][:len(peer[2])] - peer[2]).max()
+            ratio = f" {rate / peer[0]:.2f} (max abs diff {difference:.1e}) |"
+        print(f"| {batch_size} | {first:.1f} | {rate:.2f} |{ratio}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

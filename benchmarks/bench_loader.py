@@ -8,8 +8,11 @@ then measures cells/s, each the median of --runs runs over --batches batches of 
 * reader:   `CellStore.read` of the same batches (sorted cell indices), no padding; and
             `CellStore.row_views`, the zero-copy views into the page cache the pipeline uses
 * anndata:  `read_h5ad(backed="r")`, random batches `X[sorted(idx)]` from the same data
-* annbatch: `annbatch.Loader` on its own pre-shuffled zarr collection, in its own Python
-            environment (`--annbatch-python`, e.g. a venv with `pip install annbatch`)
+* annbatch: `annbatch.Loader` on its own pre-shuffled zarr collection of the same cells, in its own
+            Python >= 3.12 (`--annbatch-python`: a venv with `pip install annbatch zarrs`), run by
+            `annbatch_rates.py`: its README's recommended setup (zarrs codec pipeline, a
+            `load_adata` opening only X as a sparse dataset) at batch 256 and 4,096, and its
+            default setup at batch 256; our rows' ratios to each are printed
 
     python benchmarks/bench_loader.py --workdir /tmp/scfm-bench [--cells 200000]
 """
@@ -22,7 +25,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -83,34 +85,7 @@ def timed(function, runs: int) -> float:
     return statistics.median(rates)
 
 
-ANNBATCH_SCRIPT = textwrap.dedent("""
-    import json, statistics, sys, time, warnings
-    from pathlib import Path
-    warnings.simplefilter("ignore")
-    import numpy as np
-    from annbatch import DatasetCollection, Loader
-    h5ad, collection_path, batches, runs, batch = sys.argv[1:6]
-    batches, runs, batch = int(batches), int(runs), int(batch)
-    build = None
-    if not Path(collection_path).exists():
-        t = time.perf_counter()
-        DatasetCollection(collection_path).add_adatas([h5ad], dataset_size="2GB", shard_size="256MB",
-                                                      rng=np.random.default_rng(0))
-        build = time.perf_counter() - t
-    rates = []
-    for run in range(runs):
-        loader = Loader(batch_size=batch, chunk_size=32, preload_nchunks=256, shuffle=True,
-                        preload_to_gpu=False, rng=np.random.default_rng(run))
-        loader.use_collection(DatasetCollection(collection_path, mode="r"))
-        seen, t = 0, time.perf_counter()
-        for i, out in enumerate(loader):
-            x = out["X"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
-            seen += x.shape[0]
-            if i + 1 == batches:
-                break
-        rates.append(seen / (time.perf_counter() - t))
-    print(json.dumps({"rate": statistics.median(rates), "build_s": build}))
-""")
+ANNBATCH_RATES = Path(__file__).with_name("annbatch_rates.py")
 
 
 # glibc returns every large freed array to the OS and page-faults the next one in; a loader that
@@ -180,7 +155,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="scfm-jax convert --workers")
     parser.add_argument("--measure", choices=["ours", "all"], help=argparse.SUPPRESS)
-    parser.add_argument("--annbatch-python", default="/tmp/annbatch-venv/bin/python",
+    parser.add_argument("--annbatch-python", default="/work/venv-annbatch/bin/python",
                         help="a Python with annbatch installed ('' to skip)")
     args = parser.parse_args(argv)
 
@@ -221,36 +196,51 @@ def main(argv=None):
             sys.exit(f"measurement failed:\n{result.stderr}")
         for name, rate in json.loads(result.stdout.strip().splitlines()[-1]):
             rows.append((f"{name} [{env_name}]", rate))
-    annbatch_note = ""
+    annbatch_note, annbatch_rows = "", []
     if args.annbatch_python and Path(args.annbatch_python).exists():
         result = subprocess.run(
-            [args.annbatch_python, "-c", ANNBATCH_SCRIPT, str(h5ad), str(work / f"annbatch-{tag}.zarr"),
-             str(args.batches), str(args.runs), str(BATCH)], capture_output=True, text=True,
-            env={**os.environ, **TUNED_MALLOC})
+            [args.annbatch_python, str(ANNBATCH_RATES), str(h5ad),
+             str(work / f"annbatch-{tag}.zarr"), str(args.batches * BATCH), str(args.runs)],
+            capture_output=True, text=True, env={**os.environ, **TUNED_MALLOC})
         if result.returncode == 0:
             out = json.loads(result.stdout.strip().splitlines()[-1])
-            rows.append(("annbatch Loader, own shuffled zarr [MALLOC_MMAP_THRESHOLD_=1GiB]",
-                         out["rate"]))
+            versions = ", ".join(f"{k} {v}" for k, v in out["versions"].items())
+            for row in out["rows"]:
+                settings = ("zarrs codec pipeline, X-only load_adata" if row["setup"] == "recommended"
+                            else "zarr codec pipeline, default load_adata")
+                annbatch_rows.append((f"annbatch {row['setup']} ({settings}), batch "
+                                      f"{row['batch_size']} [MALLOC_MMAP_THRESHOLD_=1GiB]",
+                                      row["rate"]))
+            annbatch_note = (f"annbatch: {versions}; Loader(chunk_size=32, preload_nchunks=256, "
+                             "shuffle=True) on its own pre-shuffled collection of the same cells")
             if out["build_s"]:
-                annbatch_note = f"annbatch collection built in {out['build_s']:.0f} s"
+                annbatch_note += f"; collection built in {out['build_s']:.0f} s"
         else:
             annbatch_note = "annbatch failed: " + result.stderr.strip().splitlines()[-1]
     else:
-        annbatch_note = "annbatch skipped (no --annbatch-python)"
+        annbatch_note = (f"annbatch skipped: no Python at --annbatch-python {args.annbatch_python!r}"
+                         " (python3.12 -m venv V && V/bin/pip install annbatch zarrs)")
+    rows += annbatch_rows
     manifest = json.loads((store_path / "manifest.json").read_text())
     print(f"\nsynthetic {args.cells:,} cells x {args.genes:,} genes, ~{args.nonzero:,} non-zero per "
           f"cell, {manifest['nnz'] / manifest['num_cells']:,.0f} measured; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}; median of "
           f"{args.runs} runs x {args.batches} batches of {BATCH}")
-    print(f"{'loader [allocator]':<78} {'cells/s':>10}")
-    print("-" * 89)
+    print(f"{'loader [allocator]':<100} {'cells/s':>10}")
+    print("-" * 111)
     for name, rate in rows:
-        print(f"{name:<78} {rate:>10,.0f}")
-    print("-" * 89)
+        print(f"{name:<100} {rate:>10,.0f}")
+    print("-" * 111)
     rates = dict(rows)
-    if rows[-1][0].startswith("annbatch"):
-        tuned_pipeline = next(r for n, r in rows if n.startswith("scfm-jax pipeline") and "MALLOC" in n)
-        print(f"pipeline / annbatch (same allocator): {tuned_pipeline / rows[-1][1]:.2f}x")
+    if annbatch_rows:
+        peers = [(name.split(" (")[0].removeprefix("annbatch ") + name.split("),")[1].split(" [")[0],
+                  rate) for name, rate in annbatch_rows]
+        print(f"{'ratio to annbatch [same allocator]':<50}"
+              + "".join(f"{label:>24}" for label, _ in peers))
+        for name, rate in rows:
+            if name.startswith("scfm-jax") and "MALLOC" in name:
+                print(f"{name.split(' [')[0]:<50}"
+                      + "".join(f"{rate / peer:>23.2f}x" for _, peer in peers))
     print(f"scfm-jax convert: {args.cells / conversion['seconds']:,.0f} cells/s "
           f"({conversion['seconds']:.0f} s), peak RSS {conversion['peak_mb']:,.0f} MB")
     if annbatch_note:

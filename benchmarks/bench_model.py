@@ -12,8 +12,12 @@ XLA's count for the executed (padded) program, and MFU against a float32 matmul 
 the same run. Then the memory of one decoder layer for 2k-19,266 genes, performer vs exact
 dot-product attention (compiled only; the quadratic ones would not fit).
 
-Reference (issue 3): the official PyTorch code on a 2-core machine takes 8.6-9.6 s for the cell
-embeddings of 4 cells and 70-78 s (4.6 GB peak, ~27% of peak) for their full forward.
+The peer runs in the same process on the same weights and cells: the PyTorch reference
+(`benchmarks/torch_reference`, checked against the original code's fixtures) doing what the
+official `get_embedding.py` does, one cell per forward (`--output_type cell`, and
+`gene_expression` for the full forward), with `torch.set_num_threads` = the cores JAX uses
+(`--reference-threads`), best of --reference-repeats after one untimed cell. Its outputs are
+compared with ours (max abs difference printed). Needs torch; without it the peer is skipped.
 """
 import argparse
 import os
@@ -96,14 +100,34 @@ def executable_stats(output: str, model, counts, batch_size: int):
     return total, float(cost.get("flops", 0.0))
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # compile
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """(best wall time of `repeats` calls after a first untimed one, the last result)."""
+    fn()  # compile (JAX) / first-call allocations (torch)
     best = np.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, np.asarray(result)
+
+
+def reference_rows(model, counts, repeats: int, threads: int, ours: dict):
+    """The PyTorch reference's one-cell-per-pass runs of the same paths, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from torch_reference import scfoundation as reference
+
+    torch.set_num_threads(threads)
+    peer = reference.MaeAutobin.from_scfm_jax(model)
+    rows = []
+    for name, output_type in (("cell embeddings", "cell"),
+                              ("full forward (19,266)", "gene_expression")):
+        seconds, result = timed(lambda: reference.get_embedding(peer, counts, output_type=output_type),
+                                repeats)
+        rows.append((name, seconds, float(np.abs(result - ours[name]).max())))
+    return rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def layer_memory(config, genes: int, attention: str) -> float:
@@ -124,6 +148,10 @@ def main():
     parser.add_argument("--cells", type=int, default=4)
     parser.add_argument("--expressed", type=int, default=1100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-repeats", type=int, default=1,
+                        help="timed repeats of the PyTorch reference (0: skip it)")
+    parser.add_argument("--reference-threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch.set_num_threads (default: the cores JAX uses)")
     args = parser.parse_args()
 
     config = scfoundation_100m.get_config().model
@@ -146,12 +174,15 @@ def main():
     full_flops = cell_flops + cells * decoder_flops(config)
     runs = [("cell embeddings", "cell", inference.cell_embeddings, cells, cell_flops),
             ("full forward (19,266)", "expression", inference.predicted_expression, 1, full_flops)]
-    rows = []
+    rows, outputs = [], {}
     for name, output, function, batch_size, flops in runs:
-        seconds = timed(lambda: function(model, counts, batch_size=batch_size, progress=False),
-                        args.repeats)
+        seconds, outputs[name] = timed(
+            lambda: function(model, counts, batch_size=batch_size, progress=False), args.repeats)
         memory, xla = executable_stats(output, model, counts, batch_size)
         rows.append((name, batch_size, seconds, memory, flops, xla / batch_size))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peer = (reference_rows(model, counts, args.reference_repeats, args.reference_threads, outputs)
+            if args.reference_repeats else None)
 
     print(f"{cells} cells, {expressed.min()}-{expressed.max()} expressed genes "
           f"(encoder bucket {inference.bucket_length(int(expressed.max()) + 2, config.num_genes)}"
@@ -168,10 +199,22 @@ def main():
         rate = flops / seconds
         print(f"{name:<24}{batch_size:>6}{seconds:>9.2f}{memory / 1e9:>12.2f}"
               f"{flops / cells / 1e9:>12.1f}{xla / 1e9:>16.1f}{rate / 1e9:>10.1f}{rate / peak:>7.0%}")
-    print(f"process peak RSS (everything so far, incl. compilers): "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
-    print("(official PyTorch, same 2-core class of machine: 8.6-9.6 s cell embeddings, "
-          "70-78 s / 4.6 GB full forward)\n")
+    print(f"process peak RSS (JAX runs, incl. compilers; before the PyTorch reference): "
+          f"{peak_rss:.2f} GB")
+    if peer is None:
+        print("PyTorch reference skipped" + ("" if not args.reference_repeats else
+                                             ": torch is not installed (pip install torch)"))
+    else:
+        peer_rows, settings = peer
+        print(f"\nPyTorch reference, same weights and cells, one cell per forward as the official "
+              f"get_embedding.py ({settings}; best of {args.reference_repeats}):")
+        print(f"{'path':<24}{'time s':>9}{'GFLOP/s':>10}{'MFU':>7}{'ours x faster':>15}"
+              f"{'max abs diff':>14}")
+        for (name, seconds, difference), row in zip(peer_rows, rows):
+            rate = row[4] / seconds
+            print(f"{name:<24}{seconds:>9.2f}{rate / 1e9:>10.1f}{rate / peak:>7.0%}"
+                  f"{seconds / row[2]:>14.2f}x{difference:>14.1e}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end\n")
 
     print("one decoder layer (width 512, 8 heads x 64), one cell, XLA memory in MB")
     print(f"{'genes':>8}{'performer':>12}{'dot-product':>14}")
