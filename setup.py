@@ -39,6 +39,9 @@ setup(
     extras_require={
         "torch": ["torch>=2.1"],
         "analysis": ["umap-learn", "nbclient", "nbformat", "ipykernel"],
+        # libtpu, the TPU compiler, at the version the installed jax pins: `scfm-jax plan`
+        # compiles for TPU slices on any machine (no TPU needed) and runs on TPU VMs.
+        "tpu": ["jax[tpu]"],
         "dev": [
             "torch>=2.1",
             "pytest>=8",

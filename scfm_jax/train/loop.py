@@ -75,12 +75,13 @@ def evaluate(trainer: Trainer, state, pipeline: Pipeline, num_batches: int, seed
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
-          devices=None, stop_after: int | None = None) -> dict:
+          devices=None, stop_after: int | None = None, dry_run: bool = False) -> dict:
     """Run (or resume) the experiment in `workdir`; returns a summary of the run.
 
     `devices` (default: all devices of all processes) is the set the mesh is built over.
     `stop_after` ends the run early at that step with a checkpoint, as a preemption would; the
     schedule still follows `config.train.steps`, so a later call resumes the same run.
+    `dry_run` compiles the train step of every bucket, prints the plan table and returns.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     partitioning.check_batch_divisible(config.data.global_batch_size, mesh,
                                        train_config.grad_accum_steps)
     trainer = cached_trainer(config, task, mesh)
+    if dry_run:
+        from scfm_jax.train import plan
+        rows = plan.print_trainer_plan(trainer, config.data.buckets, config.data.global_batch_size)
+        return {"dry_run": True, "plan": rows}
     vocabulary = {"name": store.vocabulary.name, "digest": store.vocabulary.digest,
                   "symbols": list(store.vocabulary.symbols)}
 
@@ -220,6 +225,9 @@ def _parse(argv):
                       flag_values=flag_values)
     flags.DEFINE_integer("num_cpu_devices", None, "simulated CPU devices in this process",
                          flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "compile the train step for the devices at hand, print "
+                      "the plan (per-device memory, FLOPs, roofline; see `scfm-jax plan`), exit",
+                      flag_values=flag_values)
     # ml_collections finds the --config.a.b=... overrides in the argv it is given (default sys.argv,
     # which is not ours when `main` is called from Python).
     config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
@@ -242,7 +250,9 @@ def main(argv) -> int:
                                    flag_values.process_id)
     elif flag_values.auto_distributed:
         jax.distributed.initialize()
-    summary = train(flag_values.config, flag_values.workdir)
+    summary = train(flag_values.config, flag_values.workdir, dry_run=flag_values.dry_run)
+    if summary.get("dry_run"):
+        return 0
     if jax.process_index() == 0:
         print(f"finished at step {summary['final_step']}; held-out loss {summary['eval_loss']:.5f}")
     return 0

@@ -1,0 +1,509 @@
+"""`scfm-jax plan`: compile a config's train or embedding step for a TPU slice without the hardware,
+and print what each chip needs (HBM, FLOPs, collectives) and the step time a roofline implies.
+
+  scfm-jax plan --config configs/scfoundation_100m.py --topology v5e-8 [--step train|embed]
+      [--sweep] [--bucket 512] [--config.mesh.fsdp=8 ...]
+
+Deviceless ahead-of-time compilation, as MaxText's `train_compile.py`: with the `libtpu` wheel
+installed, `jax.experimental.topologies.get_topology_desc` gives compile-only devices of a named
+slice; the step is jitted over a mesh of them with the train loop's own shardings, lowered on
+abstract arguments and compiled by the real TPU compiler, whose memory and cost analyses are per
+chip. A program that does not fit fails to compile with the TPU's RESOURCE_EXHAUSTED message.
+`scfm-jax train --dry-run` prints the same table for the devices at hand.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from scfm_jax.train import partitioning
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: float          # HBM per chip
+    peak_flops: float         # dense bf16 matmul FLOP/s per chip
+    hbm_bandwidth: float      # bytes/s per chip
+    source: str
+
+
+GiB = 2**30
+# Published per-chip figures (the vendors' system-architecture pages, read 2026-12).
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+# GPUs, for `train --dry-run` and benchmarks/bench_gpu.sh: SXM parts, dense bf16 (the data
+# sheets quote twice that with 2:4 sparsity).
+GPUS = {
+    "nvidia h200": Chip("NVIDIA H200", 141e9, 989e12, 4.8e12,
+                        "https://www.nvidia.com/en-us/data-center/h200/"),
+    "nvidia h100": Chip("NVIDIA H100", 80e9, 989e12, 3.35e12,
+                        "https://www.nvidia.com/en-us/data-center/h100/"),
+    "nvidia a100": Chip("NVIDIA A100 80GB", 80e9, 312e12, 2.039e12,
+                        "https://www.nvidia.com/en-us/data-center/a100/"),
+}
+# jax's device_kind of each chip (compile-only devices report the same)
+DEVICE_KINDS = {"tpu v4": CHIPS["v4"], "tpu v5 lite": CHIPS["v5e"], "tpu v5e": CHIPS["v5e"],
+                "tpu v5p": CHIPS["v5p"], "tpu v5": CHIPS["v5p"], "tpu v6 lite": CHIPS["v6e"],
+                "tpu v6e": CHIPS["v6e"], **GPUS}
+# Slice shapes by chip count. v5e and v6e slices are named by chips (v5e-8: 8 chips, 2x4); v4 and
+# v5p by TensorCores, two per chip, which the compiler joins as one "megacore" device (v5p-8:
+# 4 chips, 2x2x1). The shapes are the ones Cloud TPU offers (the pages above).
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_TOPOLOGY_PREFIX = {"v4": "v4", "v5e": "v5e", "v5p": "v5", "v6e": "v6e"}
+REMAT_POLICIES = ("none", "dots", "full")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str                 # what the user typed
+    generation: str           # key of CHIPS
+    topology_name: str        # what libtpu accepts, e.g. v5e:2x4
+    num_chips: int
+
+    @property
+    def chip(self) -> Chip:
+        return CHIPS[self.generation]
+
+
+def parse_topology(name: str) -> Topology:
+    """`v5e-8` / `v5p-8` / `v4-16` / `v6e-64` (Cloud TPU names) or `v5e:2x4` (libtpu's)."""
+    text = name.strip().lower()
+    if match := re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", text):
+        generation, count = match.group(1), int(match.group(2))
+        chips = count // 2 if generation in ("v4", "v5p") else count
+        shapes = _SHAPES_3D if generation in ("v4", "v5p") else _SHAPES_2D
+        if chips not in shapes or (generation in ("v4", "v5p") and count % 2):
+            sizes = sorted(n * 2 if generation in ("v4", "v5p") else n for n in shapes)
+            raise ValueError(f"--topology {name}: no {generation} slice of that size; choose one of "
+                             + ", ".join(f"{generation}-{n}" for n in sizes))
+        return Topology(name, generation, f"{_TOPOLOGY_PREFIX[generation]}:{shapes[chips]}", chips)
+    if match := re.fullmatch(r"(v4|v5e|v5|v5p|v6e):(\d+(?:x\d+)+)", text):
+        prefix = "v5" if match.group(1) == "v5p" else match.group(1)
+        generation = {"v5": "v5p"}.get(prefix, prefix)
+        chips = math.prod(int(d) for d in match.group(2).split("x"))
+        return Topology(name, generation, f"{prefix}:{match.group(2)}", chips)
+    raise ValueError(f"--topology {name!r}: expected a Cloud TPU slice name such as v5e-8, v5p-8, "
+                     f"v4-16, v6e-64, or a libtpu topology such as v5e:2x4 or v5:2x2x1")
+
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+LIBTPU_MISSING = ("planning for TPU needs the libtpu wheel (the TPU compiler; no TPU required): "
+                  'pip install -e ".[tpu]"')
+
+
+def topology_devices(topology: Topology) -> list:
+    """Compile-only devices of the slice, in the order of its physical layout."""
+    if not libtpu_available():
+        raise RuntimeError(LIBTPU_MISSING)
+    from jax.experimental import topologies
+
+    # Without TPUs libtpu would otherwise ask the GCE metadata server for its slice; and a
+    # compile-only client may share libtpu with a process that holds the chips (a training run).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    options = {"chip_config_name": "megacore"} if topology.generation in ("v4", "v5p") else {}
+    if topology.num_chips < 4:  # libtpu's default host is 2x2 chips
+        dims = [int(d) for d in topology.topology_name.split(":")[1].split("x")]
+        options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+    return list(topologies.get_topology_desc(topology.topology_name, "tpu", **options).devices)
+
+
+def chip_of_devices(devices) -> Chip | None:
+    """The published figures of these devices' chip; None for CPUs and unknown kinds."""
+    kind = devices[0].device_kind.lower()
+    for prefix, chip in sorted(DEVICE_KINDS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(prefix):
+            return chip
+    return None
+
+
+def make_mesh(mesh_config, devices) -> jax.sharding.Mesh:
+    """The train loop's mesh over `devices`, laid out along the slice's physical axes."""
+    shape = partitioning.mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, partitioning.MESH_AXES, devices=devices,
+                         axis_types=(AxisType.Auto,) * len(partitioning.MESH_AXES))
+
+
+# ------------------------------------------------------------------------------------ analysis
+
+@dataclasses.dataclass
+class PlanRow:
+    step: str
+    bucket: int
+    global_batch: int
+    remat: str
+    mesh: dict
+    compile_seconds: float
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    model_flops: float = 0.0        # per chip, loop-free count
+    xla_flops: float = 0.0          # per chip, XLA's count (loop bodies once)
+    xla_bytes: float = 0.0          # per chip, bytes accessed
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> (count, bytes)
+    hbm_bytes: float | None = None
+    peak_flops: float | None = None
+    hbm_bandwidth: float | None = None
+    error: str = ""                 # the compiler's message when it refused (e.g. out of HBM)
+
+    @property
+    def total_bytes(self) -> int:
+        """Live HBM of the step: arguments, outputs not aliased to donated arguments, temporaries
+        and the program."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes \
+            + self.code_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        if self.error:
+            return False
+        return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+    @property
+    def headroom(self) -> float | None:
+        return None if self.hbm_bytes is None or self.error else 1 - self.total_bytes / self.hbm_bytes
+
+    @property
+    def roofline_seconds(self) -> float | None:
+        """max(FLOPs / peak, bytes / HBM bandwidth): the step cannot run faster than this."""
+        if self.peak_flops is None or self.error:
+            return None
+        flops = max(self.model_flops, self.xla_flops)
+        return max(flops / self.peak_flops, self.xla_bytes / self.hbm_bandwidth)
+
+    @property
+    def roofline_mfu(self) -> float | None:
+        seconds = self.roofline_seconds
+        return None if not seconds else self.model_flops / seconds / self.peak_flops
+
+
+def collective_bytes(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """Collectives in an optimised HLO module: kind -> (ops, bytes of their results). Each op is
+    counted once, also inside loop bodies; async pairs are counted at their `-start`."""
+    totals: dict[str, list[int]] = {}
+    pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    for line in hlo_text.splitlines():
+        match = pattern.search(line)
+        if not match or "-done(" in line:
+            continue
+        shapes = re.findall(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]", match.group(1))
+        size = 0
+        for dtype, dims in shapes:
+            itemsize = 1 if dtype == "pred" else max(int(re.sub(r"\D", "", dtype)[:2] or 8) // 8, 1)
+            size += itemsize * math.prod(int(d) for d in dims.split(",") if d)
+        if match.group(3):  # async start: (operand, result) tuple; count the result once
+            size //= 2
+        entry = totals.setdefault(match.group(2), [0, 0])
+        entry[0] += 1
+        entry[1] += size
+    return {kind: (count, size) for kind, (count, size) in totals.items()}
+
+
+def analyse(compiled, row: PlanRow) -> PlanRow:
+    memory = compiled.memory_analysis()
+    row.argument_bytes = int(memory.argument_size_in_bytes)
+    row.output_bytes = int(memory.output_size_in_bytes)
+    row.alias_bytes = int(memory.alias_size_in_bytes)
+    row.temp_bytes = int(memory.temp_size_in_bytes)
+    row.code_bytes = int(memory.generated_code_size_in_bytes)
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    row.xla_flops = float(cost.get("flops", 0.0))
+    row.xla_bytes = float(cost.get("bytes accessed", 0.0))
+    row.collectives = collective_bytes(compiled.as_text())
+    return row
+
+
+# ---------------------------------------------------------------------------------- the steps
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_batch: int) -> dict:
+    """The train loop's device batch (the pipeline's fields but `cell_index`) as sharded shapes."""
+    fields = {"gene_ids": ((global_batch, bucket), jnp.int32),
+              "counts": ((global_batch, bucket), jnp.float32),
+              "total_counts": ((global_batch,), jnp.float32),
+              "num_nonzero": ((global_batch,), jnp.int32)}
+    for key in config.data.get("obs_keys", ()):
+        fields[f"obs/{key}"] = ((global_batch,), jnp.int32)
+    return {name: jax.ShapeDtypeStruct(shape, dtype,
+                                       sharding=partitioning.batch_sharding(mesh, len(shape)))
+            for name, (shape, dtype) in fields.items()}
+
+
+def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with the fields a store would fill in set from the config itself, so a plan
+    needs no store (scFoundation: `model.num_genes`; scMulan: a token set of the config's sizes)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.name == "scmulan":
+        return _synthetic_scmulan_config(config)
+    if config.model.get("num_genes") in (-1, None):
+        raise ValueError("config.model.num_genes is -1 (taken from a store): pass "
+                         "--config.model.num_genes=N (19264 for the released vocabulary)")
+    return config
+
+
+def _synthetic_scmulan_config(config):
+    """scMulan's token set is built from a store; for a plan, one of the configured size (genes
+    G0..Gn, two categories per objective column) gives the same shapes."""
+    from scfm_jax.data.cell_sentence import SentenceTables, TokenSet
+    from scfm_jax.models import scmulan
+
+    objective = config.objective
+    columns = scmulan._objective_columns(objective)
+    categories = {column: ("a", "b") for column in columns}
+    genes = [f"G{i}" for i in range(int(objective.num_genes))]
+    token_set = TokenSet.build(genes, categories, objective.cell_type_columns)
+    tables = SentenceTables.create(token_set, genes, categories, objective.metadata_columns,
+                                   objective.cell_type_columns, objective.organ_columns)
+    if config.model.vocab_size in (-1, None):
+        config.model.vocab_size = len(token_set)
+    objective.gene_set = tuple(token_set.genes)
+    objective.gene_positions = tuple(int(p) for p in tables.gene_positions)
+    objective.categories = ml_collections.ConfigDict(categories)
+    config.data.obs_keys = tuple(dict.fromkeys([*config.data.get("obs_keys", ()), *columns]))
+    return config
+
+
+def embed_step(graphdef):
+    """(params, buffers, sparse batch) -> cell embeddings, as `scfm-jax embed` computes them
+    (scFoundation)."""
+    from scfm_jax.models.scfoundation import inference_inputs, pool_cell_embeddings
+
+    def embed(params, buffers, batch):
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
+        inputs = inference_inputs(batch, num_genes=model.num_genes, pad_value=model.pad_value)
+        encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
+                               inputs["encoder_padding_mask"])
+        return pool_cell_embeddings(encoded, inputs["encoder_lengths"])
+    return embed
+
+
+def compile_step(trainer, step: str, bucket: int, global_batch: int):
+    """(compiled executable, abstract batch) of the train or embed step for one bucket."""
+    batch = abstract_batch(trainer.config, trainer.mesh, bucket, global_batch)
+    state = trainer.abstract_sharded_state()
+    if step == "train":
+        return trainer.compiled_train_step(state, batch), batch
+    if trainer.config.model.name != "scfoundation":
+        raise ValueError("--step embed: cell embedding is scFoundation's (scMulan: use --step train)")
+    batch = {k: v for k, v in batch.items() if k in ("gene_ids", "counts", "total_counts")}
+    jitted = jax.jit(embed_step(trainer.graphdef), in_shardings=(
+        trainer.state_sharding.params, trainer.state_sharding.buffers,
+        {k: v.sharding for k, v in batch.items()}))
+    with jax.set_mesh(trainer.mesh), nnx.logical_axis_rules(trainer.rules):
+        return jitted.lower(state.params, state.buffers, batch).compile(), batch
+
+
+def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", bucket: int,
+                global_batch: int | None = None) -> PlanRow:
+    """Compile one (step, bucket) of `config` for `devices` and analyse it."""
+    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.tasks import get_task
+
+    global_batch = int(global_batch or config.data.global_batch_size)
+    mesh = make_mesh(config.mesh, devices)
+    partitioning.check_batch_divisible(global_batch, mesh, config.train.grad_accum_steps)
+    trainer = Trainer(config, get_task(config.model.name), mesh)
+    return plan_trainer_bucket(trainer, chip, step=step, bucket=bucket, global_batch=global_batch)
+
+
+def plan_trainer_bucket(trainer, chip: Chip | None, *, step: str = "train", bucket: int,
+                        global_batch: int) -> PlanRow:
+    """Compile one (step, bucket) of a Trainer on its mesh and analyse it; a compile the chip's
+    memory refuses comes back as a row with `error` set."""
+    row = PlanRow(step=step, bucket=bucket, global_batch=global_batch,
+                  remat=str(trainer.config.model.get("remat_policy", "none")),
+                  mesh=dict(trainer.mesh.shape), compile_seconds=0.0,
+                  hbm_bytes=chip.hbm_bytes if chip else None,
+                  peak_flops=chip.peak_flops if chip else None,
+                  hbm_bandwidth=chip.hbm_bandwidth if chip else None)
+    start = time.perf_counter()
+    try:
+        compiled, batch = compile_step(trainer, step, bucket, global_batch)
+    except Exception as error:  # the TPU compiler's verdict on memory is an answer, not a crash
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        row.compile_seconds = time.perf_counter() - start
+        row.error = " ".join(str(error).split())[:400]
+        return row
+    row.compile_seconds = time.perf_counter() - start
+    analyse(compiled, row)
+    if step == "train":
+        row.model_flops = trainer.model_flops(batch)
+    return row
+
+
+def plan(config, devices, chip: Chip | None, *, step: str = "train",
+         buckets: tuple[int, ...] | None = None) -> list[PlanRow]:
+    """One row per expressed-gene bucket of the config (or `buckets`)."""
+    buckets = tuple(buckets or config.data.buckets)
+    return [plan_bucket(config, devices, chip, step=step, bucket=int(b)) for b in buckets]
+
+
+def sweep(config, devices, chip: Chip, *, step: str = "train", bucket: int | None = None,
+          policies: tuple[str, ...] = REMAT_POLICIES, max_batch: int = 1 << 16) -> dict:
+    """Per remat policy, the largest global batch (doubling from the smallest the mesh can split)
+    whose step fits the chip at the largest bucket: policy -> (batch or 0, the rows compiled)."""
+    bucket = int(bucket or max(config.data.buckets))
+    mesh_shape = dict(zip(partitioning.MESH_AXES,
+                          partitioning.mesh_shape(config.mesh, len(devices))))
+    accum = max(int(config.train.grad_accum_steps), 1) if step == "train" else 1
+    smallest = mesh_shape["data"] * mesh_shape["fsdp"] * accum
+    results = {}
+    for policy in policies:
+        trial = ml_collections.ConfigDict(config.to_dict())
+        trial.model.remat_policy = policy
+        best, rows, batch = 0, [], smallest
+        while batch <= max_batch:
+            row = plan_bucket(trial, devices, chip, step=step, bucket=bucket, global_batch=batch)
+            rows.append(row)
+            if not row.fits:
+                break
+            best, batch = batch, batch * 2
+        results[policy] = (best, rows)
+    return results
+
+
+# ------------------------------------------------------------------------------------ printing
+
+def _si(x, unit: str = "B") -> str:
+    """1234567 -> '1.23MB': three significant figures with a decimal prefix."""
+    if x is None:
+        return "-"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{prefix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+COLUMNS = ("step", "bucket", "batch", "remat", "mesh d,f,t", "args", "outputs", "temp", "total",
+           "HBM", "fits", "headroom", "model FLOPs", "XLA FLOPs", "XLA bytes", "roofline",
+           "MFU", "compile", "collectives (ops x result bytes)")
+
+
+def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
+    """A plain-text table, one line per row, then the chip's figures and their source."""
+    table = [COLUMNS]
+    for r in rows:
+        mesh = ",".join(str(r.mesh[a]) for a in partitioning.MESH_AXES)
+        head = (r.step, str(r.bucket), str(r.global_batch), r.remat, mesh)
+        if r.error:
+            table.append(head + ("does not fit: " + r.error,))
+            continue
+        seconds, mfu = r.roofline_seconds, r.roofline_mfu
+        collectives = " ".join(f"{kind}:{n}x{_si(size)}" for kind, (n, size) in
+                               sorted(r.collectives.items())) or "none"
+        table.append(head + (
+            _si(r.argument_bytes), _si(r.output_bytes - r.alias_bytes), _si(r.temp_bytes),
+            _si(r.total_bytes), _si(r.hbm_bytes),
+            "-" if r.fits is None else ("yes" if r.fits else "NO"),
+            "-" if r.headroom is None else f"{r.headroom:.0%}",
+            _si(r.model_flops, ""), _si(r.xla_flops, ""), _si(r.xla_bytes),
+            "-" if seconds is None else f"{seconds * 1e3:.3g}ms",
+            "-" if mfu is None else f"{mfu:.0%}", f"{r.compile_seconds:.0f}s", collectives))
+    widths = [max(len(line[i]) for line in table if len(line) > i and len(line) == len(COLUMNS))
+              for i in range(len(COLUMNS) - 1)]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
+                       enumerate(zip(line, widths))) + "  " + "  ".join(line[len(widths):])
+             for line in table]
+    notes = ["per chip. model FLOPs: the loop-free count of the step (MFU's numerator); XLA FLOPs "
+             "and bytes: the compiler's cost analysis, which counts a loop body once; outputs "
+             "exclude those aliased to donated inputs; total = args + outputs + temp + program; "
+             "roofline = max(FLOPs / peak, bytes / HBM bandwidth)."]
+    if chip is not None:
+        notes.append(f"{chip.name}: {chip.hbm_bytes / GiB:.0f} GiB HBM, "
+                     f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+                     f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM bandwidth ({chip.source})")
+    return "\n".join(lines + notes)
+
+
+def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
+    """`scfm-jax train --dry-run`: the plan of the train loop's own Trainer (its mesh over the
+    devices at hand), printed."""
+    chip = chip_of_devices(list(trainer.mesh.devices.flat))
+    rows = [plan_trainer_bucket(trainer, chip, bucket=int(b), global_batch=global_batch)
+            for b in buckets]
+    if jax.process_index() == 0:
+        print(format_rows(rows, chip), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _parse(argv):
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v5p-8, v4-16, v6e-64 or v5e:2x4",
+                        flag_values=flag_values)
+    flags.DEFINE_enum("step", "train", ["train", "embed"], "which step to compile",
+                      flag_values=flag_values)
+    flags.DEFINE_multi_integer("bucket", None, "only these expressed-gene buckets (default: all)",
+                               flag_values=flag_values)
+    flags.DEFINE_bool("sweep", False, "largest global batch that fits, per remat policy",
+                      flag_values=flag_values)
+    config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
+                                    flag_values=flag_values, lock_config=True,
+                                    sys_argv=["scfm-jax plan", *argv])
+    flag_values(["scfm-jax plan", *argv])
+    if flag_values.config is None or flag_values.topology is None:
+        raise SystemExit("scfm-jax plan: --config and --topology are required\n"
+                         "  e.g. scfm-jax plan --config configs/scfoundation_100m.py "
+                         "--topology v5e-8")
+    return flag_values
+
+
+def main(argv) -> int:
+    flag_values = _parse(argv)
+    # The host's own devices only trace and lower; on a TPU VM they stay free for training.
+    jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
+    try:
+        topology = parse_topology(flag_values.topology)
+    except ValueError as error:
+        print(f"scfm-jax plan: {error}", file=sys.stderr)
+        return 2
+    if not libtpu_available():
+        print(f"scfm-jax plan: {LIBTPU_MISSING}", file=sys.stderr)
+        return 2
+    config = plan_config(flag_values.config)
+    devices = topology_devices(topology)
+    chip = topology.chip
+    print(f"{topology.name}: {topology.topology_name}, {len(devices)} chips "
+          f"({devices[0].device_kind})", flush=True)
+    if flag_values.sweep:
+        bucket = (flag_values.bucket or [None])[-1]
+        results = sweep(config, devices, chip, step=flag_values.step, bucket=bucket)
+        all_rows = [row for _, rows in results.values() for row in rows]
+        print(format_rows(all_rows, chip))
+        for policy, (best, _) in results.items():
+            print(f"remat={policy}: largest global batch that fits: "
+                  f"{best if best else 'none (the smallest does not fit)'}")
+        return 0
+    rows = plan(config, devices, chip, step=flag_values.step, buckets=flag_values.bucket)
+    print(format_rows(rows, chip))
+    return 0

@@ -1,0 +1,154 @@
+"""`scfm-jax plan`: TPU slice names, collective accounting, and the train step compiled for real
+TPU topologies by libtpu's compiler (deviceless; no TPU needed)."""
+import math
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scfm_jax.configs import scfoundation_100m, scfoundation_tiny
+from scfm_jax.train import plan
+
+needs_libtpu = pytest.mark.skipif(
+    not plan.libtpu_available(),
+    reason='libtpu is not installed (pip install -e ".[tpu]"); .ci/run installs it')
+
+
+def tiny_plan_config():
+    """scfoundation_tiny at the train tests' size, with the gene count a store would give."""
+    config = scfoundation_tiny.get_config()
+    config.model.num_genes = 120
+    config.model.bin_num = 8
+    config.model.encoder.update(width=16, depth=1, heads=2, mlp_dim=32)
+    config.model.decoder.update(width=16, depth=1, heads=2, head_dim=8, mlp_dim=32, chunk_size=64)
+    config.data.global_batch_size = 8
+    config.data.buckets = (64,)
+    return config
+
+
+@pytest.mark.parametrize("name, topology_name, chips, generation", [
+    ("v5e-8", "v5e:2x4", 8, "v5e"), ("v5e-64", "v5e:8x8", 64, "v5e"),
+    ("v5p-8", "v5:2x2x1", 4, "v5p"), ("v5p-64", "v5:2x4x4", 32, "v5p"),
+    ("v4-16", "v4:2x2x2", 8, "v4"), ("v6e-256", "v6e:16x16", 256, "v6e"),
+    ("v5e:4x4", "v5e:4x4", 16, "v5e"), ("v5p:2x2x2", "v5:2x2x2", 8, "v5p"),
+])
+def test_slice_names_map_to_libtpu_topologies(name, topology_name, chips, generation):
+    topology = plan.parse_topology(name)
+    assert (topology.topology_name, topology.num_chips, topology.generation) == (
+        topology_name, chips, generation)
+
+
+@pytest.mark.parametrize("name", ["v5e-6", "v5p-7", "v7-8", "tpu", "v5e:2y4"])
+def test_bad_slice_names_are_refused_with_the_choices(name):
+    with pytest.raises(ValueError, match="--topology"):
+        plan.parse_topology(name)
+
+
+def test_collectives_are_read_from_the_compiled_program():
+    # An 8-way sharded sum compiles to one all-reduce of the f32 result on the CPU devices.
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("x",))
+    summed = jax.jit(lambda a: jnp.sum(a, axis=0), in_shardings=NamedSharding(mesh, PartitionSpec("x")),
+                     out_shardings=NamedSharding(mesh, PartitionSpec()))
+    compiled = summed.lower(jax.ShapeDtypeStruct((64, 1000), jnp.float32)).compile()
+    collectives = plan.collective_bytes(compiled.as_text())
+    assert set(collectives) == {"all-reduce"}
+    assert collectives["all-reduce"] == (1, 1000 * 4)
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+    chip = plan.CHIPS["v5e"]
+    row = plan.PlanRow(step="train", bucket=8, global_batch=8, remat="none", mesh={},
+                       compile_seconds=0.0, model_flops=chip.peak_flops * 2e-3, xla_flops=0.0,
+                       xla_bytes=chip.hbm_bandwidth * 1e-3, hbm_bytes=chip.hbm_bytes,
+                       peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth)
+    assert row.roofline_seconds == pytest.approx(2e-3)
+    assert row.roofline_mfu == pytest.approx(1.0)
+    row.xla_bytes = chip.hbm_bandwidth * 4e-3  # memory-bound: half the time is spent computing
+    assert row.roofline_mfu == pytest.approx(0.5)
+
+
+def test_plan_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "libtpu_available", lambda: False)
+    code = plan.main(["--config", scfoundation_100m.__file__, "--topology", "v5e-8"])
+    assert code == 2
+    assert 'pip install -e ".[tpu]"' in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    """The tiny train step compiled for a 1-chip and an 8-chip v5e slice, FSDP over all chips."""
+    rows = {}
+    for name in ("v5e-1", "v5e-8"):
+        topology = plan.parse_topology(name)
+        devices = plan.topology_devices(topology)
+        config = tiny_plan_config()
+        config.mesh.update(data=1, fsdp=len(devices), tensor=1)
+        rows[name] = plan.plan(config, devices, topology.chip)[0]
+    return rows
+
+
+@needs_libtpu
+def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
+    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.tasks import get_task
+
+    for name, row in tiny_rows.items():
+        assert not row.error and row.fits and 0.9 < row.headroom < 1.0
+        assert row.model_flops > 0 and row.xla_flops > 0 and row.xla_bytes > 0
+        assert row.roofline_seconds > 0 and 0 < row.roofline_mfu <= 1
+    one, eight = tiny_rows["v5e-1"], tiny_rows["v5e-8"]
+    # On one chip the arguments are the whole state and batch: check against their real size.
+    config = tiny_plan_config()
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    devices = plan.topology_devices(plan.parse_topology("v5e-1"))
+    trainer = Trainer(config, get_task("scfoundation"), plan.make_mesh(config.mesh, devices))
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize
+                      for leaf in jax.tree.leaves(trainer.abstract_state))
+    batch_bytes = sum(math.prod(v.shape) * v.dtype.itemsize for v in plan.abstract_batch(
+        config, trainer.mesh, 64, 8).values())
+    assert one.argument_bytes >= state_bytes + batch_bytes
+    assert one.argument_bytes < 1.2 * (state_bytes + batch_bytes)  # TPU tiling pads small arrays
+    assert not one.collectives
+    # Eight chips of FSDP: the per-chip state falls, and parameters are gathered for the step.
+    assert eight.argument_bytes < one.argument_bytes / 2
+    assert "all-gather" in eight.collectives
+    assert eight.model_flops == pytest.approx(one.model_flops / 8)
+
+
+@needs_libtpu
+def test_plan_cli_prints_a_row_per_bucket():
+    config = scfoundation_tiny.__file__
+    overrides = ["--config.model.num_genes=120", "--config.model.encoder.depth=1",
+                 "--config.model.encoder.width=16", "--config.model.encoder.mlp_dim=32",
+                 "--config.model.decoder.depth=1", "--config.model.decoder.width=16",
+                 "--config.model.decoder.mlp_dim=32", "--config.data.global_batch_size=8",
+                 "--config.data.buckets=(32,64)", "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+    result = subprocess.run(
+        [sys.executable, "-m", "scfm_jax.main", "plan", "--config", config, "--topology", "v5e-4",
+         *overrides], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines if line.startswith("train ")]
+    assert [(r[1], r[2], r[4]) for r in rows] == [("32", "8", "1,4,1"), ("64", "8", "1,4,1")]
+    assert all("yes" in r for r in rows)
+    assert any("cloud.google.com/tpu/docs/v5e" in line for line in lines)
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_100m_train_step_compiles_for_v5e_8():
+    """The released-size model's step at the default optimisation level, on v5e-8 (FSDP)."""
+    config = scfoundation_100m.get_config()
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    topology = plan.parse_topology("v5e-8")
+    start = time.perf_counter()
+    row = plan.plan(config, plan.topology_devices(topology), topology.chip,
+                    buckets=(max(config.data.buckets),))[0]
+    assert not row.error, row.error
+    assert row.fits and row.headroom >= 0.2
+    assert time.perf_counter() - start < 1800
