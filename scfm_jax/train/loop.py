@@ -47,14 +47,17 @@ def _host_to_device(local_batch: dict, mesh) -> dict:
 
 
 class _PreemptionFlag:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+    """SIGTERM sets a flag (one process); the loop saves at the next step boundary and exits."""
 
     def __init__(self):
         self.event = threading.Event()
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # Several processes must stop at one step: JAX's preemption service catches their SIGTERM
+        # and `Checkpoints.reached_preemption` agrees on the step. A Python handler would replace
+        # the service's, and processes stopping at different steps hang in the checkpoint save.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
         return self
 
