@@ -124,8 +124,8 @@ def reference_rows(model, counts, repeats: int, threads: int, ours: dict):
     rows = []
     for name, output_type in (("cell embeddings", "cell"),
                               ("full forward (19,266)", "gene_expression")):
-        seconds, result = timed(lambda: reference.get_embedding(peer, counts, output_type=output_type),
-                                repeats)
+        seconds, result = timed(
+            lambda: reference.get_embedding(peer, counts, output_type=output_type), repeats)
         rows.append((name, seconds, float(np.abs(result - ours[name]).max())))
     return rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
