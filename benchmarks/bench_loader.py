@@ -239,7 +239,7 @@ def main(argv=None):
         print(f"{'ratio to annbatch [same allocator]':<50}"
               + "".join(f"{label:>24}" for label, _ in peers))
         for name, rate in rows:
-            if name.startswith("scfm-jax") and "MALLOC" in name:
+            if "MALLOC" in name and not name.startswith("annbatch"):
                 print(f"{name.split(' [')[0]:<50}"
                       + "".join(f"{rate / peer:>23.2f}x" for _, peer in peers))
     print(f"scfm-jax convert: {args.cells / conversion['seconds']:,.0f} cells/s "
