@@ -16,7 +16,7 @@ The peer runs in the same process on the same weights and cells: the PyTorch ref
 (`benchmarks/torch_reference`, checked against the original code's fixtures) doing what the
 official `get_embedding.py` does, one cell per forward (`--output_type cell`, and
 `gene_expression` for the full forward), with `torch.set_num_threads` = the cores JAX uses
-(`--reference-threads`), best of --reference-repeats after one untimed cell. Its outputs are
+(`--reference-threads`), best of --reference-repeats after one untimed run. Its outputs are
 compared with ours (max abs difference printed). Needs torch; without it the peer is skipped.
 """
 import argparse
