@@ -49,7 +49,8 @@ def rate(collection_path: str, batch_size: int, cells: int, seed: int, load_adat
 
 
 def main():
-    h5ad, collection_path, cells, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    h5ad, collection_path = sys.argv[1:3]
+    cells, runs = int(sys.argv[3]), int(sys.argv[4])
     warnings.simplefilter("ignore")
     build = None
     if not Path(collection_path).exists():

@@ -91,7 +91,8 @@ def main() -> None:
     adata, vocabulary = synthetic_cells(args.cells, config.model.num_genes, args.expressed)
 
     print(f"device: {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs visible, "
-          f"{len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f} at start; "
+          f"{len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f} at "
+          "start; "
           f"{parameters / 1e6:.1f}M parameters, {args.dtype} compute, {args.cells} cells with "
           f"{args.expressed} ± 5% expressed genes")
     peer = None

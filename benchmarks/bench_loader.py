@@ -196,7 +196,7 @@ def main(argv=None):
             sys.exit(f"measurement failed:\n{result.stderr}")
         for name, rate in json.loads(result.stdout.strip().splitlines()[-1]):
             rows.append((f"{name} [{env_name}]", rate))
-    annbatch_note, annbatch_rows = "", []
+    annbatch_note, annbatch_rows, peers = "", [], []
     if args.annbatch_python and Path(args.annbatch_python).exists():
         result = subprocess.run(
             [args.annbatch_python, str(ANNBATCH_RATES), str(h5ad),
@@ -206,8 +206,10 @@ def main(argv=None):
             out = json.loads(result.stdout.strip().splitlines()[-1])
             versions = ", ".join(f"{k} {v}" for k, v in out["versions"].items())
             for row in out["rows"]:
-                settings = ("zarrs codec pipeline, X-only load_adata" if row["setup"] == "recommended"
+                settings = ("zarrs codec pipeline, X-only load_adata"
+                            if row["setup"] == "recommended"
                             else "zarr codec pipeline, default load_adata")
+                peers.append((f"{row['setup']} batch {row['batch_size']}", row["rate"]))
                 annbatch_rows.append((f"annbatch {row['setup']} ({settings}), batch "
                                       f"{row['batch_size']} [MALLOC_MMAP_THRESHOLD_=1GiB]",
                                       row["rate"]))
@@ -218,8 +220,9 @@ def main(argv=None):
         else:
             annbatch_note = "annbatch failed: " + result.stderr.strip().splitlines()[-1]
     else:
-        annbatch_note = (f"annbatch skipped: no Python at --annbatch-python {args.annbatch_python!r}"
-                         " (python3.12 -m venv V && V/bin/pip install annbatch zarrs)")
+        annbatch_note = (f"annbatch skipped: no Python at --annbatch-python "
+                         f"{args.annbatch_python!r} (python3.12 -m venv V && "
+                         "V/bin/pip install annbatch zarrs)")
     rows += annbatch_rows
     manifest = json.loads((store_path / "manifest.json").read_text())
     print(f"\nsynthetic {args.cells:,} cells x {args.genes:,} genes, ~{args.nonzero:,} non-zero per "
@@ -232,13 +235,11 @@ def main(argv=None):
         print(f"{name:<100} {rate:>10,.0f}")
     print("-" * 111)
     rates = dict(rows)
-    if annbatch_rows:
-        peers = [(name.split(" (")[0].removeprefix("annbatch ") + name.split("),")[1].split(" [")[0],
-                  rate) for name, rate in annbatch_rows]
+    if peers:
         print(f"{'ratio to annbatch [same allocator]':<50}"
               + "".join(f"{label:>24}" for label, _ in peers))
         for name, rate in rows:
-            if name.startswith("scfm-jax") and "MALLOC" in name:
+            if "MALLOC" in name and not name.startswith("annbatch"):
                 print(f"{name.split(' [')[0]:<50}"
                       + "".join(f"{rate / peer:>23.2f}x" for _, peer in peers))
     print(f"scfm-jax convert: {args.cells / conversion['seconds']:,.0f} cells/s "

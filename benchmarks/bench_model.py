@@ -16,7 +16,7 @@ The peer runs in the same process on the same weights and cells: the PyTorch ref
 (`benchmarks/torch_reference`, checked against the original code's fixtures) doing what the
 official `get_embedding.py` does, one cell per forward (`--output_type cell`, and
 `gene_expression` for the full forward), with `torch.set_num_threads` = the cores JAX uses
-(`--reference-threads`), best of --reference-repeats after one untimed cell. Its outputs are
+(`--reference-threads`), best of --reference-repeats after one untimed run. Its outputs are
 compared with ours (max abs difference printed). Needs torch; without it the peer is skipped.
 """
 import argparse
@@ -124,8 +124,8 @@ def reference_rows(model, counts, repeats: int, threads: int, ours: dict):
     rows = []
     for name, output_type in (("cell embeddings", "cell"),
                               ("full forward (19,266)", "gene_expression")):
-        seconds, result = timed(lambda: reference.get_embedding(peer, counts, output_type=output_type),
-                                repeats)
+        seconds, result = timed(
+            lambda: reference.get_embedding(peer, counts, output_type=output_type), repeats)
         rows.append((name, seconds, float(np.abs(result - ours[name]).max())))
     return rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 

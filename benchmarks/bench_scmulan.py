@@ -1,14 +1,19 @@
 """scMulan annotation + embedding throughput at the released size (368M, random weights), on CPU.
 
-Compares, on the same machine and in one run:
+Compares, on the same machine, weights and cells, in one run:
   * ours: `annotate` (batched prompts grouped by length, one prefill + KV-cache decode steps);
-  * the official algorithm re-run in JAX: one cell at a time, a full forward over the whole
-    sequence for each of the three generated tokens (no cache), as `generate_cellGenesis` does;
-  * the official PyTorch tool's rate measured on this machine (quoted: 4 cells in 27-67 s).
+  * the peer: the PyTorch reference (`benchmarks/torch_reference`, checked against the original
+    code's fixtures) annotating as the official `get_cell_types_and_embds_for_adata` does: per
+    cell its prompt, then `generate_cellGenesis` with top-1, a full forward over the whole
+    sequence for each of the three generated tokens (no cache), one cell at a time, with
+    `torch.set_num_threads` = the cores JAX uses; over the first --reference-cells cells, after
+    one untimed cell. Its cell types and embeddings are compared with ours.
 Cells: the scMulan fixture's six real cells (97-331 expressed genes), repeated; else synthetic cells
-with ~250 expressed genes. Prints a table; not a test.
+with ~250 expressed genes. Prints a table; not a test. Needs torch for the peer.
 
-    python benchmarks/bench_scmulan.py [--cells 16] [--batch-sizes 1,8,16]
+    python benchmarks/bench_scmulan.py [--cells 16] [--batch-sizes 1,8,16] [--reference-cells 4]
+
+`--n-layer/--n-embd/--n-head` shrink the model for a quick end-to-end check.
 """
 import argparse
 import os
@@ -17,7 +22,6 @@ from pathlib import Path
 
 import anndata
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -28,9 +32,6 @@ from scfm_jax.configs import scmulan_368m
 from scfm_jax.data import cell_sentence
 from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import scmulan
-
-OFFICIAL_CELLS, OFFICIAL_SECONDS = 4, (27.0, 67.0)
-
 
 def _shared() -> Path:
     configured = os.environ.get("SCFM_SHARED_DIR")
@@ -61,74 +62,91 @@ def _token_set() -> TokenSet:
     return TokenSet.build(genes, {"cell_type": [f"type{i}" for i in range(205)]})
 
 
-@nnx.jit
-def _last_position_heads(model, ids, levels):
-    return model.heads(model(ids, levels)[:, -1])
+def _reference(model, token_set, adata, cells: int, threads: int):
+    """(seconds, settings, types, embeddings) of the PyTorch reference's official-style
+    annotation of the first `cells` cells; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from torch_reference import scmulan as reference
 
-
-def _official_loop(model, prompts):
-    """generate_cellGenesis with top_k=1: full forward per step, one cell at a time."""
-    for ids, levels in prompts:
-        ids, levels = list(ids), list(levels)
-        for _ in range(3):
-            logits, exp = (np.array(a[0]) for a in _last_position_heads(
-                model, jnp.asarray([ids]), jnp.asarray([levels])))
-            logits[np.array(ids[:-1])] = -np.inf
-            token = int(np.argmax(logits))
-            ids.append(token)
-            levels.append(int(np.clip(np.round(exp[token]), 0, 10)))
-            if token == 0:
-                break
+    torch.set_num_threads(threads)
+    peer = reference.ScMulanModel.from_scfm_jax(model)
+    expr = adata.X[:cells]
+    arguments = (token_set.tokens, token_set.genes, token_set.cell_type_terms)
+    reference.annotate(peer, expr[:1], *arguments)  # first-call allocations, untimed
+    started = time.perf_counter()
+    types, embeddings, _ = reference.annotate(peer, expr, *arguments)
+    return (time.perf_counter() - started, f"torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads", types, embeddings)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cells", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,8,16")
-    parser.add_argument("--baseline-cells", type=int, default=2)
+    parser.add_argument("--reference-cells", type=int, default=4,
+                        help="cells the PyTorch reference annotates (0: skip it)")
+    parser.add_argument("--reference-threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch.set_num_threads (default: the cores JAX uses)")
+    for name in ("n-layer", "n-embd", "n-head"):
+        parser.add_argument(f"--{name}", type=int, help="override the 368M config's value")
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     config = scmulan_368m.get_config().model
+    for name in ("n_layer", "n_embd", "n_head"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
     token_set = _token_set()
     started = time.perf_counter()
     model = scmulan.ScMulan(config, rngs=nnx.Rngs(0))
-    print(f"368M model: {scmulan.count_parameters(config):,} parameters, "
-          f"initialised in {time.perf_counter() - started:.0f} s; devices: {jax.devices()}")
+    print(f"model: {scmulan.count_parameters(config):,} parameters ({config.n_layer} layers, "
+          f"width {config.n_embd}, {config.n_head} heads), initialised in "
+          f"{time.perf_counter() - started:.0f} s; devices: {jax.devices()}; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     adata, source = _cells(token_set, args.cells)
     prompts = cell_sentence.annotation_prompts(adata.X, token_set)
     lengths = [len(p[0]) for p in prompts]
     print(f"{args.cells} cells ({source}), prompt lengths {min(lengths)}-{max(lengths)} "
           f"(mean {np.mean(lengths):.0f})")
 
-    rows = []
+    rows, annotated = [], None
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         # a first pass compiles every (batch, width) shape; the second is timed
         scmulan_tasks.annotate(model, token_set, adata.copy(), batch_size=batch_size,
                                progress=False)
         started = time.perf_counter()
-        scmulan_tasks.annotate(model, token_set, adata.copy(), batch_size=batch_size,
-                               progress=False)
+        annotated = scmulan_tasks.annotate(model, token_set, adata.copy(), batch_size=batch_size,
+                                           progress=False)
         seconds = time.perf_counter() - started
         rows.append((f"ours, batch {batch_size}, KV cache", args.cells, seconds))
         print(f"  measured {rows[-1][0]}: {seconds:.1f} s", flush=True)
 
-    baseline = prompts[:args.baseline_cells]
-    _official_loop(model, baseline)  # compiles every sequence length it meets; timed again below
-    started = time.perf_counter()
-    _official_loop(model, baseline)
-    rows.append(("official algorithm in JAX, 1 cell/pass, no cache", len(baseline),
-                 time.perf_counter() - started))
+    peer = None
+    if args.reference_cells:
+        cells = min(args.reference_cells, args.cells)
+        peer = _reference(model, token_set, adata, cells, args.reference_threads)
+        if peer is None:
+            print("PyTorch reference skipped: torch is not installed (pip install torch)")
+        else:
+            seconds, settings, types, embeddings = peer
+            rows.append(("PyTorch reference, 1 cell/pass, 3 full forwards, no cache", cells,
+                         seconds))
+            print(f"  PyTorch reference: {settings}")
+            same = sum(a == b for a, b in zip(types, annotated.obs["cell_type_scmulan"]))
+            difference = np.abs(annotated.obsm["X_scmulan"][:cells] - embeddings).max()
+            print(f"  reference vs ours on {cells} cells: {same}/{cells} identical cell types, "
+                  f"embeddings max abs diff {difference:.1e}")
 
-    official_rates = [OFFICIAL_CELLS / s for s in OFFICIAL_SECONDS]
-    print("\nCPU: this machine's 2 cores, shared with other agents' jobs while measuring; "
-          "absolute rates vary with their load.")
-    print(f"{'method':<52} {'cells':>5} {'seconds':>8} {'cells/s':>8} {'vs official':>14}")
+    print(f"\nCPU: {len(os.sched_getaffinity(0))} usable cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    peer_rate = rows[-1][1] / rows[-1][2] if peer else None
+    print(f"{'method':<66} {'cells':>5} {'seconds':>8} {'cells/s':>8} {'vs PyTorch':>11}")
     for name, cells, seconds in rows:
         rate = cells / seconds
-        ratio = f"{rate / official_rates[0]:.1f}-{rate / official_rates[1]:.1f}x"
-        print(f"{name:<52} {cells:>5} {seconds:>8.1f} {rate:>8.3f} {ratio:>14}")
-    print(f"{'official PyTorch tool (measured here earlier)':<52} {OFFICIAL_CELLS:>5} "
-          f"{'27-67':>8} {official_rates[1]:.3f}-{official_rates[0]:.3f}")
+        ratio = f"{rate / peer_rate:.2f}x" if peer_rate else "-"
+        print(f"{name:<66} {cells:>5} {seconds:>8.1f} {rate:>8.3f} {ratio:>11}")
 
 
 if __name__ == "__main__":

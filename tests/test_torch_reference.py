@@ -1,4 +1,4 @@
-"""The benchmarks' PyTorch peers (benchmarks/torch_reference) reproduce the original code's fixtures.
+"""The benchmarks' PyTorch peers (benchmarks/torch_reference) reproduce the original's fixtures.
 
 A benchmark ratio means something only if its peer computes what the official tool computes, so
 each reference is held to the original PyTorch outputs in ../shared/fixtures (1e-5), and to our
