@@ -39,6 +39,8 @@ setup(
     extras_require={
         "torch": ["torch>=2.1"],
         "analysis": ["umap-learn", "nbclient", "nbformat", "ipykernel"],
+        # `scfm-jax convert --soma / --census`: TileDB-SOMA experiments and the CELLxGENE Census
+        "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],
         "dev": [
             "torch>=2.1",
             "pytest>=8",
@@ -47,6 +49,7 @@ setup(
             "nbformat",
             "ipykernel",
             "umap-learn",
+            "tiledbsoma>=1.15",   # tests/test_data_soma.py
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},
