@@ -50,6 +50,8 @@ setup(
             "ipykernel",
             "umap-learn",
             "tiledbsoma>=1.15",   # tests/test_data_soma.py
+            "moto[server]>=5",    # tests/test_object_store.py: a local S3 server
+            "boto3",
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},
