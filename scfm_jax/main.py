@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "convert": ("scfm_jax.data.convert", "AnnData / 10x files -> sharded zarr cell store"),
+    "verify": ("scfm_jax.data.verify", "check every byte of a cell store, name damaged shards"),
     "train": ("scfm_jax.train.loop", "pretrain a model from an experiment config"),
     "demo": ("scfm_jax.train.demo", "convert pbmc68k_reduced, pretrain scfoundation_tiny, report"),
     "embed": ("scfm_jax.analysis.embed_cli", "scFoundation cell / gene embeddings (get_embedding.py)"),

@@ -314,7 +314,7 @@ def test_zstd_compressed_store_reads_back(tmp_path):
                   compression="zstd")
     meta = json.loads((tmp_path / "store" / "shards" / "00000.zarr" / "X" / "data" / "zarr.json")
                       .read_text())
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd", "crc32c"]
     np.testing.assert_array_equal(CellStore.open(tmp_path / "store").read(np.arange(20))
                                   .to_csr(40).toarray(), aligned_rows(a))
     back = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")

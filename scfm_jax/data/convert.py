@@ -1,5 +1,7 @@
 """`scfm-jax convert`: AnnData / 10x files -> a sharded cell store (see `store.py` for the layout).
 
+The input formats are read by `readers.py`; this module plans the store and writes its shards.
+
 The conversion runs in three phases, so that bad input never leaves a half-written store and a
 killed run resumes where it stopped:
 
@@ -24,6 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,283 +41,19 @@ import scipy.sparse as sp
 import tensorstore as ts
 
 from scfm_jax.data import store as store_lib
+from scfm_jax.data.readers import (InputError, Source, file_digest, first_non_integer, open_source,
+                                   reader_for)
+from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
 
 PLAN = "plan.json"
 DEFAULT_SHARD_SIZE = 65_536
 DEFAULT_CHUNK_ELEMENTS = 1 << 17   # zarr chunk of the CSR arrays: 512 KiB of float32
-_READ_ELEMENTS = 1 << 22            # values read from an input at a time (bounds memory)
-_COUNT_SOURCES = ("layers/counts", "raw/X", "X")
-
-
-class InputError(ValueError):
-    """The input cannot be converted; the message names the file, the row or gene and the fix."""
-
-
-# ----------------------------------------------------------------------------------------- inputs
-
-class _Source:
-    """One input file: its genes, its obs, and row-chunk access to one count matrix."""
-
-    def __init__(self, path: str, label: str, layer: str | None, allow_non_integer: bool):
-        self.path, self.label = path, label
-        self._handle = None
-        self._open()
-        self.layer = self._choose_layer(layer, allow_non_integer)
-
-    # -- format specific
-    def _open(self):
-        p = Path(self.path)
-        if p.is_dir() and any((p / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
-            self.kind = "10x-mtx"
-            self._load_mtx(p)
-        elif p.suffix == ".h5" and not p.name.endswith(".h5ad"):
-            self.kind = "10x-h5"
-            import h5py
-            self._handle = h5py.File(p, "r")
-            if "matrix" not in self._handle:
-                raise InputError(f"{p}: not a 10x Genomics v3 .h5 file (no 'matrix' group); convert "
-                                 "it to .h5ad with scanpy.read_10x_h5 first")
-            m = self._handle["matrix"]
-            features = m["features"]
-            names = [x.decode() for x in features["name"][:]]
-            ids = [x.decode() for x in features["id"][:]]
-            self.var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
-            self.obs = pd.DataFrame(index=pd.Index([x.decode() for x in m["barcodes"][:]]))
-            self.num_rows = len(self.obs)
-            self._csr = (m["data"], m["indices"], m["indptr"])
-        elif p.suffix == ".h5ad" or p.suffix == ".zarr" or (p.is_dir() and (p / "obs").exists()):
-            self.kind = "anndata"
-            from anndata.io import read_elem
-            if p.suffix == ".h5ad":
-                import h5py
-                self._handle = h5py.File(p, "r")
-            else:
-                import zarr
-                self._handle = zarr.open_group(str(p), mode="r")
-            self.obs = read_elem(self._handle["obs"])
-            self.num_rows = len(self.obs)
-        else:
-            raise InputError(f"{self.path}: unsupported input; expected .h5ad, an anndata .zarr "
-                             "folder, a 10x folder with matrix.mtx(.gz) or a 10x .h5 file")
-
-    def _load_mtx(self, folder: Path):
-        def find(*names):
-            for n in names:
-                if (folder / n).exists():
-                    return folder / n
-            raise InputError(f"{folder}: missing {' or '.join(names)}")
-        features = pd.read_csv(find("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
-                               sep="\t", header=None)
-        barcodes = pd.read_csv(find("barcodes.tsv.gz", "barcodes.tsv"), sep="\t", header=None)
-        column = 1 if features.shape[1] > 1 else 0
-        self.var = pd.DataFrame({"gene_ids": features[0].astype(str).values},
-                                index=pd.Index(features[column].astype(str).values))
-        self.obs = pd.DataFrame(index=pd.Index(barcodes[0].astype(str).values))
-        self._csr, shape = _mtx_as_csr(find("matrix.mtx.gz", "matrix.mtx"))
-        self.num_rows = shape[0]
-        if shape != (len(self.obs), len(self.var)):
-            raise InputError(f"{folder}: matrix.mtx is {shape[1]} genes x {shape[0]} cells but the "
-                             f"features / barcodes files list {len(self.var)} x {len(self.obs)}")
-
-    def _anndata_candidates(self) -> list[str]:
-        h = self._handle
-        found = []
-        for key in _COUNT_SOURCES:
-            try:
-                h[key]
-                found.append(key)
-            except KeyError:
-                continue
-        return found
-
-    def _select(self, key: str):
-        from anndata.io import read_elem, sparse_dataset
-        h = self._handle
-        element = h[key]
-        attrs = dict(element.attrs)
-        if attrs.get("encoding-type") in ("csr_matrix", "csc_matrix"):
-            matrix = sparse_dataset(element)
-            if attrs["encoding-type"] == "csc_matrix":
-                raise InputError(f"{self.path}: {key} is stored column-major (CSC); rows cannot be "
-                                 "streamed. Save it as CSR (adata.X = adata.X.tocsr()) and retry")
-        elif hasattr(element, "shape") and len(element.shape) == 2:
-            matrix = element
-        else:
-            raise InputError(f"{self.path}: {key} is not a 2-D count matrix "
-                             f"(encoding {attrs.get('encoding-type')!r})")
-        var_key = "raw/var" if key == "raw/X" else "var"
-        self.var = read_elem(h[var_key])
-        return matrix
-
-    def _choose_layer(self, layer: str | None, allow_non_integer: bool) -> str:
-        if self.kind != "anndata":
-            if layer not in (None, "X"):
-                raise InputError(f"{self.path}: a {self.kind} input has only X; --layer {layer} "
-                                 "does not apply")
-            return "X"
-        aliases = {"X": "X", "raw": "raw/X", "raw.X": "raw/X"}
-        if layer is not None:
-            key = aliases.get(layer, layer if layer.startswith("layers/") else f"layers/{layer}")
-            if key not in self._anndata_candidates() and not self._has(key):
-                raise InputError(f"{self.path}: --layer {layer} not found (available: "
-                                 f"{self._anndata_candidates() + self._layer_names()})")
-            self._matrix = self._select(key)
-            return key
-        candidates = self._anndata_candidates()
-        if not candidates:
-            raise InputError(f"{self.path}: no count matrix (looked for layers['counts'], raw.X, X)")
-        for key in candidates:
-            self._matrix = self._select(key)
-            if self._first_non_integer(self.rows(0, min(self.num_rows, 2048))) is None:
-                return key
-        if allow_non_integer:   # the first by preference: layers["counts"], then raw.X, then X
-            self._matrix = self._select(candidates[0])
-            return candidates[0]
-        raise InputError(f"{self.path}: none of {candidates} holds integer counts (checked the first "
-                         "rows). Point --layer at the raw counts, or pass --allow-non-integer if "
-                         "the values are meant to be non-integer")
-
-    def _has(self, key: str) -> bool:
-        try:
-            self._handle[key]
-            return True
-        except KeyError:
-            return False
-
-    def _layer_names(self) -> list[str]:
-        return [f"layers/{k}" for k in self._handle["layers"]] if self._has("layers") else []
-
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        if self.kind in ("10x-h5", "10x-mtx"):
-            data, indices, indptr = self._csr
-            indptr = np.asarray(indptr[start:stop + 1], np.int64)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            return sp.csr_matrix((np.asarray(data[lo:hi]), np.asarray(indices[lo:hi]), indptr - lo),
-                                 shape=(stop - start, len(self.var)))
-        block = self._matrix[start:stop]
-        return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
-
-    def chunk_rows(self) -> int:
-        """Rows per read so that one chunk holds about _READ_ELEMENTS values."""
-        if not sp.issparse(self.rows(0, min(1, self.num_rows))):
-            return max(1, min(65_536, _READ_ELEMENTS // max(len(self.var), 1)))
-        sample = self.rows(0, min(self.num_rows, 1024))
-        per_row = max(1.0, sample.nnz / max(sample.shape[0], 1))
-        return max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
-
-    @staticmethod
-    def _first_non_integer(block: sp.csr_matrix):
-        data = block.data
-        if np.issubdtype(data.dtype, np.integer):
-            return None
-        bad = np.flatnonzero(data != np.round(data))
-        if not len(bad):
-            return None
-        row = int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
-        return row, float(data[bad[0]])
-
-    def source_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The input's own row numbers of rows (stored as each cell's `source_row`)."""
-        return rows
-
-    def close(self):
-        if self._handle is not None and hasattr(self._handle, "close"):
-            self._handle.close()
-
-
-def _mtx_cache(path: Path) -> Path:
-    stat = path.stat()
-    identity = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return Path(tempfile.gettempdir()) / f"scfm-mtx-{identity.hexdigest()[:24]}"
-
-
-def _mtx_as_csr(path: Path):
-    """A Matrix Market file (genes x cells, any entry order) as cell-major CSR memmaps.
-
-    Two streaming passes (count entries per cell, then place them), so memory stays bounded; the
-    result is cached in the temp folder under the file's identity for the other workers / reruns.
-    """
-    import gzip
-
-    cache = _mtx_cache(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        header_lines = 0
-        line = f.readline()
-        while line.startswith("%"):
-            header_lines += 1
-            line = f.readline()
-        num_genes, num_cells, nnz = (int(x) for x in line.split())
-    shape = (num_cells, num_genes)
-
-    def chunks():
-        with opener(path, "rt") as f:
-            yield from pd.read_csv(f, sep=r"\s+", header=None, names=["gene", "cell", "value"],
-                                   skiprows=header_lines + 1, chunksize=1 << 22,
-                                   dtype={"gene": np.int64, "cell": np.int64, "value": np.float64})
-
-    if not (cache / "indptr.npy").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
-        per_cell = np.zeros(num_cells, np.int64)
-        for chunk in chunks():
-            per_cell += np.bincount(chunk["cell"].to_numpy() - 1, minlength=num_cells)
-        if per_cell.sum() != nnz:
-            shutil.rmtree(tmp)
-            raise InputError(f"{path}: the header announces {nnz} entries, the file holds "
-                             f"{per_cell.sum()}")
-        indptr = np.zeros(num_cells + 1, np.int64)
-        np.cumsum(per_cell, out=indptr[1:])
-        data = np.lib.format.open_memmap(tmp / "data.npy", "w+", np.float32, (nnz,))
-        indices = np.lib.format.open_memmap(tmp / "indices.npy", "w+", np.int32, (nnz,))
-        fill = indptr[:-1].copy()
-        for chunk in chunks():
-            cells = chunk["cell"].to_numpy() - 1
-            order = np.argsort(cells, kind="stable")
-            cells = cells[order]
-            first = np.searchsorted(cells, cells, side="left")
-            where = fill[cells] + np.arange(len(cells)) - first
-            data[where] = chunk["value"].to_numpy()[order]
-            indices[where] = chunk["gene"].to_numpy()[order] - 1
-            fill += np.bincount(cells, minlength=num_cells)
-        data.flush()
-        indices.flush()
-        del data, indices
-        np.save(tmp / "indptr.npy", indptr)   # last: marks the cache complete
-        try:
-            os.rename(tmp, cache)
-        except OSError:
-            shutil.rmtree(tmp)                 # another process built it first
-    arrays = tuple(np.load(cache / f"{name}.npy", mmap_mode="r")
-                   for name in ("data", "indices", "indptr"))
-    return arrays, shape
-
-
-def _genes(source: _Source, gene_column: str | None) -> list[str]:
-    if gene_column is None:
-        return source.var.index.astype(str).tolist()
-    if gene_column not in source.var.columns:
-        raise InputError(f"{source.path}: --gene-column {gene_column!r} is not a var column "
-                         f"(columns: {list(source.var.columns)})")
-    return source.var[gene_column].astype(str).tolist()
-
-
-def _file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            hasher.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                hasher.update(chunk)
-    return hasher.hexdigest()
-
 
 # ------------------------------------------------------------------------------------------- plan
 
-def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, progress) -> dict:
+def _scan(source: Source, alignment: GeneAlignment, allow_non_integer: bool, progress) -> dict:
     """One pass over the values: refuse bad ones, count genes, find cells empty on the vocabulary."""
     gene_totals = np.zeros(len(source.var), np.float64)
     mapped = alignment.positions >= 0
@@ -332,7 +71,7 @@ def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, pr
                                  f"(cell {source.obs.index[row]!r}) holds {data[bad]}; counts must be "
                                  "finite and non-negative")
             if not allow_non_integer:
-                first = _Source._first_non_integer(block)
+                first = first_non_integer(block)
                 if first is not None:
                     row = first[0] + start
                     raise InputError(
@@ -353,7 +92,7 @@ def _scan(source: _Source, alignment: GeneAlignment, allow_non_integer: bool, pr
     return {"gene_totals": gene_totals, "empty_rows": empty_rows}
 
 
-def _obs_plan(sources: list[_Source], obs: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+def _obs_plan(sources: list[Source], obs: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
     if obs is None:
         columns = [c for c in sources[0].obs.columns
                    if all(c in s.obs.columns and isinstance(s.obs[c].dtype, pd.CategoricalDtype)
@@ -397,7 +136,6 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
                allow_non_integer, chunk_elements, compression, labels=None,
                progress: bool = False) -> tuple[dict, Vocabulary]:
     """Open and scan every input; return the plan (JSON-able) and the vocabulary. Raises InputError."""
-    from scfm_jax.data.soma_source import SomaInput, SomaSource
     taken: set[str] = set()
     sources = []
     try:
@@ -408,7 +146,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
             if not Path(path).exists():
                 raise InputError(f"{path}: no such file or folder")
             label = labels[i] if labels else _source_label(path, taken)
-            sources.append(_Source(path, label, layer, allow_non_integer))
+            sources.append(open_source(path, label, layer, allow_non_integer))
         if isinstance(vocabulary, Vocabulary):
             vocab = vocabulary
         elif vocabulary == "from-data":
@@ -416,7 +154,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
             # alignment matches case-insensitively and sums them).
             symbols: dict[str, str] = {}
             for s in sources:
-                for g in _genes(s, gene_column):
+                for g in s.genes(gene_column):
                     symbols.setdefault(g.upper(), g)
             vocab = Vocabulary("from-data", tuple(symbols.values()))
         else:
@@ -427,7 +165,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
         for s in sources:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                alignment = align_genes(_genes(s, gene_column), vocab)
+                alignment = align_genes(s.genes(gene_column), vocab)
             for w in caught:
                 print(f"warning: {s.path}: {w.message}", file=sys.stderr)
             scan = _scan(s, alignment, allow_non_integer, bar)
@@ -435,11 +173,11 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
                 alignment.check_coverage(scan["gene_totals"], min_coverage, where=s.path)
             except CoverageError as e:
                 raise InputError(str(e)) from None
-            soma = s.kind == "soma"
+            soma = isinstance(s, SomaSource)
             plan_sources.append({
                 "path": s.path if soma else str(Path(s.path).resolve()), "label": s.label,
                 "kind": s.kind, "layer": s.layer, "rows": s.num_rows,
-                "sha256": s.identity() if soma else _file_digest(Path(s.path)),
+                "sha256": s.identity() if soma else file_digest(Path(s.path)),
                 "empty_rows": scan["empty_rows"], "alignment": alignment.report.to_dict(),
                 "positions": alignment.positions.tolist()} | ({"soma": s.spec.to_dict()} if soma
                                                               else {}))
@@ -471,18 +209,25 @@ def _codecs(compression: str | None) -> list[dict]:
         codecs.append({"name": "zstd", "configuration": {"level": 3, "checksum": False}})
     elif compression is not None:
         raise ValueError(f"unknown compression {compression!r}; use 'zstd' or none")
-    return codecs
+    return codecs + [{"name": "crc32c"}]   # every chunk read is checked
+
+
+def _create_array(kvstore: ts.KvStore, dtype: str, shape: int, chunk: int, compression):
+    # Chunks equal to the fill value are stored too: a store lists every chunk it has, so a missing
+    # one is damage, not zeros.
+    return ts.open({"driver": "zarr3", "store_data_equal_to_fill_value": True, "metadata": {
+        "shape": [shape], "data_type": dtype, "codecs": _codecs(compression),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}}}},
+        kvstore=kvstore, create=True, delete_existing=True, context=store_lib.context()).result()
 
 
 class _Appender:
     """A growing 1-D zarr v3 array, written a whole chunk at a time (no read-modify-write)."""
 
     def __init__(self, kvstore: ts.KvStore, dtype: str, chunk: int, compression):
-        self.chunk = chunk
-        self.array = ts.open({"driver": "zarr3", "metadata": {
-            "shape": [0], "data_type": dtype, "codecs": _codecs(compression),
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}}}},
-            kvstore=kvstore, create=True, delete_existing=True, context=store_lib.context()).result()
+        self.chunk, self.dtype = chunk, np.dtype(dtype).newbyteorder("<")
+        self.array = _create_array(kvstore, dtype, 0, chunk, compression)
+        self.digest = hashlib.sha256()   # of the values, little-endian, as they are written
         self.length = 0
         self.pending: list[np.ndarray] = []
         self.pending_size = 0
@@ -499,6 +244,7 @@ class _Appender:
         if n:
             self.array = self.array.resize(exclusive_max=[self.length + n], expand_only=True).result()
             self.array[self.length:self.length + n].write(values[:n]).result()
+            self.digest.update(np.ascontiguousarray(values[:n], self.dtype).tobytes())
             self.length += n
         rest = values[n:]
         self.pending, self.pending_size = ([rest] if len(rest) else []), len(rest)
@@ -521,8 +267,8 @@ def _shard_rows(plan: dict, index: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int, num_genes: int,
-                    stats: dict) -> dict[str, bytes]:
+def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
+                    num_genes: int) -> dict[str, bytes]:
     """The shard's zarr group files other than X's arrays, rendered in memory with anndata."""
     import zarr
     from anndata.io import write_elem
@@ -531,8 +277,7 @@ def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3)
-        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
-                           store_lib.SHARD_ATTRIBUTE: stats})
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         write_elem(root, "obs", obs)
         write_elem(root, "var", pd.DataFrame(index=pd.Index(vocab_symbols, name="gene_name")))
         x = root.create_group("X")
@@ -585,18 +330,17 @@ class _Aligner:
 _OPEN_SOURCES: dict = {}
 
 
-def _open_source(meta: dict, allow_non_integer: bool, obs_columns: list[str]) -> _Source:
+def _open_source(meta: dict, allow_non_integer: bool, obs_columns: list[str]) -> Source:
     """Inputs stay open between the shards a process writes (opening reads the whole obs)."""
-    from scfm_jax.data.soma_source import SomaInput, SomaSource
     key = (meta["path"], meta["layer"], allow_non_integer, json.dumps(meta.get("soma")))
     if key not in _OPEN_SOURCES:
         while len(_OPEN_SOURCES) >= 4:
             _OPEN_SOURCES.pop(next(iter(_OPEN_SOURCES))).close()
-        if meta["kind"] == "soma":
+        if meta["kind"] == SomaSource.kind:
             _OPEN_SOURCES[key] = SomaSource(SomaInput(**meta["soma"]), meta["label"], obs_columns)
         else:
-            _OPEN_SOURCES[key] = _Source(meta["path"], meta["label"], meta["layer"] if
-                                         meta["kind"] == "anndata" else None, allow_non_integer)
+            _OPEN_SOURCES[key] = open_source(meta["path"], meta["label"], meta["layer"] if
+                                             meta["kind"] == "anndata" else None, allow_non_integer)
     return _OPEN_SOURCES[key]
 
 
@@ -656,18 +400,22 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     indptr = np.zeros(len(row_lengths) + 1, np.int64)
     np.cumsum(row_lengths, out=indptr[1:])
-    indptr_array = ts.open({"driver": "zarr3", "metadata": {
-        "shape": [len(indptr)], "data_type": "int64", "codecs": _codecs(plan["compression"]),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(len(indptr), 1)]}}}},
-        kvstore=target / "X/indptr/", create=True, delete_existing=True,
-        context=store_lib.context()).result()
-    indptr_array.write(indptr).result()
+    _create_array(target / "X/indptr/", "int64", len(indptr), len(indptr),
+                  plan["compression"]).write(indptr).result()
     obs = pd.concat(obs_parts) if obs_parts else pd.DataFrame()
     obs = obs[["source", "source_row"] + list(plan["obs_columns"])]
+    chunks = -(-nnz // plan["chunk_elements"])
     stats = {"index": index, "num_cells": int(len(row_lengths)), "nnz": int(nnz),
-             "skipped_empty": skipped}
-    files = _metadata_files(obs, list(symbols), len(row_lengths), num_genes, stats)
-    root = files.pop("zarr.json")
+             "skipped_empty": skipped, "chunks": {"data": chunks, "indices": chunks, "indptr": 1},
+             "sha256": {"data": data.digest.hexdigest(), "indices": indices.digest.hexdigest(),
+                        "indptr": hashlib.sha256(indptr.astype("<i8").tobytes()).hexdigest()}}
+    files = _metadata_files(obs, list(symbols), len(row_lengths), num_genes)
+    root = json.loads(files.pop("zarr.json"))
+    written = {n: target.read(n).result().value
+               for n in ("X/data/zarr.json", "X/indices/zarr.json", "X/indptr/zarr.json")}
+    stats["files"] = {n: store_lib.sha256(v) for n, v in sorted((files | written).items())}
+    root["attributes"][store_lib.SHARD_ATTRIBUTE] = stats
+    root = json.dumps(root, indent=2).encode()
     for name, value in sorted(files.items()):
         target.write(name, value).result()
     target.write("zarr.json", root).result()   # last: commits the shard
@@ -742,7 +490,6 @@ def _plan_for_compare(plan: dict) -> dict:
 @contextlib.contextmanager
 def _materialised(inputs):
     """Paths for the inputs; in-memory AnnData objects are written to temporary .h5ad files."""
-    from scfm_jax.data.soma_source import SomaInput
     paths, labels, tmp = [], [], None
     try:
         for i, item in enumerate(inputs):
@@ -784,13 +531,14 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
     if workers > 1 and local is None and not url.startswith(("gs://", "s3://", "http")):
         raise ValueError(f"--workers {workers} cannot share the in-process store {url}; use 1")
     with _materialised(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]) as (paths, labels):
+        kvstore = store_lib.open_kvstore(url)
+        _check_output(url, local, kvstore, paths)
         plan, vocab = build_plan(
             paths, vocabulary=vocabulary, gene_column=gene_column, layer=layer,
             obs=None if obs is None else list(obs), shard_size=shard_size,
             min_coverage=min_coverage, allow_non_integer=allow_non_integer,
             chunk_elements=chunk_elements, compression=compression,
             labels=labels if any(labels) else None, progress=progress)
-        kvstore = store_lib.open_kvstore(url)
         existing = store_lib.read_json(kvstore, PLAN)
         if existing is not None and _plan_for_compare(existing) != _plan_for_compare(plan):
             if not overwrite:
@@ -826,10 +574,8 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
         finalized = num_tasks == 1
         manifest = finalize(url) if finalized else None
         for source in plan["sources"]:
-            if source["kind"] == "10x-mtx":
-                for name in ("matrix.mtx.gz", "matrix.mtx"):
-                    if (Path(source["path"]) / name).exists():
-                        shutil.rmtree(_mtx_cache(Path(source["path"]) / name), ignore_errors=True)
+            if source["kind"] != SomaSource.kind:
+                reader_for(source["kind"]).discard_cache(source["path"])
     cells = manifest["num_cells"] if manifest else sum(
         _shard_rows_count(plan, k) for k in mine)
     return ConversionSummary(
@@ -855,11 +601,55 @@ def _remove_stale_temporaries(local: Path, mine: list[int]):
             shutil.rmtree(entry, ignore_errors=True)
 
 
+_OWN_FILES = (PLAN, store_lib.MANIFEST, store_lib.GENES)
+_OWN_SHARD = re.compile(r"shards/(\d{5}|\.tmp-\d{5}-[0-9a-f]{32})\.zarr/")
+
+
+def _foreign_keys(kvstore: ts.KvStore) -> list[str]:
+    """Keys of the output that a conversion did not write (what --overwrite must never delete)."""
+    keys = [k.decode() for k in kvstore.list().result()]
+    return sorted(k for k in keys if k not in _OWN_FILES and not _OWN_SHARD.match(k))
+
+
+def _check_output(url: str, local: Path | None, kvstore: ts.KvStore, inputs: list[str]):
+    """Refuse an --output that holds an input, sits inside one, or holds files not of a store."""
+    if local is not None:
+        if local.exists() and not local.is_dir():
+            raise InputError(f"--output {url} is a file; name a folder for the store")
+        for path in inputs:
+            if isinstance(path, SomaInput):
+                if path.uri is None or "://" in path.uri:
+                    continue
+                path = path.uri
+            source = Path(path).resolve()
+            if source == local or local in source.parents:
+                raise InputError(f"--output {url} contains the input {path}; choose an --output "
+                                 "folder outside the inputs")
+            if source in local.parents:
+                raise InputError(f"--output {url} is inside the input {path}; choose an --output "
+                                 "folder outside the inputs")
+        if not local.exists():
+            return
+    foreign = _foreign_keys(kvstore)
+    if foreign:
+        raise InputError(f"--output {url} holds {len(foreign)} files that are not part of a cell "
+                         f"store (e.g. {foreign[0]!r}); nothing was changed. Choose a new or empty "
+                         "--output folder")
+
+
 def _delete_store(kvstore: ts.KvStore, local: Path | None):
-    if local is not None and local.exists():
-        shutil.rmtree(local)
-    else:
-        kvstore.delete_range(ts.KvStore.KeyRange()).result()
+    """Delete what a conversion wrote, and only that (`_check_output` ran before)."""
+    for key in _OWN_FILES:
+        kvstore.write(key, None).result()   # None deletes the key
+    shards = {m.group(0) for k in kvstore.list(range=ts.KvStore.KeyRange("shards/", "shards0"))
+              .result() if (m := _OWN_SHARD.match(k.decode()))}
+    for prefix in sorted(shards):
+        kvstore.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+        if local is not None:   # the file kvstore leaves the emptied folders behind
+            folder = local / prefix
+            for empty in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
 
 
 def finalize(output) -> dict:
@@ -876,8 +666,8 @@ def finalize(output) -> dict:
         if stats is None:
             missing.append(k)
         else:
-            shards.append({"key": store_lib.shard_key(k), "num_cells": stats["num_cells"],
-                           "nnz": stats["nnz"]})
+            shards.append({"key": store_lib.shard_key(k)} | {
+                name: stats[name] for name in ("num_cells", "nnz", "chunks", "sha256", "files")})
     if missing:
         raise InputError(f"{url}: {len(missing)} of {plan['num_shards']} shards are not complete "
                          f"(e.g. {missing[:5]}); run the missing --task-index jobs (or convert "
@@ -938,9 +728,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _soma_inputs(args) -> list | None:
+def _soma_inputs(args) -> list[SomaInput] | None:
     """The SOMA inputs the options name, or None when the inputs are files."""
-    from scfm_jax.data.soma_source import SomaInput
     if not (args.soma or args.census):
         if args.obs_filter or args.census_uri:
             raise InputError("--obs-filter / --census-uri apply to SOMA inputs; add --soma or "

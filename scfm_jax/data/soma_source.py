@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scfm_jax.data.convert import _READ_ELEMENTS, InputError
+from scfm_jax.data.readers import _READ_ELEMENTS, InputError, Source
 
 INSTALL_HINT = 'SOMA / Census inputs need tiledbsoma: pip install -e ".[census]"'
 
@@ -76,15 +76,18 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-class SomaSource:
-    """The cells of one SOMA query, with the converter's input interface (see the module doc)."""
+class SomaSource(Source):
+    """The cells of one SOMA query, with the converter's input interface (see the module doc).
+
+    Not in `readers.READERS`: a SOMA input is a `SomaInput` (measurement, layer, filter), not a
+    path to sniff."""
 
     kind = "soma"
 
     def __init__(self, spec: SomaInput, label: str, obs_columns: list[str] | None):
         tiledbsoma = _tiledbsoma()
-        self.spec, self.label = spec, label
-        self.path = str(spec.uri) if spec.census is None else spec.label
+        super().__init__(str(spec.uri) if spec.census is None else spec.label, label)
+        self.spec = spec
         self._experiment, self._handle = _open_experiment(spec)
         try:
             self._setup(tiledbsoma, obs_columns)

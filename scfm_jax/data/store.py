@@ -8,7 +8,14 @@ A store is a folder or any TensorStore kvstore URL (`gs://bucket/x/`, `memory://
                              X (CSR: data float32 counts, indices int32 sorted vocabulary positions,
                              indptr int64), obs (categorical columns, source, source_row), var
 
-`anndata.read_zarr(shard)` opens a shard as an ordinary AnnData. The reader keeps each shard's
+`anndata.read_zarr(shard)` opens a shard as an ordinary AnnData.
+
+A store knows what it holds: every chunk of X carries a CRC32C (zarr's `crc32c` codec), every chunk
+is written (none is left to the fill value), and the manifest lists each shard's cells, non-zeros,
+chunk counts, the SHA-256 of its X arrays and of every other file. `CellStore.open` checks that every
+file is present; loading a shard's indptr checks it against the shard's cell and non-zero counts;
+reading a page checks the CRCs of its chunks, and a missing chunk is an error (TensorStore's
+`fill_missing_data_reads=False`), never zeros. `verify` (`scfm-jax verify STORE`) checks the rest. The reader keeps each shard's
 indptr in memory (row lengths are free) and fetches rows with asynchronous TensorStore reads, one
 per page of requested cells, all in flight at once: on cloud storage latency, not
 bandwidth, is what limits a random-access loader. Rows come in pages of contiguous cells kept
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -29,7 +37,7 @@ import tensorstore as ts
 from scfm_jax.data.vocabulary import Vocabulary
 
 FORMAT_NAME = "scfm-cell-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: CRC32C per X chunk, every chunk stored, per-shard file digests
 MANIFEST = "manifest.json"
 GENES = "genes.tsv"
 # A shard's root `zarr.json` is written last and carries its stats under this attribute: its presence
@@ -89,6 +97,17 @@ def read_json(kvstore: ts.KvStore, key: str) -> dict | None:
     return json.loads(result.value) if result.state == "value" else None
 
 
+class StoreDamaged(ValueError):
+    """Data of a store is missing or damaged; the message names the shard and the file."""
+
+    def __init__(self, url, shard: str, name: str, problem):
+        self.shard, self.name, self.problem = shard.rstrip("/"), name, str(problem)
+        super().__init__(f"{url}: shard {self.shard} is damaged: {name}: {problem}. Run "
+                         f"`scfm-jax verify {url}` to list every damaged shard, then convert the "
+                         "inputs again (with --overwrite) to repair the store")
+
+
+
 def shard_key(index: int) -> str:
     return f"shards/{index:05d}.zarr/"
 
@@ -97,6 +116,30 @@ def shard_stats(kvstore: ts.KvStore, index: int) -> dict | None:
     """A complete shard's stats (cells, nnz, skipped), or None while it is missing or partial."""
     root = read_json(kvstore, shard_key(index) + "zarr.json")
     return None if root is None else root.get("attributes", {}).get(SHARD_ATTRIBUTE)
+
+
+def expected_files(shard: dict) -> list[str]:
+    """Every file of a shard, relative to the shard's key, as its manifest entry lists them."""
+    names = list(shard["files"])
+    for array, chunks in shard["chunks"].items():
+        names += [f"X/{array}/c/{i}" for i in range(chunks)]
+    return names
+
+
+def missing_files(kvstore: ts.KvStore, shards: list[dict]) -> dict[str, list[str]]:
+    """shard key -> its files that are not in the kvstore (one listing of `shards/`)."""
+    present = {k.decode() for k in kvstore.list(range=ts.KvStore.KeyRange("shards/", "shards0"))
+               .result()}
+    missing = {}
+    for shard in shards:
+        absent = [n for n in expected_files(shard) if shard["key"] + n not in present]
+        if absent:
+            missing[shard["key"]] = absent
+    return missing
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclasses.dataclass
@@ -121,23 +164,42 @@ class SparseRows:
 
 
 class _Shard:
-    def __init__(self, kvstore: ts.KvStore, key: str):
-        self.kvstore = kvstore / key
+    def __init__(self, url: str, kvstore: ts.KvStore, entry: dict):
+        self.url, self.entry, self.key = url, entry, entry["key"]
+        self.kvstore = kvstore / self.key
         self._indptr = None
         self._arrays = None
         self._obs: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
+    def damaged(self, name: str, problem) -> StoreDamaged:
+        return StoreDamaged(self.url, self.key, name, problem)
+
     def _open(self, name: str) -> ts.TensorStore:
-        return ts.open({"driver": "zarr3"}, kvstore=self.kvstore / f"{name}/", open=True,
-                       context=context()).result()
+        self.check_files(f"{name}/zarr.json")
+        try:
+            return ts.open({"driver": "zarr3", "fill_missing_data_reads": False},
+                           kvstore=self.kvstore / f"{name}/", open=True, context=context()).result()
+        except Exception as e:   # TensorStore raises ValueError with the file and the cause
+            raise self.damaged(f"{name}/zarr.json", e) from None
+
+    def read(self, name: str, array: ts.TensorStore, future=None) -> np.ndarray:
+        """Wait for a read of `array` (all of it without `future`); damage names the file."""
+        try:
+            return (future if future is not None else array.read()).result()
+        except Exception as e:
+            raise self.damaged(name, e) from None
 
     @property
     def indptr(self) -> np.ndarray:
         if self._indptr is None:
             with self._lock:
                 if self._indptr is None:
-                    self._indptr = self._open("X/indptr").read().result()
+                    indptr = self.read("X/indptr", self._open("X/indptr"))
+                    problem = indptr_problem(indptr, self.entry["num_cells"], self.entry["nnz"])
+                    if problem:
+                        raise self.damaged("X/indptr", problem)
+                    self._indptr = indptr
         return self._indptr
 
     @property
@@ -148,12 +210,38 @@ class _Shard:
                     self._arrays = (self._open("X/data"), self._open("X/indices"))
         return self._arrays
 
+    def check_files(self, prefix: str):
+        """Compare the bytes of the shard's files under `prefix` with the manifest's digests."""
+        names = [n for n in self.entry["files"] if n.startswith(prefix)]
+        reads = {n: self.kvstore.read(n) for n in names}
+        for name, future in reads.items():
+            result = future.result()
+            if result.state != "value":
+                raise self.damaged(name, "missing")
+            if sha256(result.value) != self.entry["files"][name]:
+                raise self.damaged(name, "its content does not match the manifest's SHA-256")
+
     def obs_codes(self, column: str) -> np.ndarray:
         codes = self._obs.get(column)
         if codes is None:
-            codes = self._open(f"obs/{column}/codes").read().result().astype(np.int32)
+            name = f"obs/{column}/codes"
+            self.check_files(name + "/")
+            codes = self.read(name, self._open(name)).astype(np.int32)
+            if len(codes) != self.entry["num_cells"]:
+                raise self.damaged(name, f"{len(codes)} codes for {self.entry['num_cells']} cells")
             self._obs[column] = codes
         return codes
+
+
+def indptr_problem(indptr: np.ndarray, num_cells: int, nnz: int) -> str | None:
+    """Why an indptr does not fit a shard of `num_cells` cells and `nnz` non-zeros (or None)."""
+    if len(indptr) != num_cells + 1:
+        return f"{len(indptr)} entries for {num_cells} cells"
+    if indptr[0] != 0 or indptr[-1] != nnz:
+        return f"spans [{indptr[0]}, {indptr[-1]}) but the shard holds {nnz} non-zeros"
+    if np.any(np.diff(indptr) < 0):
+        return "decreases"
+    return None
 
 
 class _PageCache:
@@ -194,7 +282,7 @@ class CellStore:
         self.vocabulary = vocabulary
         counts = [s["num_cells"] for s in manifest["shards"]]
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self._shards = [_Shard(kvstore, s["key"]) for s in manifest["shards"]]
+        self._shards = [_Shard(url, kvstore, s) for s in manifest["shards"]]
         self.page_cells = page_cells
         self._pages_per_shard = -(-max(counts, default=1) // page_cells)
         self._pages = _PageCache(cache_bytes)
@@ -215,7 +303,7 @@ class CellStore:
         if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{url}: format {manifest.get('format')!r} version "
                              f"{manifest.get('format_version')!r}; this reader reads {FORMAT_NAME} "
-                             f"version {FORMAT_VERSION}")
+                             f"version {FORMAT_VERSION} (convert the inputs again)")
         genes = kvstore.read(GENES).result()
         vocabulary = Vocabulary.from_text(genes.value.decode(), manifest["vocabulary"]["name"],
                                           source=f"{url}/{GENES}")
@@ -223,6 +311,12 @@ class CellStore:
             raise ValueError(f"{url}: {GENES} (digest {vocabulary.digest[:12]}) does not match the "
                              f"manifest's vocabulary digest {manifest['vocabulary']['digest'][:12]}; "
                              "the store is corrupt, convert it again")
+        missing = missing_files(kvstore, manifest["shards"])
+        if missing:
+            key, names = next(iter(missing.items()))
+            more = f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""
+            raise StoreDamaged(url, key, names[0], f"missing ({len(names)} of the shard's files "
+                           f"are missing{more})")
         return cls(str(url), kvstore, manifest, vocabulary, page_cells, cache_bytes)
 
     @property
@@ -316,7 +410,8 @@ class CellStore:
         data_future, indices_future = data[lo:hi].read(), indices[lo:hi].read()
 
         def wait():
-            page_counts, page_genes = data_future.result(), indices_future.result()
+            page_counts = s.read("X/data", data, data_future)
+            page_genes = s.read("X/indices", indices, indices_future)
             page_counts.flags.writeable = page_genes.flags.writeable = False   # shared views
             return page_counts, page_genes, lo, _row_sums(page_counts, indptr[first:last + 1] - lo)
         return wait
