@@ -42,6 +42,8 @@ setup(
         # libtpu, the TPU compiler, at the version the installed jax pins: `scfm-jax plan`
         # compiles for TPU slices on any machine (no TPU needed) and runs on TPU VMs.
         "tpu": ["jax[tpu]"],
+        # `scfm-jax convert --soma / --census`: TileDB-SOMA experiments and the CELLxGENE Census
+        "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],
         "dev": [
             "torch>=2.1",
             "pytest>=8",
@@ -50,6 +52,9 @@ setup(
             "nbformat",
             "ipykernel",
             "umap-learn",
+            "tiledbsoma>=1.15",   # tests/test_data_soma.py
+            "moto[server]>=5",    # tests/test_object_store.py: a local S3 server
+            "boto3",
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},

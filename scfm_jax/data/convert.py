@@ -43,6 +43,7 @@ import tensorstore as ts
 from scfm_jax.data import store as store_lib
 from scfm_jax.data.readers import (InputError, Source, file_digest, first_non_integer, open_source,
                                    reader_for)
+from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
 from scfm_jax.errors import UsageError
@@ -140,6 +141,9 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
     sources = []
     try:
         for i, path in enumerate(inputs):
+            if isinstance(path, SomaInput):
+                sources.append(SomaSource(path, _source_label(path.label, taken), obs))
+                continue
             if not Path(path).exists():
                 raise InputError(f"{path}: no such file or folder")
             label = labels[i] if labels else _source_label(path, taken)
@@ -170,11 +174,14 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
                 alignment.check_coverage(scan["gene_totals"], min_coverage, where=s.path)
             except CoverageError as e:
                 raise InputError(str(e)) from None
+            soma = isinstance(s, SomaSource)
             plan_sources.append({
-                "path": str(Path(s.path).resolve()), "label": s.label, "kind": s.kind,
-                "layer": s.layer, "rows": s.num_rows, "sha256": file_digest(Path(s.path)),
+                "path": s.path if soma else str(Path(s.path).resolve()), "label": s.label,
+                "kind": s.kind, "layer": s.layer, "rows": s.num_rows,
+                "sha256": s.identity() if soma else file_digest(Path(s.path)),
                 "empty_rows": scan["empty_rows"], "alignment": alignment.report.to_dict(),
-                "positions": alignment.positions.tolist()})
+                "positions": alignment.positions.tolist()} | ({"soma": s.spec.to_dict()} if soma
+                                                              else {}))
         if bar is not None:
             bar.close()
     finally:
@@ -324,14 +331,17 @@ class _Aligner:
 _OPEN_SOURCES: dict = {}
 
 
-def _open_source(meta: dict, allow_non_integer: bool) -> Source:
+def _open_source(meta: dict, allow_non_integer: bool, obs_columns: list[str]) -> Source:
     """Inputs stay open between the shards a process writes (opening reads the whole obs)."""
-    key = (meta["path"], meta["layer"], allow_non_integer)
+    key = (meta["path"], meta["layer"], allow_non_integer, json.dumps(meta.get("soma")))
     if key not in _OPEN_SOURCES:
         while len(_OPEN_SOURCES) >= 4:
             _OPEN_SOURCES.pop(next(iter(_OPEN_SOURCES))).close()
-        _OPEN_SOURCES[key] = open_source(meta["path"], meta["label"], meta["layer"] if meta["kind"] ==
-                                         "anndata" else None, allow_non_integer)
+        if meta["kind"] == SomaSource.kind:
+            _OPEN_SOURCES[key] = SomaSource(SomaInput(**meta["soma"]), meta["label"], obs_columns)
+        else:
+            _OPEN_SOURCES[key] = open_source(meta["path"], meta["label"], meta["layer"] if
+                                             meta["kind"] == "anndata" else None, allow_non_integer)
     return _OPEN_SOURCES[key]
 
 
@@ -359,7 +369,7 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
     skipped = 0
     for source_index, first, stop in _shard_rows(plan, index):
         meta = plan["sources"][source_index]
-        source = _open_source(meta, plan["allow_non_integer"])
+        source = _open_source(meta, plan["allow_non_integer"], plan["obs_columns"])
         positions = np.asarray(meta["positions"], np.int64)
         aligner = _Aligner(positions, num_genes)
         empty = np.asarray(meta["empty_rows"], np.int64)
@@ -377,7 +387,7 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
             kept_rows = np.arange(start, end)[keep]
             part = {"source": pd.Categorical.from_codes(
                         np.full(len(kept_rows), source_index), plan["obs"]["source"]),
-                    "source_row": kept_rows.astype(np.int64)}
+                    "source_row": source.source_rows(kept_rows).astype(np.int64)}
             for column in plan["obs_columns"]:
                 values = source.obs[column].iloc[kept_rows]
                 values = values.astype(str).where(values.notna(), "nan")
@@ -484,8 +494,8 @@ def _materialised(inputs):
     paths, labels, tmp = [], [], None
     try:
         for i, item in enumerate(inputs):
-            if isinstance(item, (str, os.PathLike)):
-                paths.append(str(item))
+            if isinstance(item, (str, os.PathLike, SomaInput)):
+                paths.append(item if isinstance(item, SomaInput) else str(item))
                 labels.append(None)
             else:
                 if tmp is None:
@@ -565,7 +575,8 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
         finalized = num_tasks == 1
         manifest = finalize(url) if finalized else None
         for source in plan["sources"]:
-            reader_for(source["kind"]).discard_cache(source["path"])
+            if source["kind"] != SomaSource.kind:
+                reader_for(source["kind"]).discard_cache(source["path"])
     cells = manifest["num_cells"] if manifest else sum(
         _shard_rows_count(plan, k) for k in mine)
     return ConversionSummary(
@@ -607,6 +618,10 @@ def _check_output(url: str, local: Path | None, kvstore: ts.KvStore, inputs: lis
         if local.exists() and not local.is_dir():
             raise InputError(f"--output {url} is a file; name a folder for the store")
         for path in inputs:
+            if isinstance(path, SomaInput):
+                if path.uri is None or "://" in path.uri:
+                    continue
+                path = path.uri
             source = Path(path).resolve()
             if source == local or local in source.parents:
                 raise InputError(f"--output {url} contains the input {path}; choose an --output "
@@ -701,7 +716,34 @@ def _parser() -> argparse.ArgumentParser:
                    help="only write the manifest once all tasks' shards are complete")
     p.add_argument("--overwrite", action="store_true", help="replace a store of other inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    soma = p.add_argument_group("TileDB-SOMA / CELLxGENE Census inputs (pip install -e \".[census]\")")
+    soma.add_argument("--soma", action="store_true",
+                      help="the inputs are SOMA experiments (paths or URIs); --layer is the X layer")
+    soma.add_argument("--census", metavar="VERSION",
+                      help="convert the CELLxGENE Census of this version (e.g. stable)")
+    soma.add_argument("--census-uri", help="where the Census is (default: its public location)")
+    soma.add_argument("--organism", default="homo_sapiens", help="Census experiment (%(default)s)")
+    soma.add_argument("--measurement", default="RNA", help="SOMA measurement (%(default)s)")
+    soma.add_argument("--obs-filter", help="SOMA obs value filter, e.g. "
+                                           "\"is_primary_data == True and tissue_general == 'blood'\"")
     return p
+
+
+def _soma_inputs(args) -> list[SomaInput] | None:
+    """The SOMA inputs the options name, or None when the inputs are files."""
+    if not (args.soma or args.census):
+        if args.obs_filter or args.census_uri:
+            raise InputError("--obs-filter / --census-uri apply to SOMA inputs; add --soma or "
+                             "--census VERSION")
+        return None
+    options = dict(measurement=args.measurement, layer=args.layer or "raw",
+                   obs_filter=args.obs_filter)
+    if args.census:
+        if args.inputs:
+            raise InputError("--census converts the Census itself; drop the positional inputs")
+        return [SomaInput(args.census_uri, census=args.census, organism=args.organism, **options)]
+    return [SomaInput(uri if "://" in uri else str(Path(uri).resolve()), **options)
+            for uri in args.inputs]
 
 
 def main(argv=None) -> int:
@@ -712,15 +754,17 @@ def main(argv=None) -> int:
         print(f"finalized {args.output}: {manifest['num_cells']} cells in "
               f"{len(manifest['shards'])} shards, {manifest['nnz']} non-zeros")
         return 0
-    if not args.inputs:
+    soma_inputs = _soma_inputs(args)
+    if not args.inputs and not soma_inputs:
         raise UsageError("give at least one input (or --finalize)")
     summary = convert(
-        args.inputs, args.output, vocabulary=args.vocabulary, gene_column=args.gene_column,
-        layer=args.layer, obs=None if args.obs is None else
-        [c for c in args.obs.split(",") if c], shard_size=args.shard_size,
-        min_coverage=args.min_coverage, allow_non_integer=args.allow_non_integer,
-        workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        soma_inputs or args.inputs, args.output, vocabulary=args.vocabulary,
+        gene_column=args.gene_column, layer=None if soma_inputs else args.layer,
+        obs=None if args.obs is None else [c for c in args.obs.split(",") if c],
+        shard_size=args.shard_size, min_coverage=args.min_coverage,
+        allow_non_integer=args.allow_non_integer, workers=args.workers,
+        task_index=args.task_index, num_tasks=args.num_tasks, overwrite=args.overwrite,
+        progress=not args.no_progress,
         compression=None if args.compression == "none" else args.compression)
     print(summary.table())
     return 0

@@ -74,8 +74,22 @@ def kvstore_url(url: str | os.PathLike) -> str:
     return text if text.endswith("/") else text + "/"
 
 
+def kvstore_spec(url: str | os.PathLike) -> str | dict:
+    """What TensorStore opens for a store URL: the URL itself, except `s3://` when the AWS SDK's
+    endpoint override (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`: MinIO, a local server...) is
+    set, which TensorStore's URL syntax cannot carry."""
+    text = kvstore_url(url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not (text.startswith("s3://") and endpoint):
+        return text
+    bucket, _, path = text[len("s3://"):].partition("/")
+    spec = {"driver": "s3", "bucket": bucket, "path": path, "endpoint": endpoint}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return spec | ({"aws_region": region} if region else {})
+
+
 def open_kvstore(url: str | os.PathLike) -> ts.KvStore:
-    return ts.KvStore.open(kvstore_url(url), context=context()).result()
+    return ts.KvStore.open(kvstore_spec(url), context=context()).result()
 
 
 def read_json(kvstore: ts.KvStore, key: str) -> dict | None:
