@@ -1,0 +1,328 @@
+"""Exact softmax attention for both models, with a choice of implementation.
+
+`dot_product_attention(q, k, v, key_lengths=..., is_causal=..., implementation=...)` computes
+softmax(q k^T / sqrt(d)) v over [B, L, H, d] inputs, attending only the first `key_lengths[b]`
+keys of row b (every query row attends, pads included, as the hand-written masked softmax of
+scFoundation's encoder did) and, with `is_causal`, only keys at or before the query (scMulan).
+
+Implementations (`model.attention_impl`):
+  "xla"        `jax.nn.dot_product_attention` (XLA ops; memory quadratic in L)
+  "cudnn"      the same call with cuDNN flash attention (NVIDIA GPUs, float16/bfloat16)
+  "pallas"     the Pallas flash-attention kernels that ship with JAX: TPU (Mosaic) on TPU, Triton on
+               GPU; on CPU the TPU kernel runs in Pallas interpret mode (slow: for checking only)
+  "blockwise"  an online-softmax over query and key blocks under `lax.map`/`lax.scan` with a
+               flash-attention custom VJP: memory linear in L in the forward and the backward pass
+  "auto"       by platform: blockwise on CPU, pallas on TPU, cudnn on GPU for 16-bit inputs
+               (blockwise otherwise); blockwise whenever attention dropout is on.
+
+Rows whose every key is masked average all L values (a finite mask value), as the reference did.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise")
+MASK_VALUE = -1e30  # finite, so a row without keys averages instead of NaN
+DEFAULT_BLOCK_SIZE = 512
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention_impl must be one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    return implementation
+
+
+def resolve_implementation(implementation: str, dtype, *, dropout: bool = False,
+                           platform: str | None = None) -> str:
+    """The implementation "auto" stands for on `platform` (default: JAX's default backend)."""
+    check_implementation(implementation)
+    if implementation != "auto":
+        return implementation
+    platform = platform or jax.default_backend()
+    if dropout or platform == "cpu":
+        return "blockwise"
+    if platform == "tpu":
+        return "pallas"
+    if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
+        return "cudnn"
+    return "blockwise"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          key_lengths: jax.Array | None = None, is_causal: bool = False,
+                          implementation: str = "auto", dropout_rate: float = 0.0,
+                          dropout_key: jax.Array | None = None,
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
+    """Softmax attention over [B, L, H, d] q and [B, S, H, d] k, v; returns [B, L, H, d].
+
+    `key_lengths` [B]: row b attends its first key_lengths[b] keys. Dropout (rate > 0 with a key)
+    hits the attention weights, as torch's MultiheadAttention; only "xla" and "blockwise" have it.
+    `block_size`: query/key block of the blockwise path (its memory is ~B*H*block^2 floats).
+    """
+    dropout = dropout_key is not None and dropout_rate > 0
+    impl = resolve_implementation(implementation, q.dtype, dropout=dropout)
+    if dropout and impl not in ("xla", "blockwise"):
+        raise ValueError(f"attention dropout is implemented by 'xla' and 'blockwise', not {impl!r}")
+    if key_lengths is not None:
+        key_lengths = jnp.asarray(key_lengths, jnp.int32)
+    if impl == "xla":
+        if dropout:
+            return _dense_attention(q, k, v, key_lengths, is_causal, dropout_rate, dropout_key)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                            key_value_seq_lengths=key_lengths, implementation="xla")
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                            key_value_seq_lengths=key_lengths,
+                                            implementation="cudnn")
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, key_lengths, is_causal)
+    if block_size <= 0:
+        raise ValueError(f"attention block_size must be positive, got {block_size}")
+    if key_lengths is None:
+        key_lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+    if not dropout:
+        dropout_rate, dropout_key = 0.0, jax.random.key(0)
+    return _blockwise(q, k, v, key_lengths, dropout_key, is_causal, float(dropout_rate),
+                      min(block_size, q.shape[1]), min(block_size, k.shape[1]))
+
+
+def _dense_attention(q, k, v, key_lengths, is_causal, dropout_rate, dropout_key):
+    """The [B, H, L, S] reference with dropout on the weights, normalised after the value product."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k,
+                        preferred_element_type=jnp.float32)
+    logits = jnp.where(_valid(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), key_lengths,
+                              is_causal), logits, MASK_VALUE)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1)
+    weights = _drop(weights, dropout_rate, dropout_key)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / jnp.transpose(total, (0, 2, 1))[..., None]).astype(v.dtype)
+
+
+def _valid(q_pos, k_pos, key_lengths, is_causal):
+    """[B or 1, 1, bq, bk] mask of the keys each query may attend."""
+    valid = jnp.ones((1, 1, q_pos.shape[0], k_pos.shape[0]), jnp.bool_)
+    if key_lengths is not None:
+        valid = valid & (k_pos[None, None, None, :] < key_lengths[:, None, None, None])
+    if is_causal:
+        valid = valid & (k_pos[None, None, None, :] <= q_pos[None, None, :, None])
+    return valid
+
+
+def _drop(weights, rate, key):
+    if key is None or rate <= 0:
+        return weights
+    keep = jax.random.bernoulli(key, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+# ------------------------------------------------------------------------------------ pallas
+
+def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpret=None):
+    """The Pallas flash-attention kernel of the platform ("mosaic" on TPU and CPU, "triton" on GPU),
+    inputs padded to its block multiple; interpret mode off TPU and GPU."""
+    platform = jax.default_backend()
+    variant = variant or ("triton" if platform in ("gpu", "cuda", "rocm") else "mosaic")
+    interpret = platform not in ("tpu", "gpu", "cuda", "rocm") if interpret is None else interpret
+    batch, length, _, head_dim = q.shape
+    kv_length = k.shape[1]
+    block = 128
+    pad_q, pad_k = -length % block, -kv_length % block
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n), (0, 0), (0, 0)])
+    lengths = (jnp.full((batch,), kv_length, jnp.int32) if key_lengths is None else key_lengths)
+    kv_segment = (jnp.arange(kv_length + pad_k)[None] < lengths[:, None]).astype(jnp.int32)
+    scale = head_dim ** -0.5
+    if variant == "triton":
+        from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+        if length != kv_length:
+            raise ValueError("the Triton attention kernel needs queries and keys of one length")
+        # The Triton kernel takes one segment array for queries and keys: pad queries attend
+        # the pad keys here (their outputs differ from the other paths; the models never read them).
+        out = gpu_attention.mha(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), kv_segment,
+                                sm_scale=scale, causal=is_causal, interpret=interpret)
+        return out[:, :length]
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
+    to_heads = lambda x, n: jnp.transpose(pad(x, n), (0, 2, 1, 3))
+    segments = tpu_attention.SegmentIds(q=jnp.ones((batch, length + pad_q), jnp.int32),
+                                        kv=kv_segment)
+    sizes = tpu_attention.BlockSizes(
+        block_q=block, block_k_major=block, block_k=block, block_b=1,
+        block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
+        block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
+    call = functools.partial(tpu_attention.flash_attention, to_heads(q, pad_q), to_heads(k, pad_k),
+                             to_heads(v, pad_k), segment_ids=segments, causal=is_causal,
+                             sm_scale=scale, block_sizes=sizes)
+    if interpret:
+        with pltpu.force_tpu_interpret_mode():
+            out = call()
+    else:
+        out = call()
+    return jnp.transpose(out, (0, 2, 1, 3))[:, :length]
+
+
+# --------------------------------------------------------------------------------- blockwise
+
+def _blocks(x, block):
+    """[B, L, ...] -> [L / block, B, block, ...], zero-padded at the end of L."""
+    pad = -x.shape[1] % block
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x, length):
+    """Inverse of `_blocks`: [n, B, block, ...] -> [B, length, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+class _Tiling:
+    """Positions and masks of one (query block, key block) pair."""
+
+    def __init__(self, q_index, k_index, block_q, block_k, kv_length, key_lengths, is_causal):
+        self.q_pos = q_index * block_q + jnp.arange(block_q)
+        self.k_pos = k_index * block_k + jnp.arange(block_k)
+        self.in_range = (self.k_pos < kv_length)[None, None, None, :]
+        self.valid = _valid(self.q_pos, self.k_pos, key_lengths, is_causal)
+        # a causal key block entirely after the query block contributes nothing
+        self.skip = (k_index * block_k > q_index * block_q + block_q - 1) if is_causal else False
+
+    def logits(self, q_block, k_block):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q_block, k_block, preferred_element_type=jnp.float32)
+        return jnp.where(self.valid, s, MASK_VALUE)
+
+
+def _keep_mask(dropout_key, q_index, k_index, num_k_blocks, rate, shape):
+    """1/(1-rate) where a weight is kept, 0 where dropped; one fold of the key per block pair."""
+    key = jax.random.fold_in(dropout_key, q_index * num_k_blocks + k_index)
+    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
+
+
+def _skip_or(skip, compute, carry):
+    if skip is False:
+        return compute(carry)
+    return jax.lax.cond(skip, lambda c: c, compute, carry)
+
+
+def _forward(q, k, v, key_lengths, dropout_key, is_causal, rate, block_q, block_k):
+    """Online softmax: (out [B, L, H, d], (row max, row sum) [B, H, L] each, float32).
+
+    The max and the sum are kept apart: for a row without keys the max is MASK_VALUE, which would
+    absorb log(sum) in a logsumexp."""
+    batch, length, heads, head_dim = q.shape
+    kv_length = k.shape[1]
+    qs = _blocks(q * jnp.asarray(head_dim ** -0.5, q.dtype), block_q)
+    ks, vs = _blocks(k, block_k), _blocks(v, block_k)
+    num_k = ks.shape[0]
+
+    def query_block(inputs):
+        i, q_block = inputs
+
+        def key_block(carry, inputs):
+            j, k_block, v_block = inputs
+            tiling = _Tiling(i, j, block_q, block_k, kv_length, key_lengths, is_causal)
+
+            def compute(carry):
+                running_max, total, acc = carry
+                s = tiling.logits(q_block, k_block)
+                new_max = jnp.maximum(running_max,
+                                      jnp.max(jnp.where(tiling.in_range, s, -jnp.inf), axis=-1))
+                p = jnp.where(tiling.in_range, jnp.exp(s - new_max[..., None]), 0.0)
+                rescale = jnp.exp(running_max - new_max)
+                total = total * rescale + jnp.sum(p, axis=-1)
+                if rate > 0:
+                    p = p * _keep_mask(dropout_key, i, j, num_k, rate, p.shape)
+                acc = acc * jnp.transpose(rescale, (0, 2, 1))[..., None] + jnp.einsum(
+                    "bhqk,bkhd->bqhd", p.astype(v.dtype), v_block,
+                    preferred_element_type=jnp.float32)
+                return new_max, total, acc
+
+            return _skip_or(tiling.skip, compute, carry), None
+
+        initial = (jnp.full((batch, heads, block_q), -jnp.inf, jnp.float32),
+                   jnp.zeros((batch, heads, block_q), jnp.float32),
+                   jnp.zeros((batch, block_q, heads, head_dim), jnp.float32))
+        (running_max, total, acc), _ = jax.lax.scan(key_block, initial,
+                                                    (jnp.arange(num_k), ks, vs))
+        out = acc / jnp.transpose(total, (0, 2, 1))[..., None]
+        return out.astype(v.dtype), jnp.stack([running_max, total], axis=-1)
+
+    out, stats = jax.lax.map(query_block, (jnp.arange(qs.shape[0]), qs))
+    return _unblocks(out, length), _unblocks(jnp.moveaxis(stats, 3, 2), length)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blockwise(q, k, v, key_lengths, dropout_key, is_causal, rate, block_q, block_k):
+    return _forward(q, k, v, key_lengths, dropout_key, is_causal, rate, block_q, block_k)[0]
+
+
+def _blockwise_fwd(q, k, v, key_lengths, dropout_key, is_causal, rate, block_q, block_k):
+    out, stats = _forward(q, k, v, key_lengths, dropout_key, is_causal, rate, block_q, block_k)
+    return out, (q, k, v, key_lengths, dropout_key, out, stats)
+
+
+def _blockwise_bwd(is_causal, rate, block_q, block_k, residuals, d_out):
+    """Flash-attention backward: the weights of each block pair are recomputed from the saved row
+    max and sum, so nothing of size L x S is kept."""
+    q, k, v, key_lengths, dropout_key, out, stats = residuals
+    length, head_dim = q.shape[1], q.shape[3]
+    kv_length = k.shape[1]
+    scale = head_dim ** -0.5
+    # D_i = sum_d dO_i O_i = sum_j P_ij dP_ij, the softmax Jacobian's row term
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, L, H]
+    qs = _blocks(q * jnp.asarray(scale, q.dtype), block_q)
+    dos, deltas = _blocks(d_out, block_q), _blocks(delta, block_q)
+    # max and 1 / sum per row; rows padded onto the last block get 1 / sum = 0, so p = 0 there
+    statss = _blocks(jnp.stack([stats[..., 0], 1.0 / stats[..., 1]], axis=-1), block_q)
+    ks, vs = _blocks(k, block_k), _blocks(v, block_k)
+    num_q, num_k = qs.shape[0], ks.shape[0]
+
+    def key_block(dq_all, inputs):
+        j, k_block, v_block = inputs
+
+        def query_block(carry, inputs):
+            i, q_block, do_block, stats_block, delta_block, dq_block = inputs
+            tiling = _Tiling(i, j, block_q, block_k, kv_length, key_lengths, is_causal)
+
+            def compute(state):
+                (dk, dv), dq_block = state
+                s = tiling.logits(q_block, k_block)
+                row_max, inverse_sum = (jnp.transpose(stats_block[..., n], (0, 2, 1))[..., None]
+                                        for n in range(2))
+                p = jnp.where(tiling.in_range, jnp.exp(s - row_max) * inverse_sum, 0.0)
+                dp = jnp.einsum("bqhd,bkhd->bhqk", do_block, v_block,
+                                preferred_element_type=jnp.float32)
+                if rate > 0:
+                    keep = _keep_mask(dropout_key, i, j, num_k, rate, p.shape)
+                    dropped, dp = p * keep, dp * keep
+                else:
+                    dropped = p
+                dv = dv + jnp.einsum("bhqk,bqhd->bkhd", dropped.astype(do_block.dtype), do_block,
+                                     preferred_element_type=jnp.float32)
+                ds = p * (dp - jnp.transpose(delta_block, (0, 2, 1))[..., None])
+                ds = jnp.where(tiling.valid & tiling.in_range, ds, 0.0)
+                dq_block = dq_block + scale * jnp.einsum(
+                    "bhqk,bkhd->bqhd", ds.astype(k_block.dtype), k_block,
+                    preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q_block.dtype), q_block,
+                                     preferred_element_type=jnp.float32)
+                return (dk, dv), dq_block
+
+            carry, dq_block = _skip_or(tiling.skip, compute, (carry, dq_block))
+            return carry, dq_block
+
+        zeros = jnp.zeros(k_block.shape, jnp.float32)
+        (dk, dv), dq_all = jax.lax.scan(query_block, (zeros, zeros),
+                                        (jnp.arange(num_q), qs, dos, statss, deltas, dq_all))
+        return dq_all, (dk, dv)
+
+    dq_all = jnp.zeros(qs.shape, jnp.float32)
+    dq_all, (dks, dvs) = jax.lax.scan(key_block, dq_all, (jnp.arange(num_k), ks, vs))
+    return (_unblocks(dq_all, length).astype(q.dtype), _unblocks(dks, kv_length).astype(k.dtype),
+            _unblocks(dvs, kv_length).astype(v.dtype), None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
