@@ -10,8 +10,8 @@ then measures two setups on it, each at the batch sizes given:
   as a sparse dataset; `Loader(batch_size, chunk_size=32, preload_nchunks=256)`;
 * default: zarr's own codec pipeline and `use_collection`'s default `load_adata` (every backable
   element and all of obs), the same Loader settings.
-Both shuffle (random chunks of the pre-shuffled collection). A run reads at least CELLS cells;
-the median over RUNS runs is printed as one JSON object on the last line.
+Both shuffle (random chunks of the pre-shuffled collection). A run reads at least CELLS cells and
+8 batches; the median over RUNS runs is printed as one JSON object on the last line.
 """
 import json
 import statistics
@@ -40,6 +40,7 @@ def rate(collection_path: str, batch_size: int, cells: int, seed: int, load_adat
     collection = DatasetCollection(collection_path, mode="r")
     loader = (loader.use_collection(collection, load_adata=load_adata) if load_adata
               else loader.use_collection(collection))
+    cells = max(cells, 8 * batch_size)
     seen, start = 0, time.perf_counter()
     for batch in loader:
         seen += batch["X"].shape[0]

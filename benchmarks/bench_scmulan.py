@@ -33,6 +33,7 @@ from scfm_jax.data import cell_sentence
 from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import scmulan
 
+
 def _shared() -> Path:
     configured = os.environ.get("SCFM_SHARED_DIR")
     return Path(configured) if configured else Path(__file__).resolve().parents[1].parent / "shared"
