@@ -166,6 +166,9 @@ def run(args) -> None:
                          f"*.zarr (got {output})")
     if args.output_type in ("cell", "gene_expression") and output.suffix != ".h5ad":
         raise ValueError(f"--output-type {args.output_type} writes an h5ad file (got {output})")
+    adata, totals = _read_input(Path(args.input), args.layer, args.pre_normalized)
+    if output.suffix == ".h5ad":
+        check_writable(adata, output.absolute().parent)
     model, own_vocabulary = _load_model(args)
     vocabulary = (load_vocabulary(args.vocabulary) if args.vocabulary
                   else own_vocabulary or load_vocabulary("scfoundation"))
@@ -173,9 +176,6 @@ def run(args) -> None:
         raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
                          f"checkpoint's model has {model.num_genes}; pass the --vocabulary the "
                          "checkpoint was trained with (a gene_name<TAB>index file)")
-    adata, totals = _read_input(Path(args.input), args.layer, args.pre_normalized)
-    if output.suffix == ".h5ad":
-        check_writable(adata, output.parent)
     matrix = _aligned_matrix(adata, vocabulary, args.gene_column, args.min_coverage, totals)
     options = dict(tgthighres=args.tgthighres, pre_normalized=args.pre_normalized,
                    input_type=args.input_type, cell_names=list(adata.obs_names),
