@@ -110,6 +110,7 @@ class SomaSource(Source):
 
         var = measurement.var.read().concat().to_pandas().sort_values("soma_joinid")
         self._var_joinids = var["soma_joinid"].to_numpy(np.int64)
+        self._var_dense = bool(np.array_equal(self._var_joinids, np.arange(len(var))))
         name = next((c for c in ("feature_name", "feature_id", "var_id") if c in var.columns), None)
         index = var[name].astype(str) if name else var["soma_joinid"].astype(str)
         self.var = var.drop(columns=["soma_joinid"]).set_index(pd.Index(index.to_numpy()))
@@ -158,9 +159,16 @@ class SomaSource(Source):
         contiguous = int(ids[-1]) - int(ids[0]) == len(ids) - 1
         coords = slice(int(ids[0]), int(ids[-1])) if contiguous else ids   # SOMA slices: inclusive
         table = self._x.read(coords=(coords,)).tables().concat()
-        rows = np.searchsorted(ids, table["soma_dim_0"].to_numpy())
-        columns = np.searchsorted(self._var_joinids, table["soma_dim_1"].to_numpy())
-        block = sp.csr_matrix((table["soma_data"].to_numpy(), (rows, columns)), shape=shape)
+        cells, genes = table["soma_dim_0"].to_numpy(), table["soma_dim_1"].to_numpy()
+        rows = cells - ids[0] if contiguous else np.searchsorted(ids, cells)
+        columns = genes if self._var_dense else np.searchsorted(self._var_joinids, genes)
+        data = table["soma_data"].to_numpy()
+        if np.all(rows[1:] >= rows[:-1]):   # TileDB returns row-major order: CSR as it comes
+            indptr = np.zeros(len(ids) + 1, np.int64)
+            np.cumsum(np.bincount(rows, minlength=len(ids)), out=indptr[1:])
+            block = sp.csr_matrix((data, columns, indptr), shape=shape)
+        else:
+            block = sp.csr_matrix((data, (rows, columns)), shape=shape)
         block.sort_indices()
         return block
 
