@@ -37,16 +37,18 @@ setup(
         "scikit-learn",
     ],
     extras_require={
+        # official checkpoints are read and written without torch; it is needed only for
+        # `scmulan_torch.export_official_state_dict` (torch tensors) and the comparison tests
         "torch": ["torch>=2.1"],
-        "analysis": ["umap-learn", "nbclient", "nbformat", "ipykernel"],
+        "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel"],
         "dev": [
-            "torch>=2.1",
             "pytest>=8",
             "pytest-timeout",
             "nbclient",
             "nbformat",
             "ipykernel",
             "umap-learn",
+            "scib-metrics>=0.5.10",
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},
