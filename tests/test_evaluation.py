@@ -62,6 +62,8 @@ def test_model_embeddings_are_the_default_and_errors_name_the_keys(pbmc):
     adata.obs["one"] = "x"
     with pytest.raises(ValueError, match="at least 2 batches"):
         analysis.compare_embeddings(adata, "bulk_labels", ["X_shuffled"], batch_key="one")
+    with pytest.raises(ValueError, match="at least 91 labelled cells.*labels 90"):
+        analysis.compare_embeddings(adata[:90].copy(), "bulk_labels", ["X_shuffled"])
 
 
 def test_label_transfer_beats_shuffled_labels(pbmc):

@@ -23,6 +23,7 @@ MODEL_EMBEDDINGS = ("X_scfoundation", "X_scmulan")
 # Up to this many cells the neighbour graphs are exact (scikit-learn, seconds); above it they are
 # scib-metrics' approximate pynndescent graphs.
 EXACT_NEIGHBORS_MAX_CELLS = 20_000
+MIN_CELLS = 91  # scib-metrics' largest neighbourhood: a cell and its 90 nearest neighbours
 # scIB's bio-conservation set: Leiden NMI/ARI (optimised resolution) instead of k-means.
 BIO_CONSERVATION = dict(isolated_labels=True, nmi_ari_cluster_labels_leiden=True,
                         nmi_ari_cluster_labels_kmeans=False, silhouette_label=True, clisi_knn=True)
@@ -108,6 +109,9 @@ def compare_embeddings(adata: anndata.AnnData, label_key: str, embedding_keys=No
 
     keys = _keys_with_baseline(adata, embedding_keys, baseline_key, layer)
     labelled, classes, codes = labelled_codes(adata, label_key)
+    if len(labelled) < MIN_CELLS:
+        raise ValueError(f"scib-metrics needs at least {MIN_CELLS} labelled cells (its cLISI and "
+                         f"iLISI use 90 neighbours); obs[{label_key!r}] labels {len(labelled)}")
     obs = pd.DataFrame({"label": classes[codes]}, index=adata.obs_names[labelled])
     if batch_key is None:
         obs["batch"] = "one batch"  # isolated labels then means the rarest labels
