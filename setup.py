@@ -37,15 +37,16 @@ setup(
         "scikit-learn",
     ],
     extras_require={
+        # official checkpoints are read and written without torch; it is needed only for
+        # `scmulan_torch.export_official_state_dict` (torch tensors) and the comparison tests
         "torch": ["torch>=2.1"],
-        "analysis": ["umap-learn", "nbclient", "nbformat", "ipykernel"],
         # libtpu, the TPU compiler, at the version the installed jax pins: `scfm-jax plan`
         # compiles for TPU slices on any machine (no TPU needed) and runs on TPU VMs.
         "tpu": ["jax[tpu]"],
         # `scfm-jax convert --soma / --census`: TileDB-SOMA experiments and the CELLxGENE Census
         "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],
+        "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel"],
         "dev": [
-            "torch>=2.1",
             "pytest>=8",
             "pytest-timeout",
             "nbclient",
@@ -55,6 +56,7 @@ setup(
             "tiledbsoma>=1.15",   # tests/test_data_soma.py
             "moto[server]>=5",    # tests/test_object_store.py: a local S3 server
             "boto3",
+            "scib-metrics>=0.5.10",
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},

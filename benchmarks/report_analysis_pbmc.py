@@ -5,8 +5,9 @@
 
 On the 700 PBMCs (10 `bulk_labels`, integer counts recovered as in the demo), with the
 demo-pretrained model:
-  1. kNN label transfer (accuracy, macro-F1), k-means NMI/ARI and label silhouette of the
-     scFoundation cell embedding vs PCA of the log-normalised counts, same cells, same split;
+  1. scib-metrics' bio-conservation table (isolated labels, Leiden NMI/ARI, label silhouette,
+     cLISI) of the scFoundation cell embedding vs PCA of the log-normalised counts (its summary
+     plot in --plot-dir), and kNN label transfer (accuracy, macro-F1), same cells, same split;
   2. logistic regression on each frozen embedding, and the fine-tuned encoder + head (held out);
   3. read-depth enhancement: counts thinned binomially to --rate, enhanced back to the original
      depth, per-cell Pearson r with the unthinned profiles vs that of the thinned profiles
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     parser.add_argument("--rate", type=float, default=0.2, help="binomial thinning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-dir", default=None,
+                        help="folder for scib-metrics' summary plot (default: <workdir>/scib)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -40,12 +43,14 @@ def main() -> None:
     adata = pbmc68k_reduced_counts()
     label = "bulk_labels"
     analysis.embed_cells(model, adata, batch_size=32, progress=False)
-    table = analysis.compare_embeddings(adata, label, ("X_scfoundation",), seed=args.seed)
-
-    print(f"\n## Cell types of {adata.n_obs} PBMCs ({adata.obs[label].nunique()} {label}), "
-          "held-out 20% (stratified, seed "
-          f"{args.seed}); kNN k=15, k-means k = number of labels")
+    plot_dir = args.plot_dir or f"{args.workdir}/scib"
+    table = analysis.compare_embeddings(adata, label, ["X_scfoundation"], plot_dir=plot_dir)
+    print(f"\n## scib-metrics bio conservation, {adata.n_obs} PBMCs "
+          f"({adata.obs[label].nunique()} {label}); plot in {plot_dir}/scib_results.svg")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    transfer = analysis.label_transfer(adata, label, ["X_scfoundation"], seed=args.seed)
+    print(f"\n## kNN label transfer (k=15) onto a held-out 20% (stratified, seed {args.seed})")
+    print(transfer.to_string(float_format=lambda v: f"{v:.3f}"))
 
     rows = []
     for key in ("X_scfoundation", "X_pca_baseline"):

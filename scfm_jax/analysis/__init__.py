@@ -8,7 +8,7 @@ _EXPORTS = {
     "embed_cells": "embedding", "embed_genes": "embedding", "enhance": "embedding",
     "fit_classifier": "annotation", "fine_tune": "annotation", "predict": "annotation",
     "Classifier": "annotation",
-    "knn_transfer": "evaluation", "clustering_agreement": "evaluation",
+    "knn_transfer": "evaluation", "label_transfer": "evaluation",
     "pca_baseline": "evaluation", "compare_embeddings": "evaluation",
     "thin_counts": "evaluation", "enhancement_check": "evaluation",
     "umap": "plots", "training_curves": "plots",
