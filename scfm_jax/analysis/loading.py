@@ -107,7 +107,7 @@ def _checkpoint_kind(path: Path) -> str:
         import torch
     except ImportError as error:
         raise ImportError(f"reading {path} (an official PyTorch checkpoint) needs PyTorch: "
-                          'pip install "scfm-jax[torch]"') from error
+                          "pip install torch") from error
     try:  # memory-mapped: only the pickle's key table is read, not the tensors
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped

@@ -7,7 +7,7 @@ variable of the model from the state dict: every source tensor must be consumed 
 variable filled, otherwise the import fails naming the keys. Export writes the official naming
 back (a state dict `MaeAutobin.load_state_dict` accepts), so a round trip is exact.
 
-torch is only needed to read `.ckpt` files (`pip install "scfm-jax[torch]"`); `.npz` state dicts
+torch is only needed to read `.ckpt` files (`pip install torch`); `.npz` state dicts
 and dicts of numpy arrays load without it.
 """
 from collections.abc import Callable, Mapping
@@ -33,7 +33,7 @@ def _import_torch():
         import torch
     except ImportError as error:
         raise ImportError("reading an official scFoundation .ckpt needs PyTorch: "
-                          'pip install "scfm-jax[torch]" (or pip install torch)') from error
+                          "pip install torch") from error
     return torch
 
 

@@ -23,7 +23,7 @@ def _torch():
         import torch
     except ImportError as error:
         raise ImportError("reading or writing official scMulan .pt checkpoints needs PyTorch: "
-                          "pip install 'scfm-jax[torch]' (or pip install torch)") from error
+                          "pip install torch") from error
     return torch
 
 
