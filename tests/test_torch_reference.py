@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch references need torch "
-                                            "(pip install 'scfm-jax[torch]')")
+                                            "(pip install torch)")
 
 from benchmarks.torch_reference import scfoundation as ref_scf  # noqa: E402
 from benchmarks.torch_reference import scmulan as ref_mulan  # noqa: E402

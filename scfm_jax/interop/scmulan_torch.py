@@ -25,7 +25,7 @@ def _torch():
         import torch
     except ImportError as error:
         raise ImportError("the scMulan state dict as torch tensors needs PyTorch: "
-                          "pip install 'scfm-jax[torch]' (or pip install torch)") from error
+                          "pip install torch") from error
     return torch
 
 
