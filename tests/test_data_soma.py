@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import tiledbsoma
 import tiledbsoma.io
 
+from scfm_jax import main as cli
 from scfm_jax.data import convert as convert_lib
 from scfm_jax.data.convert import InputError, convert, finalize
 from scfm_jax.data.datasets import pbmc68k_reduced_counts
@@ -203,9 +204,9 @@ def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch):
     np.testing.assert_array_equal(source_rows(tmp_path / "store"), np.flatnonzero(keep))
     assert CellStore.open(tmp_path / "store").obs_categories("source") == \
         ["census-2025-01-30-homo_sapiens"]
-    assert convert_lib.main(["--census", "2025-01-30", "--census-uri", str(root), "--organism",
-                             "mus_musculus", "--output", str(tmp_path / "mouse"),
-                             "--vocabulary", str(vocab_file)]) == 1
+    assert cli.main(["convert", "--census", "2025-01-30", "--census-uri", str(root), "--organism",
+                     "mus_musculus", "--output", str(tmp_path / "mouse"),
+                     "--vocabulary", str(vocab_file)]) == 1
 
 
 def test_bad_inputs_are_clear_errors_and_leave_nothing(census, tmp_path):
@@ -232,8 +233,8 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(census, tmp_path):
 def test_without_tiledbsoma_the_command_says_how_to_install(census, tmp_path, monkeypatch,
                                                            capsys):
     monkeypatch.setitem(sys.modules, "tiledbsoma", None)   # import tiledbsoma -> ImportError
-    assert convert_lib.main(["--soma", census[1], "--output", str(tmp_path / "s"),
-                             "--vocabulary", "from-data"]) == 1
+    assert cli.main(["convert", "--soma", census[1], "--output", str(tmp_path / "s"),
+                     "--vocabulary", "from-data"]) == 1
     assert 'pip install -e ".[census]"' in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
