@@ -221,7 +221,7 @@ def main(argv=None):
     parser.add_argument("--sources", type=int, default=4, help=".h5ad files the cells are split in")
     parser.add_argument("--soma", action="store_true",
                         help="also write the sources as TileDB-SOMA experiments and convert those")
-    parser.add_argument("--compression", choices=["none", "zstd"], default="zstd")
+    parser.add_argument("--compression", choices=["none", "zstd", "blosc"], default="blosc")
     parser.add_argument("--shard-size", type=int, default=65_536)
     parser.add_argument("--batches", type=int, default=200, help="pipeline batches of 256 cells")
     parser.add_argument("--drop-caches", action="store_true",
@@ -243,7 +243,8 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{args.cells}x{args.genes}x{args.median_genes}x{args.sources}"
     per_cell = args.median_genes * 1.2 * 8   # float32 value + int32 index, log-normal mean
-    copies = 4 + (1 if args.soma else 0) + (1 if args.annbatch_python else 0)
+    stores = (2 if args.soma else 1) * 2 * (1.0 if args.compression == "none" else 0.3)
+    copies = 1 + stores + (0.5 if args.soma else 0) + (1 if args.annbatch_python else 0)
     needed = args.cells * per_cell * copies
     free = shutil.disk_usage(work).free
     print(f"about {needed / 1e9:,.0f} GB to write under {work} ({free / 1e9:,.0f} GB free)")

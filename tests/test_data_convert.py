@@ -311,13 +311,14 @@ def test_permuted_genes_without_duplicates(tmp_path):
     np.testing.assert_array_equal(back.X.toarray(), aligned_rows(a))
 
 
-def test_zstd_compressed_store_reads_back(tmp_path):
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_compressed_store_reads_back(tmp_path, codec):
     a = make_adata(20, seed=11)
     quiet_convert([write(a, tmp_path / "a.h5ad")], tmp_path / "store", vocabulary=VOCAB,
-                  compression="zstd")
+                  compression=codec)
     meta = json.loads((tmp_path / "store" / "shards" / "00000.zarr" / "X" / "data" / "zarr.json")
                       .read_text())
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd", "crc32c"]
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", codec, "crc32c"]
     np.testing.assert_array_equal(CellStore.open(tmp_path / "store").read(np.arange(20))
                                   .to_csr(40).toarray(), aligned_rows(a))
     back = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")

@@ -34,10 +34,11 @@ ENSEMBL_VOCAB = Vocabulary("census-like", tuple(f"GENE{i}" for i in VOCAB_GENES)
                            tuple(f"ENSG{i:011d}" for i in VOCAB_GENES))
 
 
-def to_soma(adata, uri, layer="raw"):
+def to_soma(adata, uri, layer="raw", obs_id_name="obs_id"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tiledbsoma.io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name=layer)
+        tiledbsoma.io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name=layer,
+                                   obs_id_name=obs_id_name)
     return str(uri)
 
 
@@ -182,7 +183,8 @@ def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch):
     root = tmp_path / "census"
     with tiledbsoma.Collection.create(str(root)) as collection:
         data = collection.add_new_collection("census_data")
-        to_soma(adata, root / "census_data" / "homo_sapiens")
+        # no obs_id column, as in the Census: cells are named by soma_joinid
+        to_soma(adata, root / "census_data" / "homo_sapiens", obs_id_name="barcode")
         with tiledbsoma.Experiment.open(str(root / "census_data" / "homo_sapiens")) as experiment:
             data.set("homo_sapiens", experiment, use_relative_uri=True)
     calls = []
@@ -202,6 +204,8 @@ def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch):
     keep = (adata.obs["assay"] == "Smart-seq2").to_numpy()
     keep[::5] = False
     np.testing.assert_array_equal(source_rows(tmp_path / "store"), np.flatnonzero(keep))
+    shard = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
+    assert list(shard.obs_names) == [str(j) for j in np.flatnonzero(keep)]
     assert CellStore.open(tmp_path / "store").obs_categories("source") == \
         ["census-2025-01-30-homo_sapiens"]
     assert cli.main(["convert", "--census", "2025-01-30", "--census-uri", str(root), "--organism",

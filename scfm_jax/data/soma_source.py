@@ -136,8 +136,10 @@ class SomaSource(Source):
         obs = table.to_pandas().sort_values("soma_joinid", kind="stable")
         self.joinids = obs["soma_joinid"].to_numpy(np.int64)
         self.num_rows = len(self.joinids)
+        # Cells are named by obs_id when the experiment has one (from_anndata writes it), else by
+        # soma_joinid, kept as int64 until a shard is written (the Census has no obs_id).
         names_column = obs["obs_id"] if "obs_id" in obs.columns else obs["soma_joinid"]
-        self.obs = obs[obs_columns].set_index(pd.Index(names_column.astype(str).to_numpy()))
+        self.obs = obs[obs_columns].set_index(pd.Index(names_column.to_numpy()))
 
     def identity(self) -> str:
         """sha256 of what the conversion reads: the query's cells, the genes, the layer's shape."""
