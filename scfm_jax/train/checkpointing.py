@@ -15,6 +15,7 @@ shardings, so a checkpoint written on one mesh restores onto any other.
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -70,6 +71,25 @@ def tree_checksums(tree) -> dict[str, int]:
     return {_path_name(path): int(np.asarray(v)) for (path, _), v in zip(flat, values)}
 
 
+def _drain_reads(seconds: float = 2.0) -> None:
+    """After a failed restore, let the reads still in flight finish with stderr (the file
+    descriptor: TensorStore prints from its own threads) sent to /dev/null: Orbax has closed its
+    event loop, and each of their callbacks prints a traceback of that."""
+    import sys
+    import time
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        time.sleep(seconds)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _json_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -116,6 +136,7 @@ class Checkpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:   # Orbax / TensorStore / JSON errors on damaged files
+            _drain_reads()
             raise self.damaged(step, ", ".join(items), f"cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:300] if str(error) else ''})") from None
 
