@@ -122,7 +122,10 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 def _descendants(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        children = (task / "children").read_text().split()
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:   # the thread or process ended meanwhile
+            continue
         for child in map(int, children):
             found += [child, *_descendants(child)]
     return found
