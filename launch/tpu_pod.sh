@@ -86,9 +86,11 @@ install_on_workers() {
     python3 -m pip install -q $(printf '%q ' "$package" "$jax_package")"
 }
 
+overrides=""
+if [ $# -gt 0 ]; then overrides=$(printf ' %q' "$@"); fi  # quoted for the workers' shell
 train="python3 $remote/tpu_worker.py \
   --config $(printf '%q' "$remote/$(basename "$config_file")$config_arg") \
-  --workdir $(printf '%q' "$workdir")$(printf ' %q' "$@")"
+  --workdir $(printf '%q' "$workdir")$overrides"
 for ((restarts = 0; ; restarts++)); do
   ready_slice
   install_on_workers

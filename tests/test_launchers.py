@@ -63,7 +63,8 @@ def _run(command, env, timeout=900, cleanup=None):
 
 
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable,  # gpu_host.sh's Python
+               PATH=f"{FAKES}{os.pathsep}{os.environ['PATH']}")
     env.update({key: str(value) for key, value in extra.items()})
     return env
 
@@ -99,8 +100,9 @@ def _assert_same_run(workdir, reference, store):
 
 
 def _pod_env(root, **extra):
-    return _env(FAKE_GCLOUD_ROOT=root, TPU_NAME="sim", ZONE="local-a", ACCELERATOR="v4-16",
-                JAX_PACKAGE="jax", **extra)  # v4-16: 2 workers; plain jax: this machine has no TPU
+    return _env(FAKE_GCLOUD_ROOT=root, FAKE_TPU_PYTHON=sys.executable, TPU_NAME="sim",
+                ZONE="local-a", ACCELERATOR="v4-16", JAX_PACKAGE="jax",
+                **extra)  # v4-16: 2 workers; plain jax: this machine has no TPU
 
 
 def _worker_groups(root):
