@@ -20,6 +20,7 @@ official `get_embedding.py` does, one cell per forward (`--output_type cell`, an
 compared with ours (max abs difference printed). Needs torch; without it the peer is skipped.
 """
 import argparse
+import dataclasses
 import os
 import resource
 import time
@@ -33,7 +34,7 @@ from flax import nnx
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.configs import scfoundation_100m
 from scfm_jax.models import performer
-from scfm_jax.models.scfoundation import ScFoundation
+from scfm_jax.models.scfoundation import PerformerLayer, ScFoundation, ScFoundationConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -132,9 +133,9 @@ def reference_rows(model, counts, repeats: int, threads: int, ours: dict):
 
 def layer_memory(config, genes: int, attention: str) -> float:
     dec = config.decoder
-    layer = nnx.eval_shape(lambda: performer.PerformerLayer(
-        dec.width, dec.heads, dec.head_dim, dec.mlp_dim, attention=attention,
-        chunk_size=dec.chunk_size, rngs=nnx.Rngs(0)))
+    decoder = ScFoundationConfig.from_config(config).decoder
+    layer = nnx.eval_shape(lambda: PerformerLayer(
+        dataclasses.replace(decoder, attention=attention), rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(layer)
     x = jax.ShapeDtypeStruct((1, genes, dec.width), jnp.float32)
     compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile()

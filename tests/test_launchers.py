@@ -18,7 +18,7 @@ from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics
 from scfm_jax.train.state import Trainer
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 from test_train import _open, _overrides
 from train_helpers import make_store, tiny_config
 
@@ -91,7 +91,7 @@ def _assert_same_run(workdir, reference, store):
     np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
     resolved = loop.resolve_config(_config(store), _open(store))
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    abstract = Trainer(resolved, get_task("scfoundation"), mesh).abstract_sharded_state()
+    abstract = Trainer(resolved, get_objective("scfoundation"), mesh).abstract_sharded_state()
     restored = Checkpoints(workdir, read_only=True).restore_state(abstract)
     wanted = Checkpoints(reference, read_only=True).restore_state(abstract)
     assert int(restored.step) == STEPS
