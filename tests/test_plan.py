@@ -103,7 +103,7 @@ def tiny_rows():
 @needs_libtpu
 def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
     from scfm_jax.train.state import Trainer
-    from scfm_jax.train.tasks import get_task
+    from scfm_jax.objectives import get_objective
 
     for name, row in tiny_rows.items():
         assert not row.error and row.fits and 0.9 < row.headroom < 1.0
@@ -114,7 +114,7 @@ def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
     config = tiny_plan_config()
     config.mesh.update(data=1, fsdp=1, tensor=1)
     devices = plan.topology_devices(plan.parse_topology("v5e-1"))
-    trainer = Trainer(config, get_task("scfoundation"), plan.make_mesh(config.mesh, devices))
+    trainer = Trainer(config, get_objective("scfoundation"), plan.make_mesh(config.mesh, devices))
     arguments = jax.tree.leaves(trainer.abstract_state) + list(
         plan.abstract_batch(config, trainer.mesh, 64, 8).values())
     assert one.argument_bytes >= sum(math.prod(a.shape) * a.dtype.itemsize for a in arguments)

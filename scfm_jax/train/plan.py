@@ -270,7 +270,7 @@ def _synthetic_scmulan_config(config):
     """scMulan's token set is built from a store; for a plan, one of the configured size (genes
     G0..Gn, two categories per objective column) gives the same shapes."""
     from scfm_jax.data.cell_sentence import SentenceTables, TokenSet
-    from scfm_jax.models import scmulan
+    from scfm_jax.objectives import scmulan
 
     objective = config.objective
     columns = scmulan._objective_columns(objective)
@@ -291,7 +291,8 @@ def _synthetic_scmulan_config(config):
 def embed_step(graphdef):
     """(params, buffers, sparse batch) -> cell embeddings, as `scfm-jax embed` computes them
     (scFoundation)."""
-    from scfm_jax.models.scfoundation import inference_inputs, pool_cell_embeddings
+    from scfm_jax.models.scfoundation import pool_cell_embeddings
+    from scfm_jax.objectives.scfoundation import inference_inputs
 
     def embed(params, buffers, batch):
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
@@ -321,13 +322,13 @@ def compile_step(trainer, step: str, bucket: int, global_batch: int):
 def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", bucket: int,
                 global_batch: int | None = None) -> PlanRow:
     """Compile one (step, bucket) of `config` for `devices` and analyse it."""
+    from scfm_jax.objectives import get_objective
     from scfm_jax.train.state import Trainer
-    from scfm_jax.train.tasks import get_task
 
     global_batch = int(global_batch or config.data.global_batch_size)
     mesh = make_mesh(config.mesh, devices)
     partitioning.check_batch_divisible(global_batch, mesh, config.train.grad_accum_steps)
-    trainer = Trainer(config, get_task(config.model.name), mesh)
+    trainer = Trainer(config, get_objective(config.model.name), mesh)
     return plan_trainer_bucket(trainer, chip, step=step, bucket=bucket, global_batch=global_batch)
 
 
