@@ -72,6 +72,23 @@ def test_roofline_is_the_slower_of_compute_and_memory():
     assert row.roofline_mfu == pytest.approx(0.5)
 
 
+def test_scmulan_plans_without_a_store():
+    """A token set of the config's size stands in for the store's; the train step traces on it."""
+    from scfm_jax.configs import scmulan_tiny
+    from scfm_jax.objectives import get_objective
+    from scfm_jax.train.state import Trainer
+
+    config = plan.plan_config(scmulan_tiny.get_config())
+    assert len(config.objective.gene_set) == config.objective.num_genes
+    assert config.model.vocab_size > config.objective.num_genes
+    mesh = plan.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    trainer = Trainer(config, get_objective("scmulan"), mesh)
+    batch = plan.abstract_batch(config, mesh, 128, 8)
+    assert {"obs/bulk_labels", "obs/phase"} <= set(batch)
+    _, metrics = jax.eval_shape(trainer._train_step, trainer.abstract_state, batch)
+    assert metrics["loss"].shape == ()
+
+
 def test_plan_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(plan, "libtpu_available", lambda: False)
     code = plan.main(["--config", scfoundation_100m.__file__, "--topology", "v5e-8"])
