@@ -23,7 +23,7 @@ from scfm_jax.models import scmulan
 from scfm_jax.train import partitioning, plan
 from scfm_jax.train.metrics import measure_matmul_peak
 from scfm_jax.train.state import Trainer, loop_free_model_config, split_model
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 
 
 def peak_memory() -> str:
@@ -53,7 +53,7 @@ def scfoundation_config(tiny: bool):
 def bench_train(config, batch_size: int, expressed: int, steps: int, peak: float) -> dict:
     config.data.global_batch_size = batch_size
     mesh = partitioning.make_mesh(config.mesh)
-    trainer = Trainer(config, get_task("scfoundation"), mesh)
+    trainer = Trainer(config, get_objective("scfoundation"), mesh)
     width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
     batch = partitioning.global_batch(
         synthetic_batch(batch_size, config.model.num_genes, expressed, width), mesh)
@@ -75,11 +75,11 @@ def bench_train(config, batch_size: int, expressed: int, steps: int, peak: float
 
 def bench_embed(config, batch_sizes, expressed: int, repeats: int, peak: float) -> list[dict]:
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    trainer = Trainer(config, get_task("scfoundation"), mesh)
+    trainer = Trainer(config, get_objective("scfoundation"), mesh)
     state = trainer.init_state(0)
     loop_free = loop_free_model_config(config.model)
     loop_free_graphdef, _, _ = split_model(nnx.eval_shape(
-        lambda: get_task("scfoundation").build_model(loop_free, rngs=nnx.Rngs(0))))
+        lambda: get_objective("scfoundation").build_model(loop_free, rngs=nnx.Rngs(0))))
     rows = []
     for batch_size in batch_sizes:
         width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
@@ -111,7 +111,7 @@ def bench_annotate(tiny: bool, batch_sizes, cells: int) -> list[dict]:
     model = scmulan.ScMulan(config, rngs=nnx.Rngs(0))
     adata, _ = _cells(token_set, cells)
     rows = []
-    for batch_size in batch_sizes:
+    for batch_size in (min(b, cells) for b in batch_sizes):
         # the first pass compiles every (batch, prompt width) shape; the second is timed
         scmulan_tasks.annotate(model, token_set, adata.copy(), batch_size=batch_size,
                                progress=False)

@@ -72,6 +72,23 @@ def test_roofline_is_the_slower_of_compute_and_memory():
     assert row.roofline_mfu == pytest.approx(0.5)
 
 
+def test_scmulan_plans_without_a_store():
+    """A token set of the config's size stands in for the store's; the train step traces on it."""
+    from scfm_jax.configs import scmulan_tiny
+    from scfm_jax.objectives import get_objective
+    from scfm_jax.train.state import Trainer
+
+    config = plan.plan_config(scmulan_tiny.get_config())
+    assert len(config.objective.gene_set) == config.objective.num_genes
+    assert config.model.vocab_size > config.objective.num_genes
+    mesh = plan.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    trainer = Trainer(config, get_objective("scmulan"), mesh)
+    batch = plan.abstract_batch(config, mesh, 128, 8)
+    assert {"obs/bulk_labels", "obs/phase"} <= set(batch)
+    _, metrics = jax.eval_shape(trainer._train_step, trainer.abstract_state, batch)
+    assert metrics["loss"].shape == ()
+
+
 def test_plan_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(plan, "libtpu_available", lambda: False)
     code = plan.main(["--config", scfoundation_100m.__file__, "--topology", "v5e-8"])
@@ -145,6 +162,25 @@ def test_plan_cli_prints_a_row_per_bucket():
     assert any("cloud.google.com/tpu/docs/v5e" in line for line in lines)
 
 
+def test_train_dry_run_prints_the_plan_for_the_devices_at_hand(tmp_path, capsys):
+    from train_helpers import make_store, tiny_config
+
+    from scfm_jax.train.loop import train
+
+    config = tiny_config(make_store(tmp_path))
+    config.data.buckets = (64,)
+    config.mesh.update(data=1, fsdp=4, tensor=1)
+    summary = train(config, tmp_path / "run", devices=jax.devices()[:4], progress=False,
+                    dry_run=True)
+    (row,) = summary["plan"]
+    assert (row.bucket, row.global_batch, row.mesh["fsdp"]) == (64, 8, 4)
+    assert row.argument_bytes > 0 and row.model_flops > 0 and row.fits is None  # CPU: no HBM
+    assert "all-gather" in row.collectives
+    assert capsys.readouterr().out.splitlines()[1].split()[:5] == ["train", "64", "8", "none",
+                                                                    "1,4,1"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_100m_train_step_compiles_for_v5e_8():
@@ -158,3 +194,20 @@ def test_100m_train_step_compiles_for_v5e_8():
     assert not row.error, row.error
     assert row.fits and row.headroom >= 0.2
     assert time.perf_counter() - start < 1800
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
+    """bench_gpu.sh --cpu: the same script and table on tiny configs (16 cells to annotate, so
+    the batch of 64 is 16)."""
+    output = tmp_path / "bench.md"
+    result = subprocess.run(["bash", "benchmarks/bench_gpu.sh", "--cpu", str(output)],
+                            cwd=plan.__file__.rsplit("/scfm_jax/", 1)[0], capture_output=True,
+                            text=True, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| task")]
+    assert [(r[0].split()[0], int(r[1])) for r in rows] == [
+        ("train", 32), ("embed", 1), ("embed", 64), ("embed", 256), ("scMulan", 1), ("scMulan", 16)]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert all(0 < float(r[4].strip(" %")) <= 100 for r in rows[:4])

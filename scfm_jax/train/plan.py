@@ -270,7 +270,7 @@ def _synthetic_scmulan_config(config):
     """scMulan's token set is built from a store; for a plan, one of the configured size (genes
     G0..Gn, two categories per objective column) gives the same shapes."""
     from scfm_jax.data.cell_sentence import SentenceTables, TokenSet
-    from scfm_jax.models import scmulan
+    from scfm_jax.objectives import scmulan
 
     objective = config.objective
     columns = scmulan._objective_columns(objective)
@@ -322,8 +322,8 @@ def compile_step(trainer, step: str, bucket: int, global_batch: int):
 def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", bucket: int,
                 global_batch: int | None = None) -> PlanRow:
     """Compile one (step, bucket) of `config` for `devices` and analyse it."""
-    from scfm_jax.train.state import Trainer
     from scfm_jax.objectives import get_objective
+    from scfm_jax.train.state import Trainer
 
     global_batch = int(global_batch or config.data.global_batch_size)
     mesh = make_mesh(config.mesh, devices)
