@@ -16,6 +16,7 @@ Reference (issue 3): the official PyTorch code on a 2-core machine takes 8.6-9.6
 embeddings of 4 cells and 70-78 s (4.6 GB peak, ~27% of peak) for their full forward.
 """
 import argparse
+import dataclasses
 import os
 import resource
 import time
@@ -29,7 +30,7 @@ from flax import nnx
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.configs import scfoundation_100m
 from scfm_jax.models import performer
-from scfm_jax.models.scfoundation import ScFoundation
+from scfm_jax.models.scfoundation import PerformerLayer, ScFoundation, ScFoundationConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -108,9 +109,9 @@ def timed(fn, repeats: int) -> float:
 
 def layer_memory(config, genes: int, attention: str) -> float:
     dec = config.decoder
-    layer = nnx.eval_shape(lambda: performer.PerformerLayer(
-        dec.width, dec.heads, dec.head_dim, dec.mlp_dim, attention=attention,
-        chunk_size=dec.chunk_size, rngs=nnx.Rngs(0)))
+    decoder = ScFoundationConfig.from_config(config).decoder
+    layer = nnx.eval_shape(lambda: PerformerLayer(
+        dataclasses.replace(decoder, attention=attention), rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(layer)
     x = jax.ShapeDtypeStruct((1, genes, dec.width), jnp.float32)
     compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile()

@@ -21,7 +21,7 @@ import numpy as np
 from scfm_jax.train import partitioning
 from scfm_jax.train.metrics import measure_matmul_peak
 from scfm_jax.train.state import Trainer
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 
 
 def synthetic_batch(cells: int, genes: int, expressed: int, width: int, seed: int = 0) -> dict:
@@ -46,7 +46,7 @@ def bench(name: str, cells: int, expressed: int, steps: int, peak: float,
         config.model.remat_policy = remat_policy
     config.train.grad_accum_steps = 1
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    trainer = Trainer(config, get_task(config.model.name), mesh)
+    trainer = Trainer(config, get_objective(config.model.name), mesh)
     width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
     batch = partitioning.global_batch(
         synthetic_batch(cells, config.model.num_genes, expressed, width), mesh)

@@ -1,1 +1,1 @@
-"""Experiment configs: one ml_collections file per experiment, `get_config(arg) -> ConfigDict`."""
+"""Experiment configs: one ml_collections file per experiment, `get_config() -> ConfigDict`."""

@@ -8,8 +8,8 @@ bf16 compute.
 from scfm_jax.configs import scfoundation_tiny
 
 
-def get_config(arg: str | None = None):
-    config = scfoundation_tiny.get_config(arg)
+def get_config():
+    config = scfoundation_tiny.get_config()
     model = config.model
     model.num_genes = 19264
     model.bin_num = 100
@@ -27,8 +27,6 @@ def get_config(arg: str | None = None):
     train.steps = 200_000
     train.learning_rate = 1e-4
     train.warmup_steps = 9_766
-    train.weight_decay = 0.0
-    train.grad_clip_norm = 1.0
     train.grad_accum_steps = 8
     train.checkpoint_every = 1_000
     train.eval_every = 1_000

@@ -10,8 +10,8 @@ gene table). On a v4-64 slice (32 chips): data=1, fsdp=8, tensor=4.
 from scfm_jax.configs import scfoundation_100m
 
 
-def get_config(arg: str | None = None):
-    config = scfoundation_100m.get_config(arg)
+def get_config():
+    config = scfoundation_100m.get_config()
     model = config.model
     model.encoder.update(width=1536, depth=32, heads=12, mlp_dim=6144)
     model.decoder.update(width=1024, depth=8, heads=16, head_dim=64, mlp_dim=4096)

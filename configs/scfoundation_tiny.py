@@ -18,10 +18,11 @@ LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("bins", None),
     ("features", None),
+    ("layers", None),               # the stacked-layer axis: every device holds every layer
 )
 
 
-def get_config(arg: str | None = None):
+def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
 

@@ -8,8 +8,8 @@ store instead, pass `--config.model.vocab_size=-1`.
 from scfm_jax.configs import scmulan_tiny
 
 
-def get_config(arg: str | None = None):
-    config = scmulan_tiny.get_config(arg)
+def get_config():
+    config = scmulan_tiny.get_config()
     config.model.update(vocab_size=2222, n_layer=24, n_head=16, n_embd=1120, bias=False,
                         expression_level=10, remat_policy="dots")
     config.objective.num_genes = 2000

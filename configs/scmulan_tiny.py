@@ -1,7 +1,7 @@
 """scMulan, tiny: the cell-sentence GPT at a size that pretrains on one CPU in minutes.
 
 Data, train, mesh and sharding rules are scfoundation_tiny's; `model` and `objective` are scMulan's.
-The token set is built from the store when training starts (`scfm_jax.models.scmulan.
+The token set is built from the store when training starts (`scfm_jax.objectives.scmulan.
 resolve_config`): the `num_genes` genes expressed in most cells (or `gene_list`), plus the
 categories of the obs columns below as metadata terms. The defaults name the obs columns of scanpy's
 pbmc68k_reduced (the demo store); set them to your store's columns.
@@ -11,8 +11,8 @@ import ml_collections
 from scfm_jax.configs import scfoundation_tiny
 
 
-def get_config(arg: str | None = None):
-    config = scfoundation_tiny.get_config(arg)
+def get_config():
+    config = scfoundation_tiny.get_config()
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "scmulan"

@@ -11,7 +11,7 @@ from scfm_jax.train import partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter
 from scfm_jax.train.state import Trainer
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 
 # pbmc68k_reduced cells with 193..224 expressed genes: one inference bucket (224) and one training
 # width (256), so each test compiles a forward once.
@@ -49,7 +49,7 @@ def write_workdir(folder: Path, symbols, *, mesh=(1, 1, 1), step: int = 7, seed:
     size = int(np.prod(mesh))
     device_mesh = partitioning.make_mesh(dict(zip(partitioning.MESH_AXES, mesh)),
                                          devices=jax.devices()[:size])
-    trainer = Trainer(config, get_task("scfoundation"), device_mesh)
+    trainer = Trainer(config, get_objective("scfoundation"), device_mesh)
     state = trainer.init_state(seed)
     vocabulary = Vocabulary(name="pbmc-test", symbols=tuple(symbols))
     checkpoints = Checkpoints(folder)

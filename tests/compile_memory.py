@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from scfm_jax.train import partitioning  # noqa: E402
 from scfm_jax.train.state import Trainer  # noqa: E402
-from scfm_jax.train.tasks import get_task  # noqa: E402
+from scfm_jax.objectives import get_objective  # noqa: E402
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
         config.mesh.update(data=1, fsdp=fsdp, tensor=tensor)
         devices = jax.devices()[:fsdp * tensor]
         mesh = partitioning.make_mesh(config.mesh, devices=devices)
-        trainer = Trainer(config, get_task(config.model.name), mesh)
+        trainer = Trainer(config, get_objective(config.model.name), mesh)
         batch = {}
         for name, shape, dtype in (("gene_ids", (64, 512), jnp.int32),
                                    ("counts", (64, 512), jnp.float32),

@@ -293,7 +293,7 @@ def test_umap_keeps_existing_coordinates(tmp_path):
 def test_masked_enhancement_predicts_each_gene_while_it_is_masked(loaded, cells):
     from flax import nnx
 
-    from scfm_jax.models.scfoundation import inputs_from_dense_values
+    from scfm_jax.objectives.scfoundation import inputs_from_dense_values
 
     adata = cells[:3].copy()
     analysis.enhance(loaded, adata, "f2", folds=3, batch_size=4, progress=False)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import scfm_jax.models  # noqa: F401  (switches eager sharding off)
-from scfm_jax.models import performer
+from scfm_jax.models import layers, performer
+from scfm_jax.models.scfoundation import DecoderConfig, PerformerLayer
 
 
 def _reference_favor(q, k, v, projection, scope):
@@ -134,7 +134,7 @@ def test_error_against_softmax_attention_falls_like_inverse_sqrt_features():
 
 
 def test_dot_product_alternative_is_exact_attention():
-    layer = performer.SelfAttention(12, 3, 4, attention="dot_product", rngs=nnx.Rngs(0))
+    layer = layers.SelfAttention(12, 3, 4, attention="dot_product", rngs=nnx.Rngs(0))
     assert layer.projection is None
     x = jax.random.normal(jax.random.key(7), (2, 9, 12))
     q, k, v = layer.query(x), layer.key(x), layer.value(x)
@@ -152,17 +152,18 @@ def test_orthogonal_features_and_redraw():
     assert performer.num_random_features(64) == 266
     assert performer.num_random_features(8) == 16
 
-    layers = nnx.List([performer.PerformerLayer(16, 2, 8, 32, rngs=nnx.Rngs(i)) for i in range(2)])
-    assert not jax.tree.leaves(nnx.state(layers, performer.ProjectionMatrix).filter(nnx.Param))
-    params_before = nnx.state(layers, nnx.Param)
-    performer.redraw_features(layers, jax.random.key(9))
-    first = [np.asarray(layer.attention.projection.get_value()) for layer in layers]
+    decoder = DecoderConfig(width=16, depth=2, heads=2, head_dim=8, mlp_dim=32)
+    stack = nnx.List([PerformerLayer(decoder, rngs=nnx.Rngs(i)) for i in range(2)])
+    assert not jax.tree.leaves(nnx.state(stack, performer.ProjectionMatrix).filter(nnx.Param))
+    params_before = nnx.state(stack, nnx.Param)
+    performer.redraw_features(stack, jax.random.key(9))
+    first = [np.asarray(layer.attention.projection.get_value()) for layer in stack]
     assert not np.allclose(first[0], first[1])
-    performer.redraw_features(layers, jax.random.key(9))
-    np.testing.assert_array_equal(layers[0].attention.projection.get_value(), first[0])
-    performer.redraw_features(layers, jax.random.key(10))
-    assert not np.allclose(layers[0].attention.projection.get_value(), first[0])
-    jax.tree.map(np.testing.assert_array_equal, params_before, nnx.state(layers, nnx.Param))
+    performer.redraw_features(stack, jax.random.key(9))
+    np.testing.assert_array_equal(stack[0].attention.projection.get_value(), first[0])
+    performer.redraw_features(stack, jax.random.key(10))
+    assert not np.allclose(stack[0].attention.projection.get_value(), first[0])
+    jax.tree.map(np.testing.assert_array_equal, params_before, nnx.state(stack, nnx.Param))
 
 
 def _equations(jaxpr):
@@ -198,4 +199,4 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="stabilizer_scope"):
         performer.favor_attention(q, k, v, projection, stabilizer_scope="global")
     with pytest.raises(ValueError, match="attention"):
-        performer.SelfAttention(8, 2, 4, attention="linear", rngs=nnx.Rngs(0))
+        layers.SelfAttention(8, 2, 4, attention="linear", rngs=nnx.Rngs(0))

@@ -13,6 +13,7 @@ from scfm_jax.data.vocabulary import align_genes, load_vocabulary
 from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
 from scfm_jax.models import performer
 from scfm_jax.models import scfoundation as sf
+from scfm_jax.objectives import scfoundation as sf_objective
 
 ATOL = 1e-5
 
@@ -46,7 +47,7 @@ def test_inference_inputs_match_get_embedding(fixture, tgthighres):
     np.testing.assert_array_equal(totals, expected["total_counts"])
     batch = next(inference._batches(csr, 200, 8, single_bucket=True))[1]
     batch["total_counts"] = totals.astype(np.float32)
-    inputs = sf.inference_inputs(batch, num_genes=200, tgthighres=tgthighres)
+    inputs = sf_objective.inference_inputs(batch, num_genes=200, tgthighres=tgthighres)
     _close(inputs["decoder_values"], expected[f"model_input_{tgthighres}"], tgthighres)
     # encoder tokens: the expressed genes in order, then T, then S
     lengths = np.asarray(inputs["encoder_lengths"])
@@ -83,12 +84,12 @@ def test_predicted_expression_rde(fixture):
 
 def test_masked_forward_and_mse(fixture):
     expected, model = fixture["expected"], fixture["models"]["gene"]
-    inputs = sf.inputs_from_dense_values(expected["masked_values"], num_genes=200)
+    inputs = sf_objective.inputs_from_dense_values(expected["masked_values"], num_genes=200)
     predictions = model(inputs["encoder_values"], inputs["encoder_gene_ids"],
                         inputs["encoder_padding_mask"], inputs["decoder_values"],
                         stabilizer_scope="batch")
     _close(predictions, expected["masked_pred"], "masked_pred")
-    mse = sf.masked_mse(predictions, expected["masked_target"], expected["mask_positions"])
+    mse = sf_objective.masked_mse(predictions, expected["masked_target"], expected["mask_positions"])
     _close(mse, expected["masked_mse"], "masked_mse")
 
 
@@ -146,9 +147,9 @@ def test_pretraining_inputs():
     batch = _synthetic_batch()
     num_genes = 300
     key = jax.random.key(0)
-    inputs, targets, mask, thinned = sf.pretraining_inputs(batch, key, num_genes=num_genes,
+    inputs, targets, mask, thinned = sf_objective.pretraining_inputs(batch, key, num_genes=num_genes,
                                                            objective=objective)
-    again = sf.pretraining_inputs(batch, key, num_genes=num_genes, objective=objective)
+    again = sf_objective.pretraining_inputs(batch, key, num_genes=num_genes, objective=objective)
     jax.tree.map(np.testing.assert_array_equal, (inputs, targets, mask, thinned), again)
     inputs, targets, mask, thinned = jax.tree.map(np.asarray, (inputs, targets, mask, thinned))
     totals = batch["total_counts"]
@@ -205,7 +206,7 @@ def _loss_and_grads(config, batch):
     def run(params, rest, batch):
         def loss_fn(params):
             merged = nnx.merge(graphdef, params, rest)
-            return sf.pretraining_loss(merged, batch, jax.random.key(3), config.objective)
+            return sf_objective.pretraining_loss(merged, batch, jax.random.key(3), config.objective)
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     (loss, metrics), grads = run(params, rest, batch)
@@ -240,7 +241,7 @@ def test_full_remat_cuts_the_compiled_train_memory():
 
         def loss_fn(params, rest, batch):
             merged = nnx.merge(graphdef, params, rest)
-            return sf.pretraining_loss(merged, batch, jax.random.key(3), config.objective)[0]
+            return sf_objective.pretraining_loss(merged, batch, jax.random.key(3), config.objective)[0]
 
         compiled = jax.jit(jax.grad(loss_fn)).lower(params, rest, batch).compile()
         temp[policy] = compiled.memory_analysis().temp_size_in_bytes
@@ -272,8 +273,8 @@ def test_pooling_with_lengths():
 
 def test_depth_tokens_and_bad_tgthighres():
     total = jnp.array([100.0])
-    assert float(sf.depth_tokens(total, "t4.5")[0][0]) == 4.5
-    np.testing.assert_allclose(sf.depth_tokens(total, "f10")[0], [3.0])
-    np.testing.assert_allclose(sf.depth_tokens(total, "a5")[0], [7.0])
+    assert float(sf_objective.depth_tokens(total, "t4.5")[0][0]) == 4.5
+    np.testing.assert_allclose(sf_objective.depth_tokens(total, "f10")[0], [3.0])
+    np.testing.assert_allclose(sf_objective.depth_tokens(total, "a5")[0], [7.0])
     with pytest.raises(ValueError, match="tgthighres"):
-        sf.depth_tokens(total, "x4")
+        sf_objective.depth_tokens(total, "x4")

@@ -14,6 +14,7 @@ from scfm_jax.data.convert import convert
 from scfm_jax.data.pipeline import Pipeline
 from scfm_jax.data.store import CellStore
 from scfm_jax.models import scmulan
+from scfm_jax.objectives import scmulan as scmulan_objective
 
 TYPES = ["T cell", "B cell", "Monocyte"]
 
@@ -54,11 +55,11 @@ def _config(store, steps=30):
 
 @pytest.fixture(scope="module")
 def resolved(store):
-    return scmulan.resolve_config(_config(store), CellStore.open(store))
+    return scmulan_objective.resolve_config(_config(store), CellStore.open(store))
 
 
 def test_resolve_builds_the_token_set_from_the_store(store, resolved):
-    tables = scmulan.sentence_tables(resolved.objective)
+    tables = scmulan_objective.sentence_tables(resolved.objective)
     token_set = tables.token_set
     assert len(token_set.genes) == 40 and resolved.model.vocab_size == len(token_set)
     assert token_set.tokens[0] == "<E>" and "<PCT>" in token_set and "Blood" in token_set
@@ -66,7 +67,7 @@ def test_resolve_builds_the_token_set_from_the_store(store, resolved):
     assert all(symbols[p] == g for g, p in zip(token_set.genes, tables.gene_positions))
     assert set(resolved.data.obs_keys) == {"tissue", "cell_type"}
     assert token_set.cell_type_terms == frozenset(TYPES)
-    assert scmulan.token_set_from_config(resolved).tokens == token_set.tokens
+    assert scmulan_objective.token_set_from_config(resolved).tokens == token_set.tokens
 
 
 def _host_sentence(batch, row, tables, task):
@@ -93,7 +94,7 @@ def _host_sentence(batch, row, tables, task):
 
 
 def test_device_sentences_follow_the_rules(store, resolved):
-    tables = scmulan.sentence_tables(resolved.objective)
+    tables = scmulan_objective.sentence_tables(resolved.objective)
     pipeline = Pipeline(CellStore.open(store), global_batch_size=32, seed=0, buckets=(64,),
                         max_nonzero=64, obs_keys=resolved.data.obs_keys)
     batch = pipeline.batch(0)
@@ -120,7 +121,7 @@ def test_loss_matches_its_definition():
     levels = jnp.array([[2, 9, 0, 4, 1, 0, 0], [5, 0, 7, 0, 0, 0, 0]])
     sentences = dict(ids=ids, levels=levels, prefix_length=jnp.array([3, 2]),
                      target_length=jnp.array([2, 1]), valid=jnp.array([True, True]))
-    loss, metrics = scmulan.sentence_loss(model, sentences, mse_weight=0.5)
+    loss, metrics = scmulan_objective.sentence_loss(model, sentences, mse_weight=0.5)
     logits, exp = (np.asarray(a) for a in model.heads(model(ids, levels)))
     bce, squares = [], []
     # (cell, position, {target still to come: its level}); <E> (0) once none remain
@@ -141,7 +142,7 @@ def test_train_loop_pretrains_and_the_checkpoint_annotates(store, resolved, tmp_
     from scfm_jax.train import loop, partitioning
     from scfm_jax.train.checkpointing import Checkpoints
     from scfm_jax.train.state import Trainer
-    from scfm_jax.train.tasks import get_task
+    from scfm_jax.objectives import get_objective
 
     summary = loop.train(resolved, tmp_path / "run", progress=False)
     losses = summary["losses"]
@@ -150,12 +151,12 @@ def test_train_loop_pretrains_and_the_checkpoint_annotates(store, resolved, tmp_
     assert np.mean([losses[s] for s in steps[-5:]]) < np.mean([losses[s] for s in steps[:5]])
 
     # the checkpoint + the token set from its config -> zero-shot annotation of the store's cells
-    trainer = Trainer(resolved, get_task("scmulan"), partitioning.make_mesh(resolved.mesh))
+    trainer = Trainer(resolved, get_objective("scmulan"), partitioning.make_mesh(resolved.mesh))
     params = Checkpoints(tmp_path / "run", read_only=True).restore_state(
         trainer.abstract_sharded_state()).params
     model = scmulan.ScMulan(resolved.model, rngs=nnx.Rngs(0))
     nnx.update(model, params)
-    token_set = scmulan.token_set_from_config(resolved)
+    token_set = scmulan_objective.token_set_from_config(resolved)
     cells = CellStore.open(store).to_anndata()
     scmulan_tasks.annotate(model, token_set, cells, counts=True, progress=False)
     # 30 tiny steps do not teach the types (that takes a few hundred); this checks the path

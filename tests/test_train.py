@@ -11,7 +11,7 @@ from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics
 from scfm_jax.train.state import Trainer
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 from train_helpers import make_store, tiny_config
 
 
@@ -45,7 +45,7 @@ def test_batch_must_split_over_the_mesh():
 def test_parameters_are_sharded_by_the_rules(store):
     config = loop.resolve_config(tiny_config(store), _open(store))
     mesh = partitioning.make_mesh(dict(data=1, fsdp=2, tensor=2), devices=jax.devices()[:4])
-    trainer = Trainer(config, get_task("scfoundation"), mesh)
+    trainer = Trainer(config, get_objective("scfoundation"), mesh)
     shardings = jax.tree.leaves(trainer.state_sharding.params)
     specs = {tuple(s.spec) for s in shardings}
     # the rules put embed on fsdp and mlp/heads/genes on tensor: both axes must be used
@@ -71,7 +71,7 @@ def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
         config.model.encoder.depth, config.model.decoder.depth = 2, 3
         config.model.remat_policy, config.model.decoder.chunk_size = remat, chunk
         config.train.grad_accum_steps = accum
-        trainer = Trainer(config, get_task("scfoundation"), mesh)
+        trainer = Trainer(config, get_objective("scfoundation"), mesh)
         compiled = trainer.compiled_train_step(trainer.abstract_sharded_state(), batch)
         counted[name] = (trainer.model_flops(batch), compiled.cost_analysis()["flops"])
     np.testing.assert_allclose(counted["looped"][0], counted["loop-free"][0], rtol=0.02)
@@ -127,7 +127,7 @@ def test_checkpoint_restores_on_fewer_devices(store, tmp_path):
     # train on 4 devices with fsdp=4
     mesh4 = partitioning.make_mesh(config.mesh, devices=jax.devices()[:4])
     resolved = loop.resolve_config(config, _open(store))
-    trainer4 = Trainer(resolved, get_task("scfoundation"), mesh4)
+    trainer4 = Trainer(resolved, get_objective("scfoundation"), mesh4)
     state4 = trainer4.init_state(0)
     checkpoints = Checkpoints(workdir)
     checkpoints.save(1, state4, config=resolved, seed=0, vocabulary={"digest": "x"})
@@ -136,7 +136,7 @@ def test_checkpoint_restores_on_fewer_devices(store, tmp_path):
     for devices in (2, 1):
         mesh = partitioning.make_mesh(dict(data=1, fsdp=-1, tensor=1),
                                       devices=jax.devices()[:devices])
-        trainer = Trainer(resolved, get_task("scfoundation"), mesh)
+        trainer = Trainer(resolved, get_objective("scfoundation"), mesh)
         restored = Checkpoints(workdir, read_only=True).restore_state(
             trainer.abstract_sharded_state())
         for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored.params)):
@@ -253,7 +253,7 @@ def test_two_processes_match_one_process_and_a_single_process_restores(store, tm
     # the checkpoint written by two processes restores in this single process on one device
     resolved = loop.resolve_config(config, _open(store))
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    trainer = Trainer(resolved, get_task("scfoundation"), mesh)
+    trainer = Trainer(resolved, get_objective("scfoundation"), mesh)
     restored = Checkpoints(tmp_path / "two", read_only=True).restore_state(
         trainer.abstract_sharded_state())
     reference = Checkpoints(tmp_path / "one", read_only=True).restore_state(

@@ -97,7 +97,7 @@ def _official_model(args):
 
 def _trained_model(workdir):
     from scfm_jax.analysis.loading import load
-    from scfm_jax.models.scmulan import token_set_from_config
+    from scfm_jax.objectives.scmulan import token_set_from_config
 
     loaded = load(workdir)
     if loaded.kind != "scmulan":

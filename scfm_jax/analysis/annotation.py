@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.embedding import model_and_vocabulary, aligned_matrix
 from scfm_jax.models import layers
-from scfm_jax.models.scfoundation import ScFoundation, inference_inputs, pool_cell_embeddings
+from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
+from scfm_jax.objectives.scfoundation import inference_inputs
 
 
 class Standardization(nnx.Variable):
@@ -41,7 +42,7 @@ class Head(nnx.Module):
         features = len(mean)
         self.mean = Standardization(jnp.asarray(mean, jnp.float32))
         self.scale = Standardization(jnp.asarray(scale, jnp.float32))
-        kernel = nnx.with_partitioning(nnx.initializers.lecun_normal(), (layers.EMBED, None))
+        kernel = layers.with_axes(nnx.initializers.lecun_normal(), (layers.EMBED, None))
         self.hidden = nnx.Linear(features, hidden, kernel_init=kernel, rngs=rngs) if hidden else None
         self.out = nnx.Linear(hidden or features, num_classes, kernel_init=kernel, rngs=rngs)
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.loading import LoadedModel
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
-from scfm_jax.models.scfoundation import inference_inputs
+from scfm_jax.objectives.scfoundation import inference_inputs
 
 # Values further than this from an integer are not counts (float32 storage of counts is exact).
 COUNT_TOLERANCE = 1e-3

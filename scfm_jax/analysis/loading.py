@@ -76,7 +76,7 @@ def load_workdir(workdir: str | Path, step: int | None = None) -> LoadedModel:
     from scfm_jax.train import partitioning
     from scfm_jax.train.checkpointing import Checkpoints
     from scfm_jax.train.state import Trainer
-    from scfm_jax.train.tasks import get_task
+    from scfm_jax.objectives import get_objective
 
     workdir = Path(workdir)
     checkpoints = Checkpoints(workdir, read_only=True)
@@ -90,7 +90,7 @@ def load_workdir(workdir: str | Path, step: int | None = None) -> LoadedModel:
         metadata = checkpoints.restore_metadata(step)
         config = ml_collections.ConfigDict(metadata["config"])
         mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-        trainer = Trainer(config, get_task(config.model.name), mesh)
+        trainer = Trainer(config, get_objective(config.model.name), mesh)
         params, buffers = _restore_params_and_buffers(checkpoints, metadata["step"], trainer)
     finally:
         checkpoints.close()

@@ -8,7 +8,7 @@ Cells are grouped by their number of expressed genes into padded length buckets 
 `bucket_length`), so the model compiles once per bucket length whatever the cells; a short last batch of a bucket is
 filled with copies of its last cell (results dropped), which keeps one shape per bucket and leaves
 the batch-wide key stabiliser unchanged (a max is blind to duplicates). Normalisation and the T/S
-tokens are computed on the device by `models.scfoundation.inference_inputs`.
+tokens are computed on the device by `objectives.scfoundation.inference_inputs`.
 """
 import functools
 from collections.abc import Sequence
@@ -20,7 +20,8 @@ import scipy.sparse as sp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from scfm_jax.models.scfoundation import ScFoundation, inference_inputs, pool_cell_embeddings
+from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
+from scfm_jax.objectives.scfoundation import inference_inputs
 
 PRE_NORMALIZED = ("F", "T", "A")
 INPUT_TYPES = ("singlecell", "bulk")

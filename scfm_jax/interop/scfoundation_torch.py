@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from scfm_jax.configs import scfoundation_tiny
-from scfm_jax.models.scfoundation import ScFoundation
+from scfm_jax.models.scfoundation import (DecoderConfig, EncoderConfig, ScFoundation,
+                                          ScFoundationConfig)
 
 CHECKPOINT_KEYS = ("gene", "cell", "rde")
 # Bookkeeping buffers of the original that carry no model state.
@@ -99,7 +99,7 @@ def _fused_qkv(prefix: str, path: tuple, heads: int, head_dim: int) -> Rule:
     return ((prefix + "in_proj_weight", prefix + "in_proj_bias"), paths, to_ours, to_official)
 
 
-def _rules(config: ml_collections.ConfigDict) -> list[Rule]:
+def _rules(config: ScFoundationConfig) -> list[Rule]:
     enc, dec = config.encoder, config.decoder
     enc_head_dim = enc.width // enc.heads
     rules = [
@@ -158,13 +158,15 @@ def _strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
             for key, value in state_dict.items()}
 
 
-def load_official_state_dict(state_dict, model_config: ml_collections.ConfigDict, *,
-                             source: str = "state dict") -> ScFoundation:
+def load_official_state_dict(state_dict, model_config, *, source: str = "state dict"
+                             ) -> ScFoundation:
     """Our model with every variable taken from an official state dict.
 
     `state_dict`: a path to an `.npz`, or a mapping of official key (with or without the `model.`
-    prefix) -> array. `model_config` must describe the same architecture.
+    prefix) -> array. `model_config` (a `ScFoundationConfig` or `config.model`) must describe the
+    same architecture.
     """
+    model_config = ScFoundationConfig.from_config(model_config)
     if isinstance(state_dict, (str, Path)):
         source = str(state_dict)
         with np.load(state_dict) as npz:
@@ -209,26 +211,12 @@ def load_official_state_dict(state_dict, model_config: ml_collections.ConfigDict
 def export_official_state_dict(model: ScFoundation) -> dict[str, np.ndarray]:
     """Our model's variables under the official MaeAutobin names (no `model.` prefix)."""
     variables = _variables(model)
-    config = model_config_of(model)
     out: dict[str, np.ndarray] = {}
-    for torch_keys, paths, _, to_official in _rules(config):
+    for torch_keys, paths, _, to_official in _rules(model.cfg):
         converted = to_official([np.asarray(variables[path].get_value()) for path in paths])
         out.update(zip(torch_keys, converted))
     out["decoder.performer.calls_since_last_redraw"] = np.zeros((), np.int64)
     return out
-
-
-def model_config_of(model: ScFoundation) -> ml_collections.ConfigDict:
-    """The architecture fields the export rules need, read back from a built model."""
-    config = scfoundation_tiny.get_config().model
-    encoder_layer = model.encoder_layers[0]
-    config.encoder.update(width=model.encoder_norm.num_features, depth=len(model.encoder_layers),
-                          heads=encoder_layer.attention.heads)
-    decoder_attention = model.decoder_layers[0].attention
-    config.decoder.update(depth=len(model.decoder_layers), heads=decoder_attention.heads,
-                          head_dim=decoder_attention.head_dim,
-                          attention=decoder_attention.attention)
-    return config
 
 
 def model_config_from_official(official_config: Mapping, state_dict: Mapping[str, np.ndarray]
@@ -248,25 +236,22 @@ def model_config_from_official(official_config: Mapping, state_dict: Mapping[str
     if enc.get("module_type") != "transformer" or dec.get("module_type") != "performer":
         raise ValueError(f"expected a transformer encoder and a performer decoder, got "
                          f"{enc.get('module_type')!r} / {dec.get('module_type')!r}")
-    config = scfoundation_tiny.get_config().model
-    config.num_genes = int(flat["seq_len"]) - 2
-    config.bin_num = int(flat["bin_num"])
-    config.bin_alpha = float(flat["bin_alpha"])
-    config.mask_value = float(flat["mask_token_id"])
-    config.pad_value = float(flat["pad_token_id"])
-    config.dtype = "float32"
-    config.remat_policy = "none"
-    config.encoder.update(
+    encoder = EncoderConfig(
         width=int(enc["hidden_dim"]), depth=int(enc["depth"]), heads=int(enc["heads"]),
         mlp_dim=int(arrays[_ENCODER.format(0) + "linear1.weight"].shape[0]), dropout=0.0)
-    config.decoder.update(
+    decoder = DecoderConfig(
         width=int(dec["hidden_dim"]), depth=int(dec["depth"]), heads=int(dec["heads"]),
         head_dim=int(dec["dim_head"]),
         mlp_dim=int(arrays[_DECODER.format(0) + "1.fn.fn.w1.weight"].shape[0]),
         attention="performer",
         num_features=int(arrays[_DECODER.format(0) + "0.fn.fast_attention.projection_matrix"]
                          .shape[0]))
-    return config
+    config = ScFoundationConfig(
+        num_genes=int(flat["seq_len"]) - 2, encoder=encoder, decoder=decoder,
+        bin_num=int(flat["bin_num"]), bin_alpha=float(flat["bin_alpha"]),
+        mask_value=float(flat["mask_token_id"]), pad_value=float(flat["pad_token_id"]))
+    config.validate()
+    return ml_collections.ConfigDict(config.to_dict())
 
 
 def read_official_checkpoint(path, key: str = "cell") -> tuple[dict, dict[str, np.ndarray]]:

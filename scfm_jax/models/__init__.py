@@ -1,9 +1,5 @@
-"""Flax NNX models: scFoundation (xTrimoGene with a performer decoder) and scMulan.
+"""Flax NNX networks only: scFoundation (xTrimoGene with a performer decoder) and scMulan.
 
-Parameters carry logical axis names only; they are placed on a mesh explicitly by the train code
-(abstract init, then a jitted init with output shardings), so Flax's eager sharding of each new
-variable is switched off for the whole package.
+Parameters carry logical axis names (`layers.with_axes`) and are placed on a mesh by the train
+code. Nothing here reads a store or builds a training batch (see `scfm_jax.objectives`).
 """
-from flax import nnx
-
-nnx.use_eager_sharding(False)

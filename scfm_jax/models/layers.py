@@ -1,24 +1,37 @@
-"""Building blocks shared by both models: logical sharding constraints, reference LayerNorm and
-the rematerialised layer stack.
+"""Building blocks shared by both models: logical axis names, the one way parameters are annotated
+with them, activation constraints, PyTorch-exact LayerNorm, dropout, feed-forward, self-attention
+and the layer stack.
 
-Parameters carry logical axis names (`nnx.with_partitioning(init, ("embed", "mlp"))`); the one
-rules table in the experiment config maps them onto mesh axes (see `scfm_jax.train.partitioning`).
-Activations are pinned at block boundaries with `constrain`, which is a no-op unless rules are
-active (`nnx.logical_axis_rules(...)`) and a mesh is set, so the same model code runs unsharded in
-tests and analysis.
+Every parameter is created through `with_axes(init, names)` (or `param`, which calls it): the
+logical names travel as the variable's `out_sharding` metadata, and the one rules table in the
+experiment config maps them onto mesh axes (`scfm_jax.train.partitioning`). Parameters are never
+sharded as they are created (the train code places the whole state with a jitted init), so models
+build the same with or without a mesh. Activations are pinned at block boundaries with `constrain`,
+a no-op unless rules are active (`nnx.logical_axis_rules(...)`) and a mesh is set.
 """
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd as core_spmd
-from jax.sharding import PartitionSpec
 
-# Logical names used by the models. Every name must appear in a config's rules table.
-BATCH, LENGTH, EMBED, MLP, HEADS, HEAD_DIM, GENES, VOCAB = (
-    "batch", "length", "embed", "mlp", "heads", "head_dim", "genes", "vocab")
+from scfm_jax.models import performer
+
+# Logical axis names used by the models. Every name must appear in a config's rules table.
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+HEAD_DIM = "head_dim"
+GENES = "genes"
+VOCAB = "vocab"
+BINS = "bins"
+FEATURES = "features"
+LAYERS = "layers"  # the leading axis of stacked layer parameters
+AXIS_NAMES = (BATCH, LENGTH, EMBED, MLP, HEADS, HEAD_DIM, GENES, VOCAB, BINS, FEATURES, LAYERS)
 
 REMAT_POLICIES = {
     "none": None,
@@ -27,44 +40,64 @@ REMAT_POLICIES = {
 }
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, used by both original models (Flax's is 1e-6)
+ATTENTION_KINDS = ("performer", "dot_product")
 
 
-def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
-    """The mesh PartitionSpec for logical axis names under the active rules.
+def with_axes(init: Callable, names: Sequence[str | None]) -> Callable:
+    """`init` whose value carries the logical axis `names` (one per dimension)."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
-    A mesh axis is used by the first dimension that claims it: activations are
-    ("batch", ..., "embed") and, under FSDP, both batch and the parameters' embed dimension map to
-    `fsdp`; the activation keeps it on the batch.
-    """
-    rules = core_spmd.get_logical_axis_rules()
-    used, spec = set(), []
-    for target in core_spmd.from_sharding_rules(tuple(names), rules):
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(axis for axis in axes if axis not in used)
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+    """A parameter of `shape` drawn by `init`, annotated with logical axis `names`."""
+    return nnx.Param(with_axes(init, names)(rngs.params(), tuple(shape), dtype))
+
+
+def torch_linear_init() -> Callable:
+    """uniform(+-1/sqrt(fan_in)), the scale of torch.nn.Linear's default init."""
+    return nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical names; identity without rules or mesh."""
-    if not core_spmd.get_logical_axis_rules():
+    """`with_sharding_constraint` by logical names; identity without rules or mesh.
+
+    A mesh axis goes to the first dimension that claims it (Flax's rule resolution): activations
+    are ("batch", ..., "embed") and, under FSDP, both batch and embed map to `fsdp`; the
+    activation keeps it on the batch.
+    """
+    rules = nn.get_logical_axis_rules()
+    if not rules:
         return x
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+    return jax.lax.with_sharding_constraint(x, nn.logical_to_mesh_axes(tuple(names), rules))
 
 
 def layer_norm(width: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=None,
-               param_dtype=jax.numpy.float32) -> nnx.LayerNorm:
-    """LayerNorm as in PyTorch: eps 1e-5, exact two-pass variance, scale/bias sharded on `embed`."""
+               param_dtype=jnp.float32) -> nnx.LayerNorm:
+    """LayerNorm as in PyTorch: eps 1e-5, exact two-pass variance, scale/bias on `embed`."""
     return nnx.LayerNorm(
         width, epsilon=LAYER_NORM_EPSILON, use_fast_variance=False, use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (EMBED,)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (EMBED,)),
+        scale_init=with_axes(nnx.initializers.ones_init(), (EMBED,)),
+        bias_init=with_axes(nnx.initializers.zeros_init(), (EMBED,)),
         rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
+           rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
+    """nnx.Linear with torch's default init scale, kernel annotated `names`, bias `names[1]`."""
+    return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs,
+                      kernel_init=with_axes(torch_linear_init(), names),
+                      bias_init=with_axes(nnx.initializers.zeros_init(), names[1:]))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout from an explicit key."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def check_remat_policy(policy: str) -> str:
@@ -72,6 +105,100 @@ def check_remat_policy(policy: str) -> str:
         raise ValueError(f"model.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
                          f"got {policy!r}")
     return policy
+
+
+class FeedForward(nnx.Module):
+    """Dense -> activation -> Dense, kernels (embed, mlp) / (mlp, embed)."""
+
+    def __init__(self, width: int, mlp_dim: int, activation, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.activation = activation
+        self.w1 = linear(width, mlp_dim, (EMBED, MLP), dtype=dtype, rngs=rngs)
+        self.w2 = linear(mlp_dim, width, (MLP, EMBED), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, dropout_rate: float = 0.0,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        hidden = self.activation(self.w1(x))
+        if dropout_key is not None and dropout_rate > 0:
+            hidden = dropout(hidden, dropout_rate, dropout_key)
+        return self.w2(hidden)
+
+
+def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_lengths: jax.Array, *,
+                             dropout_rate: float = 0.0, dropout_key: jax.Array | None = None
+                             ) -> jax.Array:
+    """Exact softmax attention over the first `key_lengths[b]` keys; [B, L, H, d] in and out.
+
+    The softmax is normalised after the value product (one pass less over the [B, H, L, L]
+    weights, which dominate the encoder's time on CPUs); dropout, when on, hits the weights.
+    """
+    length = k.shape[1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k,
+                        preferred_element_type=jnp.float32)
+    valid = jnp.arange(length)[None, None, None, :] < key_lengths[:, None, None, None]
+    # finite, so a row without keys (a cell whose every token is masked) averages instead of NaN
+    logits = jnp.where(valid, logits, -1e30)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1)
+    if dropout_key is not None and dropout_rate > 0:
+        weights = dropout(weights, dropout_rate, dropout_key)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / jnp.transpose(total, (0, 2, 1))[..., None]).astype(v.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention: exact dot-product (masked by key lengths) or FAVOR+."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, *, attention: str = "performer",
+                 num_features: int = 0, stabilizer_scope: str = "cell", chunk_size: int = 2048,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"decoder.attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if stabilizer_scope not in performer.STABILIZER_SCOPES:
+            raise ValueError(f"decoder.stabilizer_scope must be one of "
+                             f"{performer.STABILIZER_SCOPES}, got {stabilizer_scope!r}")
+        self.attention, self.stabilizer_scope, self.chunk_size = attention, stabilizer_scope, chunk_size
+        self.heads, self.head_dim = heads, head_dim
+        init, zeros = torch_linear_init(), nnx.initializers.zeros_init()
+
+        def head_projection():
+            return nnx.LinearGeneral(
+                width, (heads, head_dim), dtype=dtype, rngs=rngs,
+                kernel_init=with_axes(init, (EMBED, HEADS, HEAD_DIM)),
+                bias_init=with_axes(zeros, (HEADS, HEAD_DIM)))
+
+        self.query, self.key, self.value = head_projection(), head_projection(), head_projection()
+        self.out = nnx.LinearGeneral(
+            (heads, head_dim), width, axis=(-2, -1), dtype=dtype, rngs=rngs,
+            kernel_init=with_axes(init, (HEADS, HEAD_DIM, EMBED)),
+            bias_init=with_axes(zeros, (EMBED,)))
+        if attention == "performer":
+            rows = performer.num_random_features(head_dim, num_features)
+            self.projection = performer.ProjectionMatrix(with_axes(
+                lambda key, shape, dtype: performer.gaussian_orthogonal_random_matrix(key, *shape),
+                (FEATURES, HEAD_DIM))(rngs.params(), (rows, head_dim), jnp.float32))
+        else:
+            self.projection = None
+
+    def __call__(self, x: jax.Array, *, stabilizer_scope: str | None = None,
+                 key_lengths: jax.Array | None = None, dropout_rate: float = 0.0,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """`key_lengths` [B]: only the first n keys of each row are attended, with dropout on the
+        attention weights as torch's MultiheadAttention (dot-product only)."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.attention == "performer":
+            if key_lengths is not None:
+                raise ValueError("performer attention has no key mask (as in the original decoder)")
+            attended = performer.favor_attention(
+                q, k, v, self.projection.get_value(),
+                stabilizer_scope=stabilizer_scope or self.stabilizer_scope,
+                chunk_size=self.chunk_size)
+        elif key_lengths is not None:
+            attended = masked_softmax_attention(q, k, v, key_lengths, dropout_rate=dropout_rate,
+                                                dropout_key=dropout_key)
+        else:
+            attended = jax.nn.dot_product_attention(q, k, v)
+        return self.out(attended)
 
 
 def apply_layers(layer_list: Sequence[nnx.Module], carry: Any,

@@ -1,4 +1,4 @@
-"""Performer (FAVOR+) attention and the pre-norm performer layer of scFoundation's decoder.
+"""Performer (FAVOR+) attention, the linear attention of scFoundation's decoder.
 
 FAVOR+ approximates softmax attention with positive orthogonal random features (Choromanski et
 al. 2021), in the variant of `performer_pytorch` that scFoundation ships (SPEC.md I.4(f)): with
@@ -23,11 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scfm_jax.models import layers
-
 FEATURE_EPSILON = 1e-4  # the "+1e-4" of performer_pytorch's softmax_kernel
 STABILIZER_SCOPES = ("cell", "batch")
-ATTENTION_KINDS = ("performer", "dot_product")
 
 
 class ProjectionMatrix(nnx.Variable):
@@ -146,140 +143,6 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, projecti
 
     out = jax.lax.map(per_chunk(attend), _split_chunks(query, chunk_size))
     return jnp.moveaxis(out, 0, 1).reshape(batch, -1, heads, head_dim)[:, :length]
-
-
-class SelfAttention(nnx.Module):
-    """Multi-head self-attention of a performer layer: FAVOR+ or exact dot-product."""
-
-    def __init__(self, width: int, heads: int, head_dim: int, *, attention: str = "performer",
-                 num_features: int = 0, stabilizer_scope: str = "cell", chunk_size: int = 2048,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"decoder.attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if stabilizer_scope not in STABILIZER_SCOPES:
-            raise ValueError(f"decoder.stabilizer_scope must be one of {STABILIZER_SCOPES}, "
-                             f"got {stabilizer_scope!r}")
-        self.attention, self.stabilizer_scope, self.chunk_size = attention, stabilizer_scope, chunk_size
-        self.heads, self.head_dim = heads, head_dim
-        # LinearGeneral initialises a flat [in, out] kernel and reshapes it, so the torch-like
-        # uniform(+-1/sqrt(fan_in)) init is plain; the logical names go on as metadata.
-        init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-        zeros = nnx.initializers.zeros_init()
-
-        def head_projection():
-            return nnx.LinearGeneral(
-                width, (heads, head_dim), kernel_init=init, bias_init=zeros, dtype=dtype,
-                kernel_metadata={"out_sharding": (layers.EMBED, layers.HEADS, layers.HEAD_DIM)},
-                bias_metadata={"out_sharding": (layers.HEADS, layers.HEAD_DIM)}, rngs=rngs)
-
-        self.query, self.key, self.value = head_projection(), head_projection(), head_projection()
-        self.out = nnx.LinearGeneral(
-            (heads, head_dim), width, axis=(-2, -1), kernel_init=init, bias_init=zeros, dtype=dtype,
-            kernel_metadata={"out_sharding": (layers.HEADS, layers.HEAD_DIM, layers.EMBED)},
-            bias_metadata={"out_sharding": (layers.EMBED,)}, rngs=rngs)
-        if attention == "performer":
-            rows = num_random_features(head_dim, num_features)
-            self.projection = ProjectionMatrix(
-                gaussian_orthogonal_random_matrix(rngs.params(), rows, head_dim),
-                out_sharding=("features", layers.HEAD_DIM))
-        else:
-            self.projection = None
-
-    def __call__(self, x: jax.Array, *, stabilizer_scope: str | None = None,
-                 key_lengths: jax.Array | None = None, dropout_rate: float = 0.0,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
-        """`key_lengths` [B]: only the first n keys of each row are attended, with dropout on the
-        attention weights as torch's MultiheadAttention (dot-product only)."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        if self.attention == "performer":
-            if key_lengths is not None:
-                raise ValueError("performer attention has no key mask (as in the original decoder)")
-            attended = favor_attention(q, k, v, self.projection.get_value(),
-                                       stabilizer_scope=stabilizer_scope or self.stabilizer_scope,
-                                       chunk_size=self.chunk_size)
-        elif key_lengths is not None:
-            attended = masked_softmax_attention(q, k, v, key_lengths, dropout_rate=dropout_rate,
-                                                dropout_key=dropout_key)
-        else:
-            attended = jax.nn.dot_product_attention(q, k, v)
-        return self.out(attended)
-
-
-def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_lengths: jax.Array, *,
-                             dropout_rate: float = 0.0, dropout_key: jax.Array | None = None
-                             ) -> jax.Array:
-    """Exact softmax attention over the first `key_lengths[b]` keys; [B, L, H, d] in and out.
-
-    The softmax is normalised after the value product (one pass less over the [B, H, L, L]
-    weights, which dominate the encoder's time on CPUs); dropout, when on, hits the weights.
-    """
-    length = k.shape[1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k,
-                        preferred_element_type=jnp.float32)
-    valid = jnp.arange(length)[None, None, None, :] < key_lengths[:, None, None, None]
-    # finite, so a row without keys (a cell whose every token is masked) averages instead of NaN
-    logits = jnp.where(valid, logits, -1e30)
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    total = jnp.sum(weights, axis=-1)
-    if dropout_key is not None and dropout_rate > 0:
-        weights = dropout(weights, dropout_rate, dropout_key)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return (out / jnp.transpose(total, (0, 2, 1))[..., None]).astype(v.dtype)
-
-
-class FeedForward(nnx.Module):
-    """Dense -> activation -> Dense, kernels sharded (embed, mlp) / (mlp, embed)."""
-
-    def __init__(self, width: int, mlp_dim: int, activation, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-        self.activation = activation
-        self.w1 = nnx.Linear(
-            width, mlp_dim, dtype=dtype, rngs=rngs,
-            kernel_init=nnx.with_partitioning(init, (layers.EMBED, layers.MLP)),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (layers.MLP,)))
-        self.w2 = nnx.Linear(
-            mlp_dim, width, dtype=dtype, rngs=rngs,
-            kernel_init=nnx.with_partitioning(init, (layers.MLP, layers.EMBED)),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (layers.EMBED,)))
-
-    def __call__(self, x: jax.Array, *, dropout_rate: float = 0.0,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
-        hidden = self.activation(self.w1(x))
-        if dropout_key is not None and dropout_rate > 0:
-            hidden = dropout(hidden, dropout_rate, dropout_key)
-        return self.w2(hidden)
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Inverted dropout from an explicit key."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def exact_gelu(x: jax.Array) -> jax.Array:
-    """GELU with erf, as torch.nn.GELU() (not the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-class PerformerLayer(nnx.Module):
-    """Pre-norm layer: x + attn(LN(x)), then x + FF(LN(x)) with exact GELU."""
-
-    def __init__(self, width: int, heads: int, head_dim: int, mlp_dim: int, *,
-                 attention: str = "performer", num_features: int = 0,
-                 stabilizer_scope: str = "cell", chunk_size: int = 2048, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.attention_norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
-        self.attention = SelfAttention(width, heads, head_dim, attention=attention,
-                                       num_features=num_features, stabilizer_scope=stabilizer_scope,
-                                       chunk_size=chunk_size, dtype=dtype, rngs=rngs)
-        self.feed_forward_norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
-        self.feed_forward = FeedForward(width, mlp_dim, exact_gelu, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, stabilizer_scope: str | None = None) -> jax.Array:
-        x = x + self.attention(self.attention_norm(x), stabilizer_scope=stabilizer_scope)
-        x = x + self.feed_forward(self.feed_forward_norm(x))
-        return layers.constrain(x, (layers.BATCH, layers.LENGTH, layers.EMBED))
 
 
 def redraw_features(model: nnx.Module, key: jax.Array) -> None:

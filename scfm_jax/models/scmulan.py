@@ -10,21 +10,16 @@ positional table, the valid positions of a padded row are exactly those of the u
 padding mask is needed; outputs are read at each cell's last valid index. `decode_step` extends a
 key/value cache by one token per cell at per-cell positions (see `scfm_jax.models.generation`).
 
-The pretraining objective (`pretraining_loss`) is in this module; the c-sentences it trains on are
-built on the device by `scfm_jax.data.cell_sentence.build_sentences`.
+The pretraining objective and the token set it needs are in `scfm_jax.objectives.scmulan`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 from scfm_jax.models import layers
@@ -54,7 +49,7 @@ class ScMulanConfig:
         if config.vocab_size <= 0:
             raise ValueError(
                 f"scMulan vocab_size is {config.vocab_size}: resolve it from the token set first "
-                "(scfm_jax.data.cell_sentence.pretraining_setup or an official checkpoint)")
+                "(scfm_jax.objectives.scmulan.resolve_config or an official checkpoint)")
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         if config.attention != "dot_product":
@@ -68,13 +63,13 @@ class ScMulanConfig:
         return self.n_embd // self.n_head
 
 
-def _param(rngs, shape, names, std, dtype=jnp.float32):
-    init = nnx.with_partitioning(nnx.initializers.normal(std), names)
-    return nnx.Param(init(rngs.params(), shape, dtype))
+def _param(rngs, shape, names, std):
+    return layers.param(rngs, nnx.initializers.normal(std), shape, names)
 
 
 def _zeros(shape, names):
-    return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), names)(
+    # zeros need no random key; the parameter stream stays that of the weights
+    return nnx.Param(layers.with_axes(nnx.initializers.zeros_init(), names)(
         jax.random.key(0), shape, jnp.float32))
 
 
@@ -205,139 +200,3 @@ def count_parameters(model_config: Mapping[str, Any]) -> int:
     """Number of parameters, counted from abstract shapes (nothing is allocated)."""
     abstract = nnx.eval_shape(lambda: ScMulan(model_config, rngs=nnx.Rngs(0)))
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretraining. The original training code is not released; SPEC.md II.4 infers the criterion
-# `Masked_BCE_logits_loss_ignore_prefix_pretrain(BCEWithLogitsLoss, MSELoss)`. Our reading of it:
-# the entities of a sentence form a set, so at each position from the task token on, the target of
-# lm_head is multi-hot over the targets not yet emitted (<E> alone once all are), and epx_head is
-# regressed onto the integer level of each of those targets (0 for <E>); prompt positions carry no
-# loss. Greedy decoding with the ban on emitted tokens then walks through that set.
-
-
-def _objective_columns(objective) -> list[str]:
-    return list(dict.fromkeys([*objective.metadata_columns, *objective.cell_type_columns,
-                               *objective.organ_columns]))
-
-
-def _select_genes(store, objective) -> list[str]:
-    symbols = list(store.vocabulary.symbols)
-    if objective.gene_list:
-        wanted = [g for g in Path(objective.gene_list).read_text().split() if g]
-        present = set(symbols)
-        genes = [g for g in wanted if g in present]
-        if not genes:
-            raise ValueError(f"none of the genes of {objective.gene_list} is in the store's "
-                             f"vocabulary {store.vocabulary.name!r}")
-        return genes
-    cells = np.arange(min(store.num_cells, objective.gene_selection_cells))
-    rows = store.read(cells)
-    expressed_in = np.bincount(rows.gene_ids[rows.counts > 0], minlength=len(symbols))
-    top = np.argsort(-expressed_in, kind="stable")[:objective.num_genes]
-    return [symbols[i] for i in np.sort(top[expressed_in[top] > 0])]
-
-
-def resolve_config(config, store):
-    """A copy of the config with the store-dependent scMulan fields filled in: the token set
-    (built from the store's genes and obs categories, or `objective.token_set`, an official-layout
-    folder), `model.vocab_size`, the gene-set-to-store table and `data.obs_keys`."""
-    import ml_collections
-
-    from scfm_jax.data.cell_sentence import SentenceTables, TokenSet
-
-    config = ml_collections.ConfigDict(config.to_dict())
-    objective = config.objective
-    columns = _objective_columns(objective)
-    categories = {c: tuple(map(str, store.obs_categories(c))) for c in columns}
-    if objective.token_set:
-        token_set = TokenSet.from_folder(objective.token_set)
-    else:
-        token_set = TokenSet.build(_select_genes(store, objective), categories,
-                                   objective.cell_type_columns)
-    tables = SentenceTables.create(token_set, list(store.vocabulary.symbols), categories,
-                                   objective.metadata_columns, objective.cell_type_columns,
-                                   objective.organ_columns)
-    if config.model.vocab_size not in (-1, None, len(token_set)):
-        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the token set "
-                         f"has {len(token_set)} tokens; set it to -1 to take the token set's")
-    config.model.vocab_size = len(token_set)
-    objective.gene_set = tuple(token_set.genes)
-    objective.gene_positions = tuple(int(p) for p in tables.gene_positions)
-    objective.categories = ml_collections.ConfigDict({c: v for c, v in categories.items()})
-    config.data.obs_keys = tuple(dict.fromkeys([*config.data.get("obs_keys", ()), *columns]))
-    return config
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_tables(token_set_dir, gene_set, gene_positions, categories, metadata, cell_type,
-                   organ):
-    from scfm_jax.data.cell_sentence import SentenceTables, TokenSet, obs_token_table
-
-    categories = dict(categories)
-    token_set = (TokenSet.from_folder(token_set_dir) if token_set_dir
-                 else TokenSet.build(gene_set, categories, cell_type))
-    obs_tokens = {c: obs_token_table(token_set, terms) for c, terms in categories.items()}
-    return SentenceTables(token_set, gene_positions, obs_tokens, metadata, cell_type, organ)
-
-
-def sentence_tables(objective):
-    """The `SentenceTables` described by a resolved `config.objective`."""
-    if not objective.get("gene_positions"):
-        raise ValueError("config.objective has no gene_positions: the config was not resolved "
-                         "against the store (scfm_jax.models.scmulan.resolve_config)")
-    categories = tuple((c, tuple(objective.categories[c])) for c in _objective_columns(objective))
-    return _cached_tables(objective.token_set, tuple(objective.gene_set),
-                          tuple(objective.gene_positions), categories,
-                          tuple(objective.metadata_columns), tuple(objective.cell_type_columns),
-                          tuple(objective.organ_columns))
-
-
-def token_set_from_config(config):
-    """The token set a model was pretrained with, from its resolved config (e.g. the config saved
-    in one of our checkpoints): what `annotate` / `generate_cells` need next to the model."""
-    return sentence_tables(config.objective).token_set
-
-
-def sentence_loss(model: ScMulan, sentences: Mapping[str, jax.Array], mse_weight: float = 1.0):
-    """(loss, metrics) of sentences from `build_sentences` (see the note above)."""
-    ids, levels = sentences["ids"], sentences["levels"]
-    prefix, num_targets = sentences["prefix_length"][:, None], sentences["target_length"][:, None]
-    batch, length = ids.shape
-    vocab = model.cfg.vocab_size
-    logits, exp = model.heads(model(ids, levels))
-
-    t = jnp.arange(length)[None, :]
-    is_target = (t >= prefix) & (t < prefix + num_targets)
-    rows = jnp.arange(batch)[:, None]
-    last_index = jnp.full((batch, vocab), -1, jnp.int32).at[rows, ids].max(
-        jnp.where(is_target, t - prefix, -1))
-    target_level = jnp.zeros((batch, vocab), jnp.float32).at[rows, ids].max(
-        jnp.where(is_target, levels, 0).astype(jnp.float32))
-    # position t predicts the targets from index t - (prefix - 1) on
-    next_index = t - (prefix - 1)
-    at_loss = (next_index >= 0) & (next_index <= num_targets) & sentences["valid"][:, None]
-    positive = next_index[..., None] <= last_index[:, None, :]
-    positive = positive.at[..., 0].set(next_index == num_targets) & at_loss[..., None]
-
-    weight = at_loss.astype(jnp.float32)
-    num_positions = jnp.maximum(weight.sum(), 1.0)
-    bce = optax.sigmoid_binary_cross_entropy(logits, positive.astype(jnp.float32)).mean(-1)
-    bce = jnp.sum(bce * weight) / num_positions
-    squared = jnp.where(positive, (exp - target_level[:, None, :]) ** 2, 0.0)
-    mse = squared.sum() / jnp.maximum(positive.sum(), 1)
-    top1 = jnp.argmax(logits, axis=-1)
-    hit = jnp.take_along_axis(positive, top1[..., None], axis=-1)[..., 0]
-    metrics = {"bce": bce, "level_mse": mse,
-               "next_entity_accuracy": jnp.sum(hit * weight) / num_positions}
-    return bce + mse_weight * mse, metrics
-
-
-def pretraining_loss(model: ScMulan, batch: Mapping[str, jax.Array], key: jax.Array,
-                     objective) -> tuple[jax.Array, dict]:
-    """The train loop's loss: pipeline batch -> sentences (one sampled task per cell) -> loss."""
-    from scfm_jax.data.cell_sentence import build_sentences
-
-    sentences = build_sentences(batch, sentence_tables(objective), key,
-                                tuple(objective.task_weights), model.cfg.expression_level)
-    return sentence_loss(model, sentences, objective.mse_weight)

@@ -21,12 +21,12 @@ from scfm_jax.data import datasets
 from scfm_jax.data.convert import convert
 from scfm_jax.data.pipeline import Pipeline, split_cells
 from scfm_jax.data.store import CellStore
-from scfm_jax.models.scfoundation import masked_mse, pretraining_inputs
+from scfm_jax.objectives.scfoundation import masked_mse, pretraining_inputs
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import plot_loss_curves
 from scfm_jax.train.state import Trainer
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 
 
 def demo_config(store: str, steps: int):
@@ -58,7 +58,7 @@ def heldout_vs_baseline(config, workdir: Path, num_batches: int = 8) -> dict:
     store = CellStore.open(config.data.store)
     config = loop.resolve_config(config, store)
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    trainer = Trainer(config, get_task(config.model.name), mesh)
+    trainer = Trainer(config, get_objective(config.model.name), mesh)
     checkpoints = Checkpoints(workdir, read_only=True)
     state = checkpoints.restore_state(trainer.abstract_sharded_state())
     checkpoints.close()

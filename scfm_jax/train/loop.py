@@ -26,7 +26,7 @@ from scfm_jax.train import partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
 from scfm_jax.train.state import Trainer, cached_trainer
-from scfm_jax.train.tasks import get_task
+from scfm_jax.objectives import get_objective
 
 HOST_ONLY_FIELDS = ("cell_index",)  # pipeline fields that stay on the host (int64 bookkeeping)
 
@@ -38,7 +38,7 @@ class TrainingDiverged(FloatingPointError):
 def resolve_config(config: ml_collections.ConfigDict, store: CellStore) -> ml_collections.ConfigDict:
     """A copy of the config with the fields that depend on the store filled in and checked
     (scFoundation: the number of genes; scMulan: the token set and its tables)."""
-    return get_task(config.model.name).resolve_config(config, store)
+    return get_objective(config.model.name).resolve_config(config, store)
 
 
 def _host_to_device(local_batch: dict, mesh) -> dict:
@@ -93,12 +93,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     if lead:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    task = get_task(config.model.name)
+    objective = get_objective(config.model.name)
     mesh = partitioning.make_mesh(config.mesh, devices=devices)
     train_config = config.train
     partitioning.check_batch_divisible(config.data.global_batch_size, mesh,
                                        train_config.grad_accum_steps)
-    trainer = cached_trainer(config, task, mesh)
+    trainer = cached_trainer(config, objective, mesh)
     vocabulary = {"name": store.vocabulary.name, "digest": store.vocabulary.digest,
                   "symbols": list(store.vocabulary.symbols)}
 
@@ -222,7 +222,7 @@ def _parse(argv):
                          flag_values=flag_values)
     # ml_collections finds the --config.a.b=... overrides in the argv it is given (default sys.argv,
     # which is not ours when `main` is called from Python).
-    config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
+    config_flags.DEFINE_config_file("config", None, "experiment config file (a Python file with get_config())",
                                     flag_values=flag_values, lock_config=True,
                                     sys_argv=["scfm-jax train", *argv])
     flag_values(["scfm-jax train", *argv])

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scfm_jax.train import partitioning
-from scfm_jax.train.tasks import Task
+from scfm_jax.objectives import Objective
 
 
 @flax.struct.dataclass
@@ -56,16 +56,16 @@ def split_model(model: nnx.Module):
 class Trainer:
     """Everything compiled for one experiment: init, train step and eval step on `mesh`."""
     config: ml_collections.ConfigDict
-    task: Task
+    objective: Objective
     mesh: Mesh
 
     def __post_init__(self):
         self.rules = partitioning.logical_rules(self.config)
         self.optimizer = make_optimizer(self.config.train)
         self.schedule = make_schedule(self.config.train)
-        self.redraw_interval = self.task.redraw_interval(self.config.model)
+        self.refresh_interval = self.objective.refresh_interval(self.config.model)
         abstract_model = nnx.eval_shape(
-            lambda: self.task.build_model(self.config.model, rngs=nnx.Rngs(0)))
+            lambda: self.objective.build_model(self.config.model, rngs=nnx.Rngs(0)))
         self.graphdef, _, _ = split_model(abstract_model)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
         self.state_sharding = self._state_sharding(self.abstract_state)
@@ -74,7 +74,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def _init(self, key_data) -> TrainState:
         key = jax.random.wrap_key_data(key_data)
-        model = self.task.build_model(self.config.model, rngs=nnx.Rngs(params=key))
+        model = self.objective.build_model(self.config.model, rngs=nnx.Rngs(params=key))
         _, params, buffers = split_model(model)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
                           opt_state=self.optimizer.init(params), key=key_data)
@@ -108,7 +108,7 @@ class Trainer:
         # transforms inside the model (remat) refuse to update Variables of an outer trace.
         graphdef = self.graphdef if graphdef is None else graphdef
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
-        return self.task.loss(model, batch, key, self.config.objective)
+        return self.objective.loss(model, batch, key, self.config.objective)
 
     def _grads(self, params, buffers, batch, key):
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
@@ -138,16 +138,20 @@ class Trainer:
         # Each micro-batch contributes its mean; the step reports and follows their average.
         return jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
 
+    def _refreshed(self, params, buffers, key):
+        """The buffers after the objective's refresh (e.g. new performer random features)."""
+        # merge shares Variable objects with the State it is given; refresh copies
+        model = nnx.merge(self.graphdef, params, jax.tree.map(lambda x: x, buffers))
+        self.objective.refresh_buffers(model, key)
+        return split_model(model)[2]
+
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         buffers = state.buffers
-        if self.redraw_interval:
-            # merge shares Variable objects with the State it is given; redraw into copies.
-            model = nnx.merge(self.graphdef, state.params, jax.tree.map(lambda x: x, buffers))
-            self.task.redraw(model, jax.random.fold_in(key, 1))
-            _, _, redrawn = split_model(model)
-            due = (state.step > 0) & (state.step % self.redraw_interval == 0)
-            buffers = jax.tree.map(lambda new, old: jnp.where(due, new, old), redrawn, buffers)
+        if self.refresh_interval:
+            due = (state.step > 0) & (state.step % self.refresh_interval == 0)
+            buffers = jax.lax.cond(due, self._refreshed, lambda _, b, __: b, state.params, buffers,
+                                   jax.random.fold_in(key, 1))
         loss, metrics, grads = self._grads(state.params, buffers, batch, jax.random.fold_in(key, 0))
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -191,7 +195,7 @@ class Trainer:
             accum = max(int(self.config.train.grad_accum_steps), 1)
             model_config = loop_free_model_config(self.config.model)
             graphdef, _, _ = split_model(nnx.eval_shape(
-                lambda: self.task.build_model(model_config, rngs=nnx.Rngs(0))))
+                lambda: self.objective.build_model(model_config, rngs=nnx.Rngs(0))))
 
             def loss(params, buffers, micro_batch, key):
                 return self._loss(params, buffers, micro_batch, key, graphdef)[0]
@@ -220,17 +224,17 @@ class Trainer:
 _TRAINERS: dict = {}
 
 
-def cached_trainer(config: ml_collections.ConfigDict, task: Task, mesh: Mesh) -> Trainer:
+def cached_trainer(config: ml_collections.ConfigDict, objective: Objective, mesh: Mesh) -> Trainer:
     """One Trainer (and its compiled steps) per (config, mesh) in this process.
 
     Resuming, evaluating or re-running an experiment in the same process (tests, notebooks, the
     demo) reuses the executables instead of compiling again.
     """
-    key = (config.to_json(sort_keys=True), task.name, mesh.axis_names, mesh.devices.shape,
+    key = (config.to_json(sort_keys=True), objective.name, mesh.axis_names, mesh.devices.shape,
            tuple(d.id for d in mesh.devices.flat))
     if key not in _TRAINERS:
         _TRAINERS.clear()  # keep one: executables of large models are big
-        _TRAINERS[key] = Trainer(config, task, mesh)
+        _TRAINERS[key] = Trainer(config, objective, mesh)
     return _TRAINERS[key]
 
 
