@@ -63,8 +63,10 @@ def _key_chunk(k, v, projection, start, state, *, length, num_features, head_dim
     logits = jnp.where((rows < length) & (cols < num_features), logits, -jnp.inf)
     chunk_max = jnp.max(jnp.max(logits, axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]
     new_max = jnp.maximum(running_max, chunk_max)
-    rescale = jnp.exp(running_max - new_max)[:, :1]
-    features = jnp.exp(logits - half_norm - new_max[:, :1])
+    # every lane holds the max; a lane reduction, not a slice, takes it (Triton lowers no slices)
+    new_scalar = jnp.max(new_max, axis=1, keepdims=True)
+    rescale = jnp.exp(jnp.max(running_max, axis=1, keepdims=True) - new_scalar)
+    features = jnp.exp(logits - half_norm - new_scalar)
     kv = kv * rescale + _dot(features.astype(v.dtype), v, ((0,), (0,)))
     k_sum = k_sum * rescale + jnp.sum(features, axis=0, keepdims=True)
     return kv, k_sum, new_max
