@@ -1,10 +1,17 @@
 """The `scfm-jax` command: one entry point, one subcommand per job of the flow.
 
 Each subcommand lives in the module that does the work and exposes `main(argv)`; this file only
-dispatches, so `scfm-jax --help` stays cheap (nothing heavy is imported until a command runs).
+dispatches, so `scfm-jax --help` stays cheap (nothing heavy is imported until a command runs), and
+is the one place where errors become one line (see `errors.py`).
 """
 import importlib
+import os
 import sys
+
+from scfm_jax.errors import UsageError, one_line
+
+# What a user's input, file or config can raise; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, LookupError, OSError, ImportError, RuntimeError)
 
 COMMANDS = {
     "convert": ("scfm_jax.data.convert", "AnnData / 10x files -> sharded zarr cell store"),
@@ -32,8 +39,17 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"scfm-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest) or 0
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return module.main(rest) or 0
+    except KeyboardInterrupt:
+        print(f"scfm-jax {name}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if os.environ.get("SCFM_TRACEBACK"):
+            raise
+        print(f"scfm-jax {name}: error: {one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -50,15 +50,17 @@ def test_annotate_command_reproduces_the_original(inputs, tmp_path):
     assert result.n_vars == 2003  # the input is returned whole, with the new columns
 
 
-def test_annotate_refuses_raw_counts_without_flag(inputs, tmp_path):
+def test_annotate_refuses_raw_counts_without_flag(inputs, tmp_path, capsys):
     data = anndata.read_h5ad(inputs["input"])
     data.X = data.X.multiply(40).tocsr()  # looks like counts: max far above 10
     path = tmp_path / "counts.h5ad"
     data.write_h5ad(path)
-    with pytest.raises(ValueError, match="--counts|counts=True"):
-        scfm_main(["annotate", "--checkpoint", str(inputs["folder"] / "ckpt.pt"),
-                   "--vocabulary", str(inputs["folder"]), "--gene-list", str(inputs["gene_list"]),
-                   "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--quiet"])
+    assert scfm_main(["annotate", "--checkpoint", str(inputs["folder"] / "ckpt.pt"),
+                      "--vocabulary", str(inputs["folder"]), "--gene-list", str(inputs["gene_list"]),
+                      "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()   # the gene report, then the one error
+    assert err[-1].startswith("scfm-jax annotate: error:") and "counts=True" in err[-1]
+    assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "o.h5ad").exists()
 
 
@@ -80,3 +82,48 @@ def test_annotate_counts_flag_normalises_over_all_input_genes(inputs, tmp_path):
     a, b = anndata.read_h5ad(tmp_path / "a.h5ad"), anndata.read_h5ad(tmp_path / "b.h5ad")
     assert list(a.obs["cell_type_scmulan"]) == list(b.obs["cell_type_scmulan"])
     np.testing.assert_allclose(a.obsm["X_scmulan"], b.obsm["X_scmulan"], atol=1e-5)
+
+
+def test_annotate_errors_are_one_line(inputs, tmp_path, capsys, monkeypatch):
+    common = ["--input", str(inputs["input"]), "--output", str(tmp_path / "o.h5ad"), "--quiet"]
+    official = ["--checkpoint", str(inputs["folder"] / "ckpt.pt"), "--vocabulary",
+                str(inputs["folder"])]
+
+    def run(*argv):
+        status = scfm_main(["annotate", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 1 and err[-1].startswith("scfm-jax annotate: error:"), err
+        assert not any("Traceback" in line for line in err)
+        return err[-1]
+
+    scfoundation = shared_path("fixtures", "scfoundation-tiny", "models.ckpt")
+    assert "is a scFoundation checkpoint" in run("--checkpoint", str(scfoundation), *common)
+    # a gene list that cannot be downloaded (an empty offline mirror, an empty cache)
+    monkeypatch.setenv("SCFM_VOCABULARY_MIRROR", str(tmp_path / "empty-mirror"))
+    monkeypatch.setenv("SCFM_CACHE_DIR", str(tmp_path / "cache"))
+    assert "scmulan" in run(*official, "--gene-list", "scmulan", *common)
+    # no gene in common with the gene list
+    data = anndata.read_h5ad(inputs["input"])
+    data.var_names = [f"NOTAGENE{i}" for i in range(data.n_vars)]
+    path = tmp_path / "foreign.h5ad"
+    data.write_h5ad(path)
+    message = run(*official, "--gene-list", str(inputs["gene_list"]), "--input", str(path),
+                  "--output", str(tmp_path / "o.h5ad"), "--quiet")
+    assert "foreign" in message or "match" in message or "coverage" in message
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_annotate_keeps_string_dtypes(inputs, tmp_path):
+    data = anndata.read_h5ad(inputs["input"])
+    data.obs_names = pd.Index(list(data.obs_names), dtype="string")
+    data.obs["donor"] = pd.array(["a", None] * (data.n_obs // 2), dtype="string")
+    path, output = tmp_path / "strings.h5ad", tmp_path / "out.h5ad"
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        data.write_h5ad(path)
+    assert scfm_main(["annotate", "--checkpoint", str(inputs["folder"] / "ckpt.pt"),
+                      "--vocabulary", str(inputs["folder"]), "--gene-list",
+                      str(inputs["gene_list"]), "--input", str(path), "--output", str(output),
+                      "--batch-size", "4", "--quiet"]) == 0
+    result = anndata.read_h5ad(output)
+    assert result.obs_names.dtype == "string"
+    assert list(result.obs["cell_type_scmulan"]) == list(inputs["expected"]["pred_cell_type"])

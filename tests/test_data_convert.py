@@ -292,9 +292,12 @@ def test_kill_and_resume_gives_the_identical_store(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    assert convert_lib.main([str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "s"),
-                             "--vocabulary", "from-data"]) == 1
-    assert "missing.h5ad: no such file" in capsys.readouterr().err
+    from scfm_jax.main import main
+    assert main(["convert", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "s"),
+                 "--vocabulary", "from-data"]) == 1
+    err = capsys.readouterr().err
+    assert "missing.h5ad: no such file" in err and "Traceback" not in err
+    assert main(["convert", "--output", str(tmp_path / "s")]) == 2   # a usage error
 
 
 def test_permuted_genes_without_duplicates(tmp_path):

@@ -75,20 +75,20 @@ def test_gene_expression_rde(files):
 def test_clear_errors(files, capsys):
     output = files["tmp"] / "never.h5ad"
     assert _embed(files, "--input", files["h5ad"], "--output", output, "--key", "rde",
-                  "--output-type", "cell", "--tgthighres", "q4") == 2
+                  "--output-type", "cell", "--tgthighres", "q4") == 1
     assert "tgthighres" in capsys.readouterr().err
     # a vocabulary of the wrong size for the checkpoint
     wrong = files["tmp"] / "wrong_vocabulary.tsv"
     wrong.write_text("gene_name\tindex\nA1BG\t0\nA2M\t1\n")
     assert scfm_main(["embed", "--checkpoint", str(files["checkpoint"]), "--vocabulary", str(wrong),
-                      "--input", str(files["h5ad"]), "--output", str(output)]) == 2
+                      "--input", str(files["h5ad"]), "--output", str(output)]) == 1
     assert "has 2 genes but the checkpoint's model has 200" in capsys.readouterr().err
     # log-normalised values where raw counts are expected
     logged = anndata.read_h5ad(files["h5ad"])
     logged.X = np.log1p(logged.X)
     logged_path = files["tmp"] / "logged.h5ad"
     logged.write_h5ad(logged_path)
-    assert _embed(files, "--input", logged_path, "--output", output) == 2
+    assert _embed(files, "--input", logged_path, "--output", output) == 1
     assert "expects raw counts" in capsys.readouterr().err
     assert not output.exists()
 
@@ -100,7 +100,7 @@ def test_wrong_key_is_refused(files, tmp_path, capsys):
     torch.save({"gene": torch.load(files["checkpoint"], weights_only=True)["gene"]}, checkpoint)
     assert scfm_main(["embed", "--checkpoint", str(checkpoint), "--vocabulary",
                       str(files["vocabulary"]), "--input", str(files["h5ad"]),
-                      "--output", str(tmp_path / "x.h5ad")]) == 2
+                      "--output", str(tmp_path / "x.h5ad")]) == 1
     assert "no weight set 'cell'" in capsys.readouterr().err
 
 
@@ -108,3 +108,48 @@ def test_parser_defaults():
     args = embed_cli._parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"])
     assert (args.output_type, args.pool, args.tgthighres, args.pre_normalized, args.input_type) == (
         "cell", "all", "t4", "F", "singlecell")
+
+
+def _with_string_dtypes(files, path):
+    """The fixture cells with pandas' nullable `string` dtype in obs / var (recent anndata)."""
+    adata = anndata.read_h5ad(files["h5ad"])
+    adata.obs_names = pd.Index(list(adata.obs_names), dtype="string")
+    adata.obs["donor"] = pd.array(["d1", None] * (adata.n_obs // 2), dtype="string")
+    adata.var_names = pd.Index(list(adata.var_names), dtype="string")
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(path)
+    assert anndata.read_h5ad(path).obs_names.dtype == "string"
+    return path
+
+
+@pytest.mark.parametrize("output_type", ["cell", "gene_expression"])
+def test_string_dtype_inputs_round_trip(files, output_type):
+    path = _with_string_dtypes(files, files["tmp"] / f"strings_{output_type}.h5ad")
+    output = files["tmp"] / f"strings_{output_type}_out.h5ad"
+    assert _embed(files, "--input", path, "--output", output, "--output-type", output_type,
+                  "--key", "cell" if output_type == "cell" else "rde") == 0
+    result = anndata.read_h5ad(output)
+    assert result.obs_names.dtype == "string"
+    assert list(result.obs_names) == list(files["cell_ids"].astype(str))
+    if output_type == "cell":
+        np.testing.assert_allclose(result.obsm["X_scfoundation"], files["expected"]["cell_emb_t4"],
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow   # writes a damaged copy of the checkpoint with torch
+def test_non_finite_weights_give_no_output(files, tmp_path, capsys):
+    import torch
+
+    checkpoint = torch.load(files["checkpoint"], weights_only=True)
+    state = checkpoint["cell"]["state_dict"]
+    name = next(k for k in state if k.startswith("model.encoder") and k.endswith("weight"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    damaged = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, damaged)
+    output = tmp_path / "out.h5ad"
+    assert scfm_main(["embed", "--checkpoint", str(damaged), "--vocabulary",
+                      str(files["vocabulary"]), "--input", str(files["h5ad"]), "--output",
+                      str(output), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "8 of 8 cells got NaN or infinite values" in err and str(files["cell_ids"][0]) in err
+    assert "damaged or diverged checkpoint" in err and not output.exists()

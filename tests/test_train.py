@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from scfm_jax.errors import UsageError
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics
@@ -164,7 +165,7 @@ def test_config_overrides_and_a_typo_with_a_suggestion(tmp_path):
                                      "--config.train.steps", "7", "--config.mesh.fsdp=2"])
         assert (parsed.config.data.store, parsed.config.train.steps) == ("/s", 7)
         assert parsed.config.mesh.fsdp == 2
-    with pytest.raises(AttributeError, match='Did you mean "steps"'):
+    with pytest.raises(UsageError, match="did you mean --config.train.steps"):
         loop._parse(["--config", "configs/scfoundation_tiny.py", "--workdir", str(tmp_path),
                      "--config.train.stpes=3"])
 

@@ -70,10 +70,16 @@ def gene_set_expression(adata: anndata.AnnData, token_set, gene_list, *, layer=N
 
 
 def _official_model(args):
+    from scfm_jax.analysis.loading import _checkpoint_kind
     from scfm_jax.data import vocabulary
     from scfm_jax.data.cell_sentence import TokenSet
     from scfm_jax.interop.scmulan_torch import load_official_checkpoint
 
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or training workdir")
+    if _checkpoint_kind(Path(args.checkpoint)) != "scmulan":
+        raise ValueError(f"--checkpoint {args.checkpoint} is a scFoundation checkpoint; "
+                         "`scfm-jax annotate` runs scMulan models (use `scfm-jax embed` for it)")
     if args.vocabulary is None:
         raise ValueError("an official .pt checkpoint needs --vocabulary: the folder with "
                          "token_set.tsv, gene_set.txt and meta_categories.json")
@@ -106,17 +112,18 @@ def _trained_model(workdir):
 
 
 def main(argv=None) -> int:
+    """Errors are reported in one line by scfm_jax.main."""
     args = _parser().parse_args(argv)
     from scfm_jax.analysis import scmulan_tasks
+    from scfm_jax.analysis.output_checks import require_finite
+    from scfm_jax.data.anndata_io import check_writable, read_h5ad, write_h5ad
 
-    if not os.path.isfile(args.input):
-        print(f"scfm-jax annotate: input {args.input} does not exist", file=sys.stderr)
-        return 2
+    adata = read_h5ad(args.input)
+    check_writable(adata, Path(args.output).absolute().parent)
     if Path(args.checkpoint).is_dir():
         token_set, gene_list, model = _trained_model(args.checkpoint)
     else:
         token_set, gene_list, model = _official_model(args)
-    adata = anndata.read_h5ad(args.input)
     if args.layer is not None and args.layer not in adata.layers:
         raise KeyError(f"{args.input} has no layer {args.layer!r} (layers: {list(adata.layers)})")
     expression, report = gene_set_expression(
@@ -127,13 +134,14 @@ def main(argv=None) -> int:
                            var=pd.DataFrame(index=list(token_set.genes)))
     scmulan_tasks.annotate(model, token_set, work, batch_size=args.batch_size,
                            progress=not args.quiet)
+    require_finite(work.obsm["X_scmulan"], adata.obs_names, f"X_scmulan of {args.checkpoint}")
     for column in ("cell_type_scmulan", "cell_type_scmulan_coarse"):
         adata.obs[column] = work.obs[column].values
     adata.obsm["X_scmulan"] = work.obsm["X_scmulan"]
     if args.smooth:
         scmulan_tasks.smooth_cell_types(adata, n_neighbors=args.smooth)
     tmp = f"{args.output}.tmp.h5ad"
-    adata.write_h5ad(tmp)
+    write_h5ad(adata, tmp)
     os.replace(tmp, args.output)
     counts = adata.obs["cell_type_scmulan"].value_counts()
     print(f"wrote {args.output}: {adata.n_obs} cells; types: "

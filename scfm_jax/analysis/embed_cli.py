@@ -76,6 +76,11 @@ def _load_model(args):
         return loaded.model, loaded.vocabulary
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or training workdir")
+    from scfm_jax.analysis.loading import _checkpoint_kind
+    if _checkpoint_kind(path) == "scmulan":
+        raise ValueError(f"--checkpoint {path} is an scMulan checkpoint; `scfm-jax embed` runs "
+                         f"scFoundation models. Use `scfm-jax annotate --checkpoint {path}` for "
+                         "scMulan embeddings and cell types")
     from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
     _, model = load_official_checkpoint(path, args.key or DEFAULT_KEY[args.output_type])
     return model, None
@@ -87,10 +92,12 @@ def _read_input(path: Path, layer: str | None, pre_normalized: str):
     import pandas as pd
     import scipy.sparse as sp
 
+    from scfm_jax.data.anndata_io import read_h5ad
+
     if not path.is_file():
         raise FileNotFoundError(f"--input {path}: no such file")
     if path.suffix == ".h5ad":
-        adata = anndata.read_h5ad(path)
+        adata = read_h5ad(path)
         if layer == "raw":
             if adata.raw is None:
                 raise ValueError(f"{path} has no .raw; drop --layer raw")
@@ -149,6 +156,8 @@ def run(args) -> None:
     import zarr
 
     from scfm_jax.analysis import scfoundation_inference as inference
+    from scfm_jax.analysis.output_checks import require_finite, require_finite_array
+    from scfm_jax.data.anndata_io import check_writable, write_h5ad
     from scfm_jax.data.vocabulary import load_vocabulary
 
     output = Path(args.output)
@@ -157,6 +166,9 @@ def run(args) -> None:
                          f"*.zarr (got {output})")
     if args.output_type in ("cell", "gene_expression") and output.suffix != ".h5ad":
         raise ValueError(f"--output-type {args.output_type} writes an h5ad file (got {output})")
+    adata, totals = _read_input(Path(args.input), args.layer, args.pre_normalized)
+    if output.suffix == ".h5ad":
+        check_writable(adata, output.absolute().parent)
     model, own_vocabulary = _load_model(args)
     vocabulary = (load_vocabulary(args.vocabulary) if args.vocabulary
                   else own_vocabulary or load_vocabulary("scfoundation"))
@@ -164,7 +176,6 @@ def run(args) -> None:
         raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
                          f"checkpoint's model has {model.num_genes}; pass the --vocabulary the "
                          "checkpoint was trained with (a gene_name<TAB>index file)")
-    adata, totals = _read_input(Path(args.input), args.layer, args.pre_normalized)
     matrix = _aligned_matrix(adata, vocabulary, args.gene_column, args.min_coverage, totals)
     options = dict(tgthighres=args.tgthighres, pre_normalized=args.pre_normalized,
                    input_type=args.input_type, cell_names=list(adata.obs_names),
@@ -176,18 +187,21 @@ def run(args) -> None:
     temporary = _atomic_target(output)
     try:
         if args.output_type == "cell":
-            adata.obsm[OBSM_KEY] = inference.cell_embeddings(
+            embeddings = inference.cell_embeddings(
                 model, matrix, pool=args.pool, batch_size=args.batch_size or 16, **options)
+            require_finite(embeddings, adata.obs_names, f"{OBSM_KEY} of {args.checkpoint}")
+            adata.obsm[OBSM_KEY] = embeddings
             adata.uns["scfoundation"] = dict(settings, pool=args.pool)
-            adata.write_h5ad(temporary)
+            write_h5ad(adata, temporary)
         elif args.output_type == "gene_expression":
             predicted = inference.predicted_expression(model, matrix,
                                                        batch_size=args.batch_size or 4, **options)
+            require_finite(predicted, adata.obs_names, f"expression predicted by {args.checkpoint}")
             result = anndata.AnnData(predicted, obs=adata.obs.copy(),
                                      var=pd.DataFrame(index=pd.Index(vocabulary.symbols,
                                                                      name="gene_name")))
             result.uns["scfoundation"] = settings
-            result.write_h5ad(temporary)
+            write_h5ad(result, temporary)
         else:
             width = model.decoder_norm.num_features
             array = zarr.open_array(str(temporary), mode="w", dtype="float32",
@@ -201,6 +215,7 @@ def run(args) -> None:
             else:
                 inference.gene_embeddings(model, matrix, batch_size=args.batch_size or 4,
                                           stabilizer_scope="cell", out=array, **options)
+            require_finite_array(array, adata.obs_names, f"gene embeddings of {args.checkpoint}")
         _publish(temporary, output)
     finally:
         shutil.rmtree(temporary.parent, ignore_errors=True)
@@ -208,13 +223,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"scfm-jax embed: error: {message}", file=sys.stderr)
-        return 2
+    run(_parser().parse_args(argv))   # errors: one line from scfm_jax.main
     return 0
 
 

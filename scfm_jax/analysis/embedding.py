@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.loading import LoadedModel
+from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
 from scfm_jax.models.scfoundation import inference_inputs
 
@@ -135,10 +136,12 @@ def embed_cells(model, adata: anndata.AnnData, *, layer: str | None = None,
     matrix, alignment = aligned_matrix(adata, vocabulary, layer=layer, gene_column=gene_column,
                                        min_coverage=min_coverage, counts_expected=counts_expected,
                                        verbose=progress)
-    adata.obsm[key_added] = inference.cell_embeddings(
+    embeddings = inference.cell_embeddings(
         model_, matrix, tgthighres=tgthighres, pool=pool, pre_normalized=pre_normalized,
         input_type=input_type, batch_size=batch_size, cell_names=list(adata.obs_names),
         progress=progress)
+    require_finite(embeddings, adata.obs_names, key_added)
+    adata.obsm[key_added] = embeddings
     adata.uns[key_added] = _settings(model, vocabulary, alignment, layer=str(layer),
                                      tgthighres=tgthighres, pool=pool,
                                      pre_normalized=pre_normalized, input_type=input_type)
@@ -293,6 +296,7 @@ def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
         predicted = inference.predicted_expression(
             model_, matrix, tgthighres=target, batch_size=batch_size, stabilizer_scope="cell",
             cell_names=list(adata.obs_names), progress=progress)
+    require_finite(predicted, adata.obs_names, layer_added)
     adata.layers[layer_added] = _to_input_genes(predicted.T, alignment).T
     adata.uns[layer_added] = _settings(model, vocabulary, alignment, layer=str(layer),
                                        target=target, masked=masked,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from scfm_jax.data.vocabulary import Vocabulary, load_vocabulary
@@ -65,9 +64,7 @@ def _restore_params_and_buffers(checkpoints, step: int, trainer):
     """Partial restore of the TrainState: params and buffers only, placed as `trainer` says."""
     abstract = trainer.abstract_sharded_state()
     target = {"params": abstract.params, "buffers": abstract.buffers}
-    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))["state"]
+    restored = checkpoints.restore_partial(step, target)
     return restored["params"], restored["buffers"]
 
 

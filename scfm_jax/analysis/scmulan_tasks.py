@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse
 from tqdm.auto import tqdm
 
+from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data import cell_sentence
 from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import generation
@@ -126,7 +127,9 @@ def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
                          for p, r in zip(prompts, results)))
     adata.obs[type_key] = pd.Categorical(fine)
     adata.obs[type_key + "_coarse"] = pd.Categorical(coarse)
-    adata.obsm[key_added] = np.stack([r[2] for r in results])
+    embeddings = np.stack([r[2] for r in results])
+    require_finite(embeddings, adata.obs_names, key_added)
+    adata.obsm[key_added] = embeddings
     return adata
 
 

@@ -46,6 +46,7 @@ from scfm_jax.data.readers import (InputError, Source, file_digest, first_non_in
 from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
+from scfm_jax.errors import UsageError
 
 PLAN = "plan.json"
 DEFAULT_SHARD_SIZE = 65_536
@@ -526,9 +527,9 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
     if not inputs:
         raise InputError("no input files given")
     if not 0 <= task_index < num_tasks:
-        raise ValueError(f"--task-index {task_index} must be in [0, --num-tasks {num_tasks})")
+        raise UsageError(f"--task-index {task_index} must be in [0, --num-tasks {num_tasks})")
     if shard_size < 1:
-        raise ValueError("--shard-size must be positive")
+        raise UsageError("--shard-size must be positive")
     url = str(output)
     local = store_lib.local_path(url)
     if workers > 1 and local is None and not url.startswith(("gs://", "s3://", "http")):
@@ -735,41 +736,38 @@ def _soma_inputs(args) -> list[SomaInput] | None:
     """The SOMA inputs the options name, or None when the inputs are files."""
     if not (args.soma or args.census):
         if args.obs_filter or args.census_uri:
-            raise InputError("--obs-filter / --census-uri apply to SOMA inputs; add --soma or "
+            raise UsageError("--obs-filter / --census-uri apply to SOMA inputs; add --soma or "
                              "--census VERSION")
         return None
     options = dict(measurement=args.measurement, layer=args.layer or "raw",
                    obs_filter=args.obs_filter)
     if args.census:
         if args.inputs:
-            raise InputError("--census converts the Census itself; drop the positional inputs")
+            raise UsageError("--census converts the Census itself; drop the positional inputs")
         return [SomaInput(args.census_uri, census=args.census, organism=args.organism, **options)]
     return [SomaInput(uri if "://" in uri else str(Path(uri).resolve()), **options)
             for uri in args.inputs]
 
 
 def main(argv=None) -> int:
+    """The `scfm-jax convert` command; errors are reported in one line by scfm_jax.main."""
     args = _parser().parse_args(argv)
-    try:
-        if args.finalize:
-            manifest = finalize(args.output)
-            print(f"finalized {args.output}: {manifest['num_cells']} cells in "
-                  f"{len(manifest['shards'])} shards, {manifest['nnz']} non-zeros")
-            return 0
-        soma_inputs = _soma_inputs(args)
-        if not args.inputs and not soma_inputs:
-            print("scfm-jax convert: give at least one input (or --finalize)", file=sys.stderr)
-            return 2
-        summary = convert(
-            soma_inputs or args.inputs, args.output, vocabulary=args.vocabulary, gene_column=args.gene_column,
-            layer=None if soma_inputs else args.layer, obs=None if args.obs is None else
-            [c for c in args.obs.split(",") if c], shard_size=args.shard_size,
-            min_coverage=args.min_coverage, allow_non_integer=args.allow_non_integer,
-            workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
-            overwrite=args.overwrite, progress=not args.no_progress,
-            compression=None if args.compression == "none" else args.compression)
-    except (InputError, FileNotFoundError, OSError, KeyError, ValueError) as e:
-        print(f"scfm-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    if args.finalize:
+        manifest = finalize(args.output)
+        print(f"finalized {args.output}: {manifest['num_cells']} cells in "
+              f"{len(manifest['shards'])} shards, {manifest['nnz']} non-zeros")
+        return 0
+    soma_inputs = _soma_inputs(args)
+    if not args.inputs and not soma_inputs:
+        raise UsageError("give at least one input (or --finalize)")
+    summary = convert(
+        soma_inputs or args.inputs, args.output, vocabulary=args.vocabulary,
+        gene_column=args.gene_column, layer=None if soma_inputs else args.layer,
+        obs=None if args.obs is None else [c for c in args.obs.split(",") if c],
+        shard_size=args.shard_size,
+        min_coverage=args.min_coverage, allow_non_integer=args.allow_non_integer,
+        workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
+        overwrite=args.overwrite, progress=not args.no_progress,
+        compression=None if args.compression == "none" else args.compression)
     print(summary.table())
     return 0

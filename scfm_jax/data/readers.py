@@ -46,6 +46,8 @@ class Source:
 
     def select_layer(self, layer: str | None, allow_non_integer: bool):
         """Choose the count matrix; formats with one matrix accept only X."""
+        if self.num_rows == 0:
+            raise InputError(f"{self.path}: holds no cells (0 barcodes); nothing to convert")
         if layer not in (None, "X"):
             raise InputError(f"{self.path}: a {self.kind} input has only X; --layer {layer} "
                              "does not apply")
@@ -145,10 +147,8 @@ class TenXH5Source(_CsrSource):
         return path.suffix == ".h5" and not path.name.endswith(".h5ad")
 
     def __init__(self, path: str, label: str):
-        import h5py
-
         super().__init__(path, label)
-        self._handle = h5py.File(path, "r")
+        self._handle = _open_hdf5(path)
         if "matrix" not in self._handle:
             raise InputError(f"{path}: not a 10x Genomics v3 .h5 file (no 'matrix' group); convert "
                              "it to .h5ad with scanpy.read_10x_h5 first")
@@ -181,12 +181,15 @@ class AnnDataSource(Source):
         super().__init__(path, label)
         p = Path(path)
         if p.suffix == ".h5ad":
-            import h5py
-            self._handle = h5py.File(p, "r")
+            self._handle = _open_hdf5(p)
         else:
             import zarr
             self._handle = zarr.open_group(str(p), mode="r")
-        self.obs = read_elem(self._handle["obs"])
+        try:
+            self.obs = read_elem(self._handle["obs"])
+        except Exception as e:   # h5py / zarr errors do not name the file
+            raise InputError(f"{path}: its obs cannot be read ({type(e).__name__}: {e}); the file "
+                             "may be truncated or damaged") from None
         self.num_rows = len(self.obs)
 
     def _candidates(self) -> list[str]:
@@ -222,6 +225,8 @@ class AnnDataSource(Source):
         return matrix
 
     def select_layer(self, layer: str | None, allow_non_integer: bool):
+        if self.num_rows == 0:
+            raise InputError(f"{self.path}: holds no cells (obs has 0 rows); nothing to convert")
         aliases = {"X": "X", "raw": "raw/X", "raw.X": "raw/X"}
         if layer is not None:
             key = aliases.get(layer, layer if layer.startswith("layers/") else f"layers/{layer}")
@@ -234,18 +239,25 @@ class AnnDataSource(Source):
         candidates = self._candidates()
         if not candidates:
             raise InputError(f"{self.path}: no count matrix (looked for layers['counts'], raw.X, X)")
+        found = []
         for key in candidates:
             self._matrix = self._select(key)
-            if first_non_integer(self.rows(0, min(self.num_rows, 2048))) is None:
+            first = first_non_integer(self.rows(0, min(self.num_rows, 2048)))
+            if first is None:
                 self.layer = key
                 return
+            if not np.isfinite(first[1]) or first[1] < 0:   # no --allow-non-integer accepts these
+                raise InputError(f"{self.path}: {key} row {first[0]} (cell "
+                                 f"{self.obs.index[first[0]]!r}) holds {first[1]}; counts must be "
+                                 "finite and non-negative")
+            found.append(f"{key} row {first[0]} (cell {self.obs.index[first[0]]!r}) holds {first[1]}")
         if allow_non_integer:   # the first by preference: layers["counts"], then raw.X, then X
             self._matrix = self._select(candidates[0])
             self.layer = candidates[0]
             return
-        raise InputError(f"{self.path}: none of {candidates} holds integer counts (checked the first "
-                         "rows). Point --layer at the raw counts, or pass --allow-non-integer if "
-                         "the values are meant to be non-integer")
+        raise InputError(f"{self.path}: none of {candidates} holds integer counts ({'; '.join(found)})."
+                         " Point --layer at the raw counts, or pass --allow-non-integer if the "
+                         "values are meant to be non-integer")
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         block = self._matrix[start:stop]
@@ -257,6 +269,15 @@ class AnnDataSource(Source):
 
 
 READERS: list[type[Source]] = [TenXMtxSource, TenXH5Source, AnnDataSource]
+
+
+def _open_hdf5(path):
+    import h5py
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:   # h5py's message ("truncated file: eof = ...") does not name the file
+        raise InputError(f"{path}: cannot be opened as HDF5 ({e}); the file may be truncated or "
+                         "damaged: copy or write it again") from None
 
 
 def reader_for(kind: str) -> type[Source]:
@@ -280,11 +301,13 @@ def open_source(path: str, label: str, layer: str | None, allow_non_integer: boo
 
 
 def first_non_integer(block: sp.csr_matrix):
-    """(row, value) of the first non-integer value of a CSR block, or None."""
+    """(row, value) of the first value of a CSR block that is not a count (non-integer, NaN,
+    infinite or negative), or None."""
     data = block.data
     if np.issubdtype(data.dtype, np.integer):
-        return None
-    bad = np.flatnonzero(data != np.round(data))
+        bad = np.flatnonzero(data < 0)
+    else:
+        bad = np.flatnonzero(~np.isfinite(data) | (data != np.round(data)) | (data < 0))
     if not len(bad):
         return None
     row = int(np.searchsorted(block.indptr, bad[0], side="right") - 1)

@@ -176,9 +176,11 @@ class _Shard:
         return StoreDamaged(self.url, self.key, name, problem)
 
     def _open(self, name: str) -> ts.TensorStore:
+        # X has every chunk stored, so a missing one is damage; the obs arrays (written by
+        # anndata, which skips chunks of fill values) are checked against the manifest's file list.
         self.check_files(f"{name}/zarr.json")
         try:
-            return ts.open({"driver": "zarr3", "fill_missing_data_reads": False},
+            return ts.open({"driver": "zarr3", "fill_missing_data_reads": not name.startswith("X/")},
                            kvstore=self.kvstore / f"{name}/", open=True, context=context()).result()
         except Exception as e:   # TensorStore raises ValueError with the file and the cause
             raise self.damaged(f"{name}/zarr.json", e) from None
@@ -225,7 +227,7 @@ class _Shard:
         codes = self._obs.get(column)
         if codes is None:
             name = f"obs/{column}/codes"
-            self.check_files(name + "/")
+            self.check_files(name + "/")   # also: no listed chunk is missing
             codes = self.read(name, self._open(name)).astype(np.int32)
             if len(codes) != self.entry["num_cells"]:
                 raise self.damaged(name, f"{len(codes)} codes for {self.entry['num_cells']} cells")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 
 import numpy as np
@@ -19,6 +20,13 @@ from scfm_jax.data.vocabulary import Vocabulary
 
 def _shard_problem(url: str, kvstore, entry: dict, num_genes: int) -> str | None:
     shard = store_lib._Shard(url, kvstore, entry)
+    root = kvstore.read(entry["key"] + "zarr.json").result()
+    try:
+        stats = json.loads(root.value)["attributes"][store_lib.SHARD_ATTRIBUTE]
+    except (ValueError, KeyError, TypeError):
+        return "zarr.json: missing or not the shard's metadata"
+    if any(stats.get(k) != entry[k] for k in ("num_cells", "nnz", "chunks", "sha256", "files")):
+        return "zarr.json: its shard stats do not match the manifest"
     try:
         shard.check_files("")
         indptr = shard.indptr

@@ -5,18 +5,93 @@ One checkpoint step holds four items:
   config      the resolved experiment config (JSON)
   data        the data position: the step number and seed (batches are a pure function of them)
   vocabulary  the gene list and its content hash, so a mismatch is caught when the store changes
+  checksums   a checksum of every array of the state (computed on the devices, independent of the
+              sharding) and the SHA-256 of the JSON items, checked at every restore: a damaged
+              file is an error naming the step, never NaN or wrong weights
 Saves are asynchronous and atomic (Orbax writes a temporary folder and renames it). The last K
 checkpoints are kept, plus the best by evaluation loss. Restoring takes an abstract target with
 shardings, so a checkpoint written on one mesh restores onto any other.
 """
+import functools
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-ITEMS = ("state", "config", "data", "vocabulary")
+ITEMS = ("state", "config", "data", "vocabulary", "checksums")
+JSON_ITEMS = ("config", "data", "vocabulary")
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's files do not hold what was saved; the message names the step and item."""
+
+
+def _path_name(path) -> str:
+    """'params/encoder/kernel' for a tree path, whatever containers (dict, dataclass) hold it."""
+    names = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+        else:
+            names.append(str(key))
+    return "/".join(names)
+
+
+@functools.partial(jax.jit)
+def _checksums(leaves: list) -> list:
+    """uint32 per array: sum over its bytes b_i of (b_i + 1) * w_i with odd position weights w_i
+    (mod 2**32). Integer sums do not depend on the reduction order, so the value is the same on
+    any mesh; any single changed byte changes it."""
+    sums = []
+    for leaf in leaves:
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if leaf.dtype == jnp.bool_:
+            leaf = leaf.astype(jnp.uint8)
+        data = jax.lax.bitcast_convert_type(leaf.ravel(), jnp.uint8).ravel().astype(jnp.uint32)
+        index = jnp.arange(data.size, dtype=jnp.uint32)
+        weights = (index * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)) | jnp.uint32(1)
+        sums.append(jnp.sum((data + 1) * weights, dtype=jnp.uint32))
+    return sums
+
+
+def tree_checksums(tree) -> dict[str, int]:
+    """{path name: checksum} of the arrays of a pytree (see `_checksums`)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = _checksums([leaf for _, leaf in flat])
+    return {_path_name(path): int(np.asarray(v)) for (path, _), v in zip(flat, values)}
+
+
+def _drain_reads(seconds: float = 2.0) -> None:
+    """After a failed restore, let the reads still in flight finish with stderr (the file
+    descriptor: TensorStore prints from its own threads) sent to /dev/null: Orbax has closed its
+    event loop, and each of their callbacks prints a traceback of that."""
+    import sys
+    import time
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        time.sleep(seconds)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _json_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _preservation(keep: int):
@@ -47,28 +122,67 @@ class Checkpoints:
     def save(self, step: int, state, *, config: ml_collections.ConfigDict, seed: int,
              vocabulary: dict, eval_loss: float | None = None) -> None:
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+        items = {"config": config.to_dict(), "data": {"step": int(step), "seed": int(seed)},
+                 "vocabulary": vocabulary}
+        checksums = {"state": tree_checksums(state),
+                     "json": {name: _json_digest(value) for name, value in items.items()}}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(config.to_dict()),
-            data=ocp.args.JsonSave({"step": int(step), "seed": int(seed)}),
-            vocabulary=ocp.args.JsonSave(vocabulary),
+            checksums=ocp.args.JsonSave(checksums),
+            **{name: ocp.args.JsonSave(value) for name, value in items.items()},
         ), metrics=metrics, force=True)
+
+    def _restore(self, step: int, **items):
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:   # Orbax / TensorStore / JSON errors on damaged files
+            _drain_reads()
+            raise self.damaged(step, ", ".join(items), f"cannot be read ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:300] if str(error) else ''})") from None
+
+    def damaged(self, step: int, item: str, problem: str) -> CheckpointDamaged:
+        return CheckpointDamaged(
+            f"checkpoint step {step} in {self.directory} is damaged: {item} {problem}. Use an "
+            f"older step (--step; steps: {sorted(self.all_steps())}) or train again")
+
+    def _saved_checksums(self, step: int) -> dict:
+        return self._restore(step, checksums=ocp.args.JsonRestore())["checksums"]
+
+    def verify(self, step: int, restored, item: str = "state") -> None:
+        """Compare the arrays of a (possibly partial) restored state with the saved checksums."""
+        saved = self._saved_checksums(step)["state"]
+        for name, value in tree_checksums(restored).items():
+            if saved.get(name) != value:
+                raise self.damaged(step, f"{item} array {name}",
+                                   "does not hold what was saved (checksum mismatch)")
+
+    def restore_partial(self, step: int, target):
+        """Some arrays of the state (a pytree shaped like part of it), checked against the saved
+        checksums; e.g. {"params": ..., "buffers": ...} for inference."""
+        restored = self._restore(step, state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))["state"]
+        self.verify(step, restored)
+        return restored
 
     def restore_metadata(self, step: int | None = None) -> dict:
         """The JSON items (config, data position, vocabulary) of a checkpoint, no arrays."""
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore(),
-            vocabulary=ocp.args.JsonRestore()))
+        restored = self._restore(step, **{name: ocp.args.JsonRestore() for name in JSON_ITEMS})
+        digests = self._saved_checksums(step)["json"]
+        for name in JSON_ITEMS:
+            if _json_digest(restored[name]) != digests.get(name):
+                raise self.damaged(step, f"item {name!r}", "does not hold what was saved "
+                                   "(SHA-256 mismatch)")
         return {"step": step, "config": restored["config"], "data": restored["data"],
                 "vocabulary": restored["vocabulary"]}
 
     def restore_state(self, abstract_state, step: int | None = None):
         """The TrainState at `step`, placed as the shardings of `abstract_state` say."""
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+        restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state))["state"]
+        self.verify(step, restored)
+        return restored
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

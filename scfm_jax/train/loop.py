@@ -8,7 +8,6 @@ step, metrics, evaluation, checkpoints, preemption) → final checkpoint. A work
 checkpoints resumes from the latest; batches are a pure function of (seed, step), so a resumed run
 sees exactly the batches an uninterrupted one would.
 """
-import json
 import math
 import signal
 import threading
@@ -22,7 +21,8 @@ from tqdm.auto import tqdm
 
 from scfm_jax.data.pipeline import Pipeline, split_cells
 from scfm_jax.data.store import CellStore
-from scfm_jax.train import partitioning
+from scfm_jax.train import config_checks, partitioning
+from scfm_jax.train import workdir as workdir_lib
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
 from scfm_jax.train.state import Trainer, cached_trainer
@@ -83,15 +83,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     schedule still follows `config.train.steps`, so a later call resumes the same run.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not config.data.store:
-        raise ValueError("config.data.store is empty: pass --config.data.store=STORE "
-                         "(a folder or URL written by `scfm-jax convert`)")
+    config_checks.check(config, workdir)
     store = CellStore.open(config.data.store)
     config = resolve_config(config, store)
     lead = jax.process_index() == 0
     if lead:
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        workdir_lib.acquire(workdir)
 
     task = get_task(config.model.name)
     mesh = partitioning.make_mesh(config.mesh, devices=devices)
@@ -109,12 +106,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         start_step = 0
     else:
         saved = checkpoints.restore_metadata(start_step)
+        workdir_lib.check_resume(saved["config"], config.to_dict(), workdir)
         if saved["vocabulary"]["digest"] != vocabulary["digest"]:
             raise ValueError(
                 f"{workdir} was trained on vocabulary {saved['vocabulary']['name']} "
                 f"({saved['vocabulary']['digest'][:12]}), but {config.data.store} carries "
                 f"{vocabulary['name']} ({vocabulary['digest'][:12]}); use a fresh --workdir")
         state = checkpoints.restore_state(trainer.abstract_sharded_state(), start_step)
+    if lead:
+        workdir_lib.write_config(workdir, config.to_dict())
+        workdir_lib.truncate_metrics(workdir, start_step)
 
     obs_keys = tuple(config.data.get("obs_keys", ()))
     train_cells, eval_cells = split_cells(store.num_cells, config.data.eval_fraction, config.seed)
@@ -128,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                               **pipeline_options) if len(eval_cells) else None)
 
     peak_flops, peak_source = device_peak_flops(config.model.dtype)
-    writer = MetricsWriter(workdir, enabled=lead)
+    writer = MetricsWriter(workdir, enabled=lead, purge_step=start_step)
     profile_steps = tuple(train_config.profile_steps or ())
     summary = {"start_step": start_step, "peak_flops_per_device": peak_flops,
                "peak_source": peak_source, "losses": {}}
@@ -200,6 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         bar.close()
         checkpoints.close()
         writer.close()
+        workdir_lib.release(workdir)
     summary.update(final_step=step, eval_loss=summary.get("eval_loss", last_eval))
     return summary
 
@@ -225,7 +227,7 @@ def _parse(argv):
     config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
                                     flag_values=flag_values, lock_config=True,
                                     sys_argv=["scfm-jax train", *argv])
-    flag_values(["scfm-jax train", *argv])
+    config_checks.parse_flags(flag_values, argv, __doc__)
     if flag_values.config is None or flag_values.workdir is None:
         raise SystemExit("scfm-jax train: --config and --workdir are required\n"
                          "  e.g. scfm-jax train --config configs/scfoundation_tiny.py "

@@ -24,13 +24,15 @@ _KNOWN_PEAKS = {
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, purge_step: int | None = None):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            # purge_step: TensorBoard hides the events a killed run logged after this step
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                              purge_step=purge_step or None)
             self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict, prefix: str = "train") -> None:

@@ -1,0 +1,49 @@
+"""AnnData files in and out of the commands: errors that name the file, string dtypes kept.
+
+Files written by recent anndata (and every file under pandas 3) hold pandas' nullable `string`
+dtype in obs / var; anndata refuses to write it back unless `allow_write_nullable_strings` is set,
+so every command writes through `write_h5ad`, which sets it, and checks with `check_writable` that
+the input's obs / var can be written before it starts computing.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import anndata
+
+
+def read_h5ad(path, what: str = "--input") -> anndata.AnnData:
+    """Read an h5ad; a missing, truncated or damaged file, or one without cells, is a ValueError
+    (FileNotFoundError) naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as error:   # h5py's OSError does not name the file; anndata wraps others
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{what} {path} cannot be read as an h5ad file ({first}); it may be "
+                         "truncated or damaged: copy or write it again") from None
+    if adata.n_obs == 0:
+        raise ValueError(f"{what} {path} holds no cells (obs has 0 rows)")
+    return adata
+
+
+def write_h5ad(adata: anndata.AnnData, path) -> None:
+    with anndata.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(path)
+
+
+def check_writable(adata: anndata.AnnData, folder, what: str = "--input") -> None:
+    """Write the obs / var of `adata` to a scratch file in `folder`, so a dtype that cannot be
+    written fails now rather than after the compute."""
+    skeleton = anndata.AnnData(obs=adata.obs, var=adata.var)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".scfm-check-") as scratch:
+        try:
+            write_h5ad(skeleton, Path(scratch) / "check.h5ad")
+        except Exception as error:
+            raise ValueError(f"{what}: its obs / var cannot be written to h5ad "
+                             f"({str(error).splitlines()[0]}); convert the offending columns "
+                             "(e.g. to str or categorical) first") from None

@@ -1,0 +1,543 @@
+"""Nothing lost, nothing silently wrong: the misuse and damage cases of the CLI, one test each.
+
+Every case checks that the error is detected, named in one line (no traceback) and that nothing of
+the user's is deleted. Random damage (deleted / truncated / flipped store files, flipped checkpoint
+bytes) runs over several seeds. Cases that train a model are `slow`.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import anndata
+import h5py
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scfm_jax.data import verify as verify_lib
+from scfm_jax.data.convert import convert
+from scfm_jax.data.store import CellStore, StoreDamaged
+from scfm_jax.main import main as scfm_main
+from scfm_jax.train import workdir as workdir_lib
+from scfm_jax.train.checkpointing import CheckpointDamaged, Checkpoints
+from train_helpers import make_store, synthetic_counts, tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def counts_adata(num_cells=60, num_genes=30, seed=0, name="c"):
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(2.0, (num_cells, num_genes)).astype(np.float32)
+    counts[:, 0] += 1   # every cell has counts
+    obs = pd.DataFrame({"kind": pd.Categorical(rng.choice(["a", "b"], num_cells))},
+                       index=[f"{name}{i}" for i in range(num_cells)])
+    return anndata.AnnData(sp.csr_matrix(counts), obs=obs,
+                           var=pd.DataFrame(index=[f"G{i}" for i in range(num_genes)]))
+
+
+def write(adata, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with anndata.settings.override(allow_write_nullable_strings=True):
+            adata.write_h5ad(path)
+    return Path(path)
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stderr lines) of `scfm-jax ARGV` run in this process."""
+    status = scfm_main([str(a) for a in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not any("Traceback" in line for line in err), err
+    return status, err
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """A converted store of 60 cells in 3 shards with several chunks each."""
+    root = tmp_path_factory.mktemp("reliability_store")
+    path = write(counts_adata(), root / "cells.h5ad")
+    convert([path], root / "store", vocabulary="from-data", shard_size=20, chunk_elements=64)
+    return root / "store"
+
+
+@pytest.fixture
+def store_copy(small_store, tmp_path):
+    import shutil
+    target = tmp_path / "store"
+    shutil.copytree(small_store, target)
+    return target
+
+
+# ------------------------------------------------------------------------ 1. convert --overwrite
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path, capsys, overwrite):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write(counts_adata(), folder / "cells.h5ad")
+    (folder / "analysis.ipynb").write_text("my notes")
+    before = files_of(folder)
+    flags = ["--overwrite"] if overwrite else []
+    status, err = run_cli(capsys, "convert", folder / "cells.h5ad", "--output", folder,
+                          "--vocabulary", "from-data", "--no-progress", *flags)
+    assert status == 1 and len(err) == 1 and "contains the input" in err[0]
+    other = tmp_path / "other.h5ad"
+    write(counts_adata(seed=1), other)
+    status, err = run_cli(capsys, "convert", other, "--output", folder, "--vocabulary",
+                          "from-data", "--no-progress", *flags)
+    assert status == 1 and "not part of a cell store" in err[-1] and "analysis.ipynb" in err[-1]
+    assert files_of(folder) == before   # nothing deleted, nothing written
+
+
+def test_overwrite_replaces_only_what_a_conversion_wrote(store_copy, tmp_path, capsys):
+    source = tmp_path / "new.h5ad"
+    write(counts_adata(seed=3), source)
+    status, err = run_cli(capsys, "convert", source, "--output", store_copy, "--vocabulary",
+                          "from-data", "--shard-size", "50", "--no-progress")
+    assert status == 1 and "different inputs" in err[-1]   # without --overwrite: refused
+    status, _ = run_cli(capsys, "convert", source, "--output", store_copy, "--vocabulary",
+                        "from-data", "--shard-size", "50", "--no-progress", "--overwrite")
+    assert status == 0
+    assert sorted(p.name for p in (store_copy / "shards").iterdir()) == ["00000.zarr", "00001.zarr"]
+    assert CellStore.open(store_copy).num_cells == 60
+
+
+def test_output_inside_an_input_folder_is_refused(tmp_path, capsys):
+    source = tmp_path / "cells.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts_adata().write_zarr(source)
+    status, err = run_cli(capsys, "convert", source, "--output", source / "store",
+                          "--vocabulary", "from-data", "--no-progress")
+    assert status == 1 and "inside the input" in err[-1]
+    assert not (source / "store").exists()
+
+
+# ------------------------------------------------------------------------ 2. store integrity
+
+@pytest.mark.parametrize("array", ["data", "indices", "indptr"])
+def test_a_missing_chunk_is_an_error_naming_shard_and_file(store_copy, capsys, array):
+    victim = store_copy / "shards" / "00001.zarr" / "X" / array / "c" / "0"
+    victim.unlink()
+    with pytest.raises(StoreDamaged, match=rf"shards/00001\.zarr .*X/{array}/c/0: missing"):
+        CellStore.open(store_copy)
+    status, out = scfm_main(["verify", str(store_copy)]), capsys.readouterr()
+    assert status == 1
+    assert f"damaged: shards/00001.zarr: X/{array}/c/0: missing" in out.out
+    assert out.out.count("damaged:") == 1
+
+
+def test_a_chunk_lost_after_open_is_an_error_not_zeros(store_copy):
+    store = CellStore.open(store_copy, page_cells=4)
+    (store_copy / "shards" / "00002.zarr" / "X" / "data" / "c" / "1").unlink()
+    with pytest.raises(StoreDamaged, match=r"shards/00002\.zarr .*X/data"):
+        store.read(np.arange(40, 60))
+
+
+def test_flipped_chunk_bytes_fail_the_crc(store_copy):
+    chunk = store_copy / "shards" / "00000.zarr" / "X" / "indices" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    store = CellStore.open(store_copy)   # every file is present: the cheap checks pass
+    with pytest.raises(StoreDamaged, match=r"X/indices.*[Dd]igest mismatch"):
+        store.read(np.arange(20))
+
+
+def test_manifest_counts_are_checked_against_indptr(store_copy):
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    manifest["shards"][0]["nnz"] += 1
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreDamaged, match=r"X/indptr: spans"):
+        CellStore.open(store_copy).read([0])
+
+
+def test_verify_passes_an_intact_store(small_store, capsys):
+    assert scfm_main(["verify", str(small_store)]) == 0
+    assert "all intact" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_store_damage_is_detected_and_named(store_copy, seed):
+    """Delete, truncate or flip a random file of a random shard: verify names that shard, and
+    reading every cell and obs column either raises StoreDamaged or returns the intact values."""
+    rng = np.random.default_rng(seed)
+    intact = CellStore.open(store_copy).read(np.arange(60))
+    shard = f"{rng.integers(3):05d}.zarr"
+    candidates = sorted(p for p in (store_copy / "shards" / shard).rglob("*") if p.is_file())
+    victim = candidates[rng.integers(len(candidates))]
+    action = ["delete", "truncate", "flip"][seed % 3]
+    data = victim.read_bytes()
+    if action == "delete":
+        victim.unlink()
+    elif action == "truncate":
+        victim.write_bytes(data[:len(data) // 2])
+    else:
+        flipped = bytearray(data)
+        flipped[rng.integers(len(flipped))] ^= 0xFF
+        victim.write_bytes(bytes(flipped))
+    _, problems = verify_lib.verify(store_copy)
+    assert list(problems) == [f"shards/{shard}"], (victim, action, problems)
+    try:
+        store = CellStore.open(store_copy)
+        rows = store.read(np.arange(60))
+        for column in store.obs_columns:
+            store.read_obs(column, np.arange(60))
+    except StoreDamaged as error:
+        assert f"shards/{shard}" in str(error)
+    else:   # the damage is in a file the reader does not use (obs names, var): values intact
+        np.testing.assert_array_equal(rows.counts, intact.counts)
+        np.testing.assert_array_equal(rows.gene_ids, intact.gene_ids)
+
+
+# ------------------------------------------------------------------------ 3. checkpoints, outputs
+
+def _tiny_checkpoint(workdir):
+    state = {"w": jax.random.normal(jax.random.key(0), (256, 256)),   # not inlined by OCDBT
+             "b": jnp.arange(64, dtype=jnp.int32), "key": jax.random.key(3)}
+    checkpoints = Checkpoints(workdir, asynchronous=False)
+    checkpoints.save(1, state, config=ml_collections.ConfigDict({"a": 1}), seed=0,
+                     vocabulary={"name": "v", "digest": "d", "symbols": ["A"]})
+    checkpoints.close()
+    return state
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def test_checkpoint_checksums_round_trip_and_catch_a_changed_value(tmp_path):
+    state = _tiny_checkpoint(tmp_path)
+    checkpoints = Checkpoints(tmp_path, read_only=True)
+    restored = checkpoints.restore_state(_abstract(state), 1)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert checkpoints.restore_metadata(1)["config"] == {"a": 1}
+    changed = dict(restored, w=restored["w"].at[3, 7].add(1.0))
+    with pytest.raises(CheckpointDamaged, match=r"step 1 .*state array w .*checksum mismatch"):
+        checkpoints.verify(1, changed)
+    checkpoints.close()
+
+
+_RESTORE = """
+import jax, sys
+from scfm_jax.train.checkpointing import Checkpoints
+import jax.numpy as jnp
+state = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32), "b": jax.ShapeDtypeStruct((64,), jnp.int32),
+         "key": jax.eval_shape(lambda: jax.random.key(3))}
+state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
+c = Checkpoints(sys.argv[1], read_only=True)
+c.restore_metadata(1)
+c.restore_state(state, 1)
+print("RESTORED INTACT")
+"""
+
+
+@pytest.mark.slow   # one Python + JAX start per seed
+@pytest.mark.parametrize("seed", range(4))
+def test_random_checkpoint_byte_flips_are_detected(tmp_path, seed):
+    """Flip 4 KB (or all of a smaller file) in a random array or JSON file of a checkpoint: the
+    restore, in a fresh process (this one caches what it read), fails naming the step."""
+    _tiny_checkpoint(tmp_path)
+    step = tmp_path / "checkpoints" / "1"
+    # the files a restore reads values from: the JSON items and the array data (small arrays are
+    # inlined in OCDBT's index nodes, whose stale per-process copies a restore does not read)
+    candidates = sorted(p for p in step.rglob("*") if p.is_file() and (
+        p.name == "metadata" or p.parent.name == "d" and p.stat().st_size > 64 << 10))
+    rng = np.random.default_rng(seed)
+    victim = candidates[rng.integers(len(candidates))]
+    data = bytearray(victim.read_bytes())
+    start = int(rng.integers(max(len(data) - 4096, 1)))
+    for i in range(start, min(start + 4096, len(data))):
+        data[i] ^= 0xA5
+    victim.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-c", _RESTORE, str(tmp_path)], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "RESTORED INTACT" not in result.stdout, victim
+    assert "CheckpointDamaged: checkpoint step 1" in result.stderr, (victim, result.stderr[-2000:])
+
+
+def test_non_finite_outputs_are_refused_naming_the_cells():
+    from scfm_jax.analysis.output_checks import NonFiniteOutput, require_finite
+    values = np.ones((5, 3), np.float32)
+    values[1, 2], values[4, 0] = np.nan, np.inf
+    with pytest.raises(NonFiniteOutput, match=r"2 of 5 cells .*\['b', 'e'\].*damaged"):
+        require_finite(values, list("abcde"), "X_test")
+    require_finite(np.ones((2, 2)), ["a", "b"], "X_test")
+
+
+# ------------------------------------------------------------------------ 4. string dtypes
+
+def test_convert_keeps_string_dtype_obs_names(tmp_path):
+    adata = counts_adata()
+    adata.obs_names = pd.Index(list(adata.obs_names), dtype="string")
+    adata.obs["donor"] = pd.array(["x", "y", None] * 20, dtype="string")
+    path = write(adata, tmp_path / "cells.h5ad")
+    assert anndata.read_h5ad(path).obs_names.dtype == "string"
+    convert([path], tmp_path / "store", vocabulary="from-data", shard_size=32,
+            obs=["kind", "donor"])
+    shard = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
+    assert list(shard.obs_names) == list(adata.obs_names[:32])
+    store = CellStore.open(tmp_path / "store")
+    assert store.obs_categories("donor") == ["x", "y", "nan"]
+
+
+def test_check_writable_runs_before_compute(tmp_path):
+    from scfm_jax.data.anndata_io import check_writable, write_h5ad
+    adata = counts_adata(5)
+    adata.obs_names = pd.Index(list(adata.obs_names), dtype="string")
+    check_writable(adata, tmp_path)
+    write_h5ad(adata, tmp_path / "x.h5ad")
+    assert anndata.read_h5ad(tmp_path / "x.h5ad").obs_names.dtype == "string"
+    adata.obs["bad"] = [object(), 1, "a", 2.0, None]
+    with pytest.raises(ValueError, match="obs / var cannot be written"):
+        check_writable(adata, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5ad"]   # no scratch left behind
+
+
+# ------------------------------------------------------------------------ misuse: one line
+
+def test_train_help_prints_the_flags(capsys):
+    with pytest.raises(SystemExit) as exited:
+        scfm_main(["train", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "--config" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.global_bach_size=4", "did you mean --config.data.global_batch_size"),
+    ("--config.data.global_batch_size=-4", "global_batch_size=-4: must be an integer >= 1"),
+    ("--config.data.buckets=(128,64)", "buckets=(128, 64): must be increasing"),
+    ("--config.data.buckets=(64,1024)", "must not exceed data.max_nonzero"),
+    ("--config.train.learning_rate=0.0", "learning_rate=0.0: must be a positive number"),
+    ("--config.train.steps=0", "train.steps=0: must be an integer >= 1"),
+    ("--config.mesh.fsdp=0", "mesh.fsdp=0: must be a positive integer or -1"),
+    ("--config.data.store=/nonexistent/store", "data.store='/nonexistent/store': no such folder"),
+])
+def test_invalid_config_is_one_line_before_anything_is_written(small_store, tmp_path, capsys,
+                                                               override, message):
+    workdir = tmp_path / "run"
+    status, err = run_cli(capsys, "train", "--config", REPO / "configs" / "scfoundation_tiny.py",
+                          "--workdir", workdir, f"--config.data.store={small_store}", override)
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert not workdir.exists()
+
+
+def test_workdir_lock_refuses_a_second_run_and_detects_a_stale_lock(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from scfm_jax.train import workdir as w; "
+         "w.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(workdir)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workdir_lib.WorkdirBusy, match=rf"PID {holder.pid} "):
+            workdir_lib.acquire(workdir)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    workdir_lib.acquire(workdir)   # the killed run's lock is stale: taken over, and said so
+    assert f"PID {holder.pid}" in capsys.readouterr().err
+    workdir_lib.release(workdir)
+    assert (workdir / ".lock").read_text() == ""
+
+
+def test_train_on_a_busy_workdir_is_refused_in_one_line(small_store, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from scfm_jax.train import workdir as w; "
+         "w.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(workdir)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, err = run_cli(capsys, "train", "--config",
+                              REPO / "configs" / "scfoundation_tiny.py", "--workdir", workdir,
+                              f"--config.data.store={small_store}")
+        assert status == 1 and f"in use by another training run (PID {holder.pid}" in err[-1]
+        assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_resume_mismatch_names_the_fields():
+    saved = {"seed": 0, "model": {"encoder": {"width": 16, "depth": 1}, "remat_policy": "none"},
+             "train": {"steps": 10}}
+    workdir_lib.check_resume(saved, dict(saved, train={"steps": 20}), "runs/x")  # longer: fine
+    changed = json.loads(json.dumps(saved))
+    changed["model"]["encoder"]["width"] = 32
+    changed["model"]["remat_policy"] = "full"   # does not change the parameters: allowed
+    with pytest.raises(workdir_lib.ResumeMismatch,
+                       match=r"model\.encoder\.width is 16 there, 32 now; resume with"):
+        workdir_lib.check_resume(saved, changed, "runs/x")
+
+
+def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
+    lines = [json.dumps({"step": s, "train/loss": float(s)}) for s in (1, 2, 3, 4, 5)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "tra')
+    workdir_lib.truncate_metrics(tmp_path, 3)
+    kept = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1, 2, 3]
+
+
+def test_nan_counts_are_reported_as_nan(tmp_path, capsys):
+    adata = counts_adata()
+    dense = adata.X.toarray()
+    dense[4, 2] = np.nan
+    adata.X = sp.csr_matrix(dense)
+    path = write(adata, tmp_path / "nan.h5ad")
+    status, err = run_cli(capsys, "convert", path, "--output", tmp_path / "s", "--vocabulary",
+                          "from-data", "--no-progress")
+    assert status == 1 and "X row 4 (cell 'c4') holds nan" in err[-1]
+    assert "finite" in err[-1] and "--allow-non-integer" not in err[-1]
+
+
+def test_no_cells_and_truncated_files_are_named(tmp_path, capsys):
+    empty = write(counts_adata()[:0].copy(), tmp_path / "empty.h5ad")
+    truncated = tmp_path / "truncated.h5ad"
+    truncated.write_bytes(write(counts_adata(), tmp_path / "full.h5ad").read_bytes()[:3000])
+    for path, message in ((empty, "holds no cells"), (truncated, "truncated.h5ad")):
+        status, err = run_cli(capsys, "convert", path, "--output", tmp_path / "s",
+                              "--vocabulary", "from-data", "--no-progress")
+        assert status == 1 and message in err[-1], err
+        status, err = run_cli(capsys, "embed", "--checkpoint", tmp_path / "none.ckpt",
+                              "--input", path, "--output", tmp_path / "o.h5ad")
+        assert status == 1 and message in err[-1], err
+        status, err = run_cli(capsys, "annotate", "--checkpoint", tmp_path / "none.pt",
+                              "--input", path, "--output", tmp_path / "o.h5ad")
+        assert status == 1 and message in err[-1], err
+    assert "truncated" in err[-1]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o.h5ad").exists()
+
+
+def _mtx_folder(adata, folder):
+    import gzip
+
+    import scipy.io
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as f:
+        scipy.io.mmwrite(f, sp.coo_matrix(adata.X.T))
+    pd.DataFrame({0: list(adata.var_names), 1: list(adata.var_names)}).to_csv(
+        folder / "features.tsv.gz", sep="\t", header=False, index=False)
+    pd.DataFrame({0: list(adata.obs_names)}).to_csv(folder / "barcodes.tsv.gz", sep="\t",
+                                                    header=False, index=False)
+    return folder
+
+
+def _h5_file(adata, path):
+    csr = adata.X.tocsr()
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = csr.data, csr.indices, csr.indptr
+        m["shape"] = [adata.n_vars, adata.n_obs]
+        m["barcodes"] = np.array(list(adata.obs_names), dtype="S")
+        features = m.create_group("features")
+        features["name"] = np.array(list(adata.var_names), dtype="S")
+        features["id"] = np.array(list(adata.var_names), dtype="S")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "zarr", "10x-mtx", "10x-h5"])
+def test_non_integer_values_name_file_and_row_for_every_source(tmp_path, capsys, kind):
+    adata = counts_adata()
+    dense = adata.X.toarray()
+    dense[23, 5] = 2.5
+    adata.X = sp.csr_matrix(dense)
+    path = {"h5ad": lambda: write(adata, tmp_path / "x.h5ad"),
+            "zarr": lambda: (adata.write_zarr(tmp_path / "x.zarr"), tmp_path / "x.zarr")[1],
+            "10x-mtx": lambda: _mtx_folder(adata, tmp_path / "mtx"),
+            "10x-h5": lambda: _h5_file(adata, tmp_path / "x.h5")}[kind]()
+    status, err = run_cli(capsys, "convert", path, "--output", tmp_path / "s", "--vocabulary",
+                          "from-data", "--no-progress")
+    assert status == 1 and str(path) in err[-1] and "row 23 (cell 'c23')" in err[-1], err
+    assert "2.5" in err[-1] and "--allow-non-integer" in err[-1]
+
+
+def test_embed_given_an_scmulan_checkpoint_says_so(tmp_path, capsys):
+    from conftest import shared_path
+    pytest.importorskip("torch")
+    checkpoint = shared_path("fixtures", "scmulan-tiny", "ckpt.pt")
+    path = write(counts_adata(), tmp_path / "cells.h5ad")
+    status, err = run_cli(capsys, "embed", "--checkpoint", checkpoint, "--input", path,
+                          "--output", tmp_path / "o.h5ad")
+    assert status == 1 and "is an scMulan checkpoint" in err[-1] and "annotate" in err[-1]
+
+
+# ------------------------------------------------------------------------ trained workdirs
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny scFoundation run of 6 steps with checkpoints at 3 and 6."""
+    from scfm_jax.train import loop
+    root = tmp_path_factory.mktemp("reliability_train")
+    store = make_store(root)
+    loop.train(tiny_config(store, steps=6), root / "run", progress=False)
+    return root / "run", store
+
+
+def _copy(workdir, target):
+    import shutil
+    shutil.copytree(workdir, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_leaves_config_json_alone(trained, tmp_path):
+    from scfm_jax.train import loop
+    workdir = _copy(trained[0], tmp_path / "run")
+    before = (workdir / "config.json").read_text()
+    config = tiny_config(trained[1], steps=8)
+    config.model.encoder.width = 32
+    with pytest.raises(workdir_lib.ResumeMismatch, match="model.encoder.width is 16 there, 32 now"):
+        loop.train(config, workdir, progress=False)
+    assert (workdir / "config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_replayed_steps_appear_once_in_metrics(trained, tmp_path):
+    import shutil
+
+    from scfm_jax.train import loop
+    from scfm_jax.train.metrics import read_metrics
+    workdir = _copy(trained[0], tmp_path / "run")
+    shutil.rmtree(workdir / "checkpoints" / "6")   # killed after logging 4..6, before saving 6
+    loop.train(tiny_config(trained[1], steps=6), workdir, progress=False)
+    steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s, x in zip(steps, (workdir / "metrics.jsonl").read_text().splitlines())
+                   if "train/loss" in x]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(read_metrics(workdir)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_embed_refuses_a_damaged_checkpoint(trained, tmp_path, capsys):
+    workdir = _copy(trained[0], tmp_path / "run")
+    for victim in (workdir / "checkpoints" / "6" / "state").rglob("d/*"):   # 4 KB in each
+        data = bytearray(victim.read_bytes())
+        for i in range(len(data) // 2, min(len(data) // 2 + 4096, len(data))):
+            data[i] ^= 0x5A
+        victim.write_bytes(bytes(data))
+    adata = synthetic_counts(num_cells=16)
+    path = write(adata, tmp_path / "cells.h5ad")
+    result = subprocess.run(
+        [sys.executable, "-m", "scfm_jax.main", "embed", "--checkpoint", str(workdir), "--input",
+         str(path), "--output", str(tmp_path / "out.h5ad"), "--min-coverage", "0", "--quiet"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    err = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and len(err) == 1, result.stderr[-3000:]
+    assert "checkpoint step 6" in err[0] and "damaged" in err[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.h5ad").exists()
