@@ -20,13 +20,13 @@ import scipy.sparse as sp
 import tiledbsoma
 import tiledbsoma.io
 
-from scfm_jax import main as cli
 from scfm_jax.data import convert as convert_lib
 from scfm_jax.data.convert import InputError, convert, finalize
 from scfm_jax.data.datasets import pbmc68k_reduced_counts
 from scfm_jax.data.soma_source import SomaInput
 from scfm_jax.data.store import CellStore
 from scfm_jax.data.vocabulary import Vocabulary
+from scfm_jax.main import main as cli
 
 NUM_GENES = 60
 VOCAB_GENES = [i for i in range(2 * NUM_GENES) if i % 4 != 3]   # 3/4 of the input genes, and more
@@ -177,7 +177,7 @@ def test_tasks_split_by_joinid_ranges_and_the_cli(census, tmp_path):
         assert joinids.min() >= window[0] and joinids.max() <= window[-1]
 
 
-def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch):
+def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch, capsys):
     """`--census VERSION --census-uri` goes through cellxgene_census.open_soma(uri=...)."""
     adata, _ = census
     root = tmp_path / "census"
@@ -208,9 +208,11 @@ def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch):
     assert list(shard.obs_names) == [str(j) for j in np.flatnonzero(keep)]
     assert CellStore.open(tmp_path / "store").obs_categories("source") == \
         ["census-2025-01-30-homo_sapiens"]
-    assert cli.main(["convert", "--census", "2025-01-30", "--census-uri", str(root), "--organism",
-                     "mus_musculus", "--output", str(tmp_path / "mouse"),
-                     "--vocabulary", str(vocab_file)]) == 1
+    assert cli(["convert", "--census", "2025-01-30", "--census-uri", str(root), "--organism",
+                "mus_musculus", "--output", str(tmp_path / "mouse"),
+                "--vocabulary", str(vocab_file)]) == 1
+    assert "no organism 'mus_musculus'" in capsys.readouterr().err
+    assert cli(["convert", "--census", "stable", "extra.h5ad", "--output", "s"]) == 2   # usage
 
 
 def test_bad_inputs_are_clear_errors_and_leave_nothing(census, tmp_path):
@@ -237,8 +239,8 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(census, tmp_path):
 def test_without_tiledbsoma_the_command_says_how_to_install(census, tmp_path, monkeypatch,
                                                            capsys):
     monkeypatch.setitem(sys.modules, "tiledbsoma", None)   # import tiledbsoma -> ImportError
-    assert cli.main(["convert", "--soma", census[1], "--output", str(tmp_path / "s"),
-                     "--vocabulary", "from-data"]) == 1
+    assert cli(["convert", "--soma", census[1], "--output", str(tmp_path / "s"),
+                "--vocabulary", "from-data"]) == 1
     assert 'pip install -e ".[census]"' in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 

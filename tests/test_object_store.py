@@ -20,6 +20,7 @@ from scfm_jax.data import convert as convert_lib
 from scfm_jax.data import store as store_lib
 from scfm_jax.data.pipeline import Pipeline
 from scfm_jax.data.store import CellStore
+from scfm_jax.main import main as cli
 from scfm_jax.train import loop
 from train_helpers import synthetic_counts, tiny_config
 
@@ -84,7 +85,7 @@ def test_convert_to_a_bucket_writes_the_local_store_byte_for_byte(stores):
 
 
 def test_an_unknown_bucket_is_a_clear_error(s3, h5ad, capsys):
-    assert convert_lib.main(convert_args(h5ad, "s3://no-such-bucket/store")) == 1
+    assert cli(["convert", *convert_args(h5ad, "s3://no-such-bucket/store")]) == 1
     assert "no-such-bucket" in capsys.readouterr().err
     with pytest.raises(Exception, match="no-such-bucket|NoSuchBucket|NOT_FOUND|not found"):
         CellStore.open("s3://no-such-bucket/store")

@@ -736,14 +736,14 @@ def _soma_inputs(args) -> list[SomaInput] | None:
     """The SOMA inputs the options name, or None when the inputs are files."""
     if not (args.soma or args.census):
         if args.obs_filter or args.census_uri:
-            raise InputError("--obs-filter / --census-uri apply to SOMA inputs; add --soma or "
+            raise UsageError("--obs-filter / --census-uri apply to SOMA inputs; add --soma or "
                              "--census VERSION")
         return None
     options = dict(measurement=args.measurement, layer=args.layer or "raw",
                    obs_filter=args.obs_filter)
     if args.census:
         if args.inputs:
-            raise InputError("--census converts the Census itself; drop the positional inputs")
+            raise UsageError("--census converts the Census itself; drop the positional inputs")
         return [SomaInput(args.census_uri, census=args.census, organism=args.organism, **options)]
     return [SomaInput(uri if "://" in uri else str(Path(uri).resolve()), **options)
             for uri in args.inputs]
@@ -764,10 +764,10 @@ def main(argv=None) -> int:
         soma_inputs or args.inputs, args.output, vocabulary=args.vocabulary,
         gene_column=args.gene_column, layer=None if soma_inputs else args.layer,
         obs=None if args.obs is None else [c for c in args.obs.split(",") if c],
-        shard_size=args.shard_size, min_coverage=args.min_coverage,
-        allow_non_integer=args.allow_non_integer, workers=args.workers,
-        task_index=args.task_index, num_tasks=args.num_tasks, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        shard_size=args.shard_size,
+        min_coverage=args.min_coverage, allow_non_integer=args.allow_non_integer,
+        workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
+        overwrite=args.overwrite, progress=not args.no_progress,
         compression=None if args.compression == "none" else args.compression)
     print(summary.table())
     return 0
