@@ -70,6 +70,10 @@ def test_roofline_is_the_slower_of_compute_and_memory():
     assert row.roofline_mfu == pytest.approx(1.0)
     row.xla_bytes = chip.hbm_bandwidth * 4e-3  # memory-bound: half the time is spent computing
     assert row.roofline_mfu == pytest.approx(0.5)
+    # XLA saw a quarter of the FLOPs (a loop body once): its bytes are scaled the same way
+    row.xla_flops, row.xla_bytes = row.model_flops / 4, chip.hbm_bandwidth * 1e-3
+    assert row.bytes_estimate == pytest.approx(4 * row.xla_bytes)
+    assert row.roofline_seconds == pytest.approx(4e-3)
 
 
 def test_scmulan_plans_without_a_store():
