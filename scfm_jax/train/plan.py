@@ -188,12 +188,23 @@ class PlanRow:
         return None if self.hbm_bytes is None or self.error else 1 - self.total_bytes / self.hbm_bytes
 
     @property
+    def loop_scale(self) -> float:
+        """How often the step runs its loop bodies (layers, chunks, micro-batches) on average,
+        estimated as model FLOPs / XLA FLOPs: XLA's cost analysis counts a loop body once."""
+        return max(1.0, self.model_flops / self.xla_flops) if self.xla_flops else 1.0
+
+    @property
+    def bytes_estimate(self) -> float:
+        """HBM traffic of the step: XLA's bytes accessed, loop bodies scaled as their FLOPs."""
+        return self.xla_bytes * self.loop_scale
+
+    @property
     def roofline_seconds(self) -> float | None:
         """max(FLOPs / peak, bytes / HBM bandwidth): the step cannot run faster than this."""
         if self.peak_flops is None or self.error:
             return None
         flops = max(self.model_flops, self.xla_flops)
-        return max(flops / self.peak_flops, self.xla_bytes / self.hbm_bandwidth)
+        return max(flops / self.peak_flops, self.bytes_estimate / self.hbm_bandwidth)
 
     @property
     def roofline_mfu(self) -> float | None:
@@ -402,8 +413,8 @@ def _si(x, unit: str = "B") -> str:
 
 
 COLUMNS = ("step", "bucket", "batch", "remat", "mesh d,f,t", "args", "outputs", "temp", "total",
-           "HBM", "fits", "headroom", "model FLOPs", "XLA FLOPs", "XLA bytes", "roofline",
-           "MFU", "compile", "collectives (ops x result bytes)")
+           "HBM", "fits", "headroom", "model FLOPs", "XLA FLOPs", "XLA bytes", "bytes est.",
+           "roofline", "MFU", "compile", "collectives (ops x result bytes)")
 
 
 def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
@@ -423,7 +434,7 @@ def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
             _si(r.total_bytes), _si(r.hbm_bytes),
             "-" if r.fits is None else ("yes" if r.fits else "NO"),
             "-" if r.headroom is None else f"{r.headroom:.0%}",
-            _si(r.model_flops, ""), _si(r.xla_flops, ""), _si(r.xla_bytes),
+            _si(r.model_flops, ""), _si(r.xla_flops, ""), _si(r.xla_bytes), _si(r.bytes_estimate),
             "-" if seconds is None else f"{seconds * 1e3:.3g}ms",
             "-" if mfu is None else f"{mfu:.0%}", f"{r.compile_seconds:.0f}s", collectives))
     widths = [max(len(line[i]) for line in table if len(line) > i and len(line) == len(COLUMNS))
@@ -432,9 +443,10 @@ def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
                        enumerate(zip(line, widths))) + "  " + "  ".join(line[len(widths):])
              for line in table]
     notes = ["per chip. model FLOPs: the loop-free count of the step (MFU's numerator); XLA FLOPs "
-             "and bytes: the compiler's cost analysis, which counts a loop body once; outputs "
-             "exclude those aliased to donated inputs; total = args + outputs + temp + program; "
-             "roofline = max(FLOPs / peak, bytes / HBM bandwidth)."]
+             "and bytes: the compiler's cost analysis, which counts a loop body once; bytes est.: "
+             "XLA bytes x model/XLA FLOPs (loop bodies scaled as their FLOPs); outputs exclude "
+             "those aliased to donated inputs; total = args + outputs + temp + program; "
+             "roofline = max(FLOPs / peak, bytes est. / HBM bandwidth), an upper bound on speed."]
     if chip is not None:
         notes.append(f"{chip.name}: {chip.hbm_bytes / GiB:.0f} GiB HBM, "
                      f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
