@@ -41,8 +41,8 @@ import scipy.sparse as sp
 import tensorstore as ts
 
 from scfm_jax.data import store as store_lib
-from scfm_jax.data.readers import (InputError, Source, file_digest, first_non_integer, open_source,
-                                   reader_for)
+from scfm_jax.data.readers import (READERS, InputError, Source, file_digest, first_non_integer,
+                                   open_source)
 from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
@@ -508,7 +508,13 @@ def _materialised(inputs):
                 paths.append(path)
                 labels.append(f"<AnnData {i}>")
         yield paths, labels
-    finally:
+    finally:   # also after a refused input: what reading left in the temp folder goes
+        for path in paths:
+            if isinstance(path, SomaInput):
+                continue
+            reader = next((r for r in READERS if r.accepts(Path(path))), None)
+            if reader is not None:
+                reader.discard_cache(path)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -577,9 +583,6 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
                 bar.close()
         finalized = num_tasks == 1
         manifest = finalize(url) if finalized else None
-        for source in plan["sources"]:
-            if source["kind"] != SomaSource.kind:
-                reader_for(source["kind"]).discard_cache(source["path"])
     cells = manifest["num_cells"] if manifest else sum(
         _shard_rows_count(plan, k) for k in mine)
     return ConversionSummary(

@@ -280,10 +280,6 @@ def _open_hdf5(path):
                          "damaged: copy or write it again") from None
 
 
-def reader_for(kind: str) -> type[Source]:
-    return next(r for r in READERS if r.kind == kind)
-
-
 def open_source(path: str, label: str, layer: str | None, allow_non_integer: bool) -> Source:
     """Open `path` with the first reader that accepts it and choose its count matrix."""
     p = Path(path)
