@@ -165,6 +165,13 @@ def test_orthogonal_features_and_redraw():
     assert not np.allclose(stack[0].attention.projection.get_value(), first[0])
     jax.tree.map(np.testing.assert_array_equal, params_before, nnx.state(stack, nnx.Param))
 
+    # the stored layout (layers stacked on a leading axis) gets the very same draws per layer
+    rngs = nnx.Rngs(0)
+    stacked = layers.stack(lambda: PerformerLayer(decoder, rngs=rngs), 2)
+    assert stacked.attention.projection.get_value().shape == (2,) + first[0].shape
+    performer.redraw_features(stacked, jax.random.key(9))
+    np.testing.assert_array_equal(stacked.attention.projection.get_value(), np.stack(first))
+
 
 def _equations(jaxpr):
     for equation in jaxpr.eqns:

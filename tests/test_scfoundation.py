@@ -100,7 +100,7 @@ def test_parameter_count_of_released_architecture():
     params = jax.tree.leaves(nnx.state(abstract, nnx.Param))
     assert sum(int(np.prod(p.shape)) for p in params) == 119_252_285
     projections = jax.tree.leaves(nnx.state(abstract, performer.ProjectionMatrix))
-    assert [p.shape for p in projections] == [(266, 64)] * 6
+    assert [p.shape for p in projections] == [(6, 266, 64)]  # stacked over the 6 layers
     # every parameter names a logical axis per dimension, all known to the rules table
     known = {name for name, _ in scfoundation_tiny.LOGICAL_AXIS_RULES} | {None}
     for path, variable in nnx.to_flat_state(nnx.state(abstract)):

@@ -151,8 +151,7 @@ def test_bias_checkpoint_round_trip(tmp_path):
     pytest.importorskip("torch")
     model = scmulan.ScMulan(dict(vocab_size=20, n_layer=2, n_head=2, n_embd=8, bias=True),
                             rngs=nnx.Rngs(0))
-    for block in model.blocks:
-        block.fc_bias[...] = jnp.arange(32.0) / 7
+    model.blocks.fc_bias[...] = jnp.arange(64.0).reshape(2, 32) / 7  # differs per layer
     path = tmp_path / "bias.pt"
     scmulan_torch.save_official_checkpoint(model, path)
     _, loaded = scmulan_torch.load_official_checkpoint(path)

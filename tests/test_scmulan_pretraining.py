@@ -191,7 +191,7 @@ def test_remat_policies_give_the_same_outputs_kv_and_gradients():
 
         results[policy] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     (_, (hidden, kv)), grads = results["none"]
-    assert len(kv) == 3 and kv[0][0].shape == (2, 7, 2, 4)
+    assert len(kv) == 2 and kv[0].shape == (3, 2, 7, 2, 4)  # keys, values: [layers, B, T, H, d]
     for policy in ("full", "dots"):
         (_, (other_hidden, other_kv)), other_grads = results[policy]
         np.testing.assert_allclose(other_hidden, hidden, rtol=1e-6, atol=1e-6)

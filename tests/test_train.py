@@ -56,8 +56,12 @@ def test_parameters_are_sharded_by_the_rules(store):
 
 
 def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
-    """XLA's cost analysis counts a loop body once, so MFU's FLOPs come from the loop-free model:
-    the same count whatever the remat scan, attention chunking or micro-batching."""
+    """XLA's cost analysis counts a loop body once, so MFU's FLOPs come from the loop-free model
+    (layers unrolled): the same count whatever the remat, attention chunking or micro-batching."""
+    import contextlib
+
+    from scfm_jax.models import layers
+
     rng = np.random.default_rng(0)
     gene_ids = np.stack([np.sort(rng.choice(120, 64, replace=False)) for _ in range(8)])
     counts = rng.integers(1, 50, (8, 64)).astype(np.float32)
@@ -72,7 +76,10 @@ def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
         config.model.remat_policy, config.model.decoder.chunk_size = remat, chunk
         config.train.grad_accum_steps = accum
         trainer = Trainer(config, get_objective("scfoundation"), mesh)
-        compiled = trainer.compiled_train_step(trainer.abstract_sharded_state(), batch)
+        # the reference: the loop-free step compiled with its layer scan unrolled
+        unrolled = layers.unrolled_layers() if name == "loop-free" else contextlib.nullcontext()
+        with unrolled:
+            compiled = trainer.compiled_train_step(trainer.abstract_sharded_state(), batch)
         counted[name] = (trainer.model_flops(batch), compiled.cost_analysis()["flops"])
     np.testing.assert_allclose(counted["looped"][0], counted["loop-free"][0], rtol=0.02)
     # the compiled loop-free step (plus the optimiser update) is what model_flops counts

@@ -144,9 +144,27 @@ def _rules(config: ScFoundationConfig) -> list[Rule]:
     return rules
 
 
-def _variables(model: nnx.Module) -> dict[tuple, nnx.Variable]:
-    return {tuple(path): node for path, node in nnx.iter_graph(model)
-            if isinstance(node, nnx.Variable)}
+def _slots(model: nnx.Module) -> dict[tuple, tuple[nnx.Variable, int | None]]:
+    """Every variable under the per-layer path the rules name: a stacked variable (leading
+    `layers` axis) of `encoder_layers` / `decoder_layers` gives one slot per layer,
+    `("decoder_layers", i, ...) -> (variable, i)`; the others `path -> (variable, None)`."""
+    slots = {}
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Variable):
+            continue
+        path = tuple(path)
+        if path[0] in ("encoder_layers", "decoder_layers"):
+            for layer in range(node.get_value().shape[0]):
+                slots[(path[0], layer, *path[1:])] = (node, layer)
+        else:
+            slots[path] = (node, None)
+    return slots
+
+
+def _slot_value(slot: tuple[nnx.Variable, int | None]) -> np.ndarray:
+    variable, layer = slot
+    value = np.asarray(variable.get_value())
+    return value if layer is None else value[layer]
 
 
 def _path_name(path: tuple) -> str:
@@ -173,7 +191,8 @@ def load_official_state_dict(state_dict, model_config, *, source: str = "state d
             state_dict = {key: npz[key] for key in npz.files}
     arrays = {key: np.asarray(value) for key, value in _strip_prefix(state_dict).items()}
     model = nnx.eval_shape(lambda: ScFoundation(model_config, rngs=nnx.Rngs(0)))
-    variables = _variables(model)
+    slots = _slots(model)
+    values: dict[int, np.ndarray] = {}  # id(variable) -> its new value, filled slot by slot
     consumed, filled, problems = set(IGNORED_KEYS), set(), []
     for torch_keys, paths, to_ours, _ in _rules(model_config):
         missing = [key for key in torch_keys if key not in arrays]
@@ -184,36 +203,44 @@ def load_official_state_dict(state_dict, model_config, *, source: str = "state d
         for index, (path, value) in enumerate(zip(paths, converted)):
             # one-to-one rules name the very tensor; fused ones (q/k/v) their group
             name = torch_keys[index] if len(torch_keys) == len(paths) else ", ".join(torch_keys)
-            variable = variables.get(path)
-            if variable is None:
+            slot = slots.get(path)
+            if slot is None:
                 problems.append(f"{name} -> {_path_name(path)}: the model has no such variable "
                                 "(config/architecture mismatch)")
                 continue
+            variable, layer = slot
             target = variable.get_value()
-            if tuple(value.shape) != tuple(target.shape):
+            shape = tuple(target.shape) if layer is None else tuple(target.shape[1:])
+            if tuple(value.shape) != shape:
                 problems.append(f"{name}: shape {value.shape} does not fit {_path_name(path)} "
-                                f"{tuple(target.shape)}")
+                                f"{shape}")
                 continue
-            variable.set_value(jax.numpy.asarray(value, dtype=target.dtype))
+            if layer is None:
+                values[id(variable)] = np.asarray(value)
+            else:
+                values.setdefault(id(variable), np.zeros(target.shape, target.dtype))[layer] = value
             filled.add(path)
         consumed.update(torch_keys)
     unconsumed = sorted(set(arrays) - consumed)
-    unfilled = sorted(_path_name(path) for path in set(variables) - filled)
+    unfilled = sorted(_path_name(path) for path in set(slots) - filled)
     if unconsumed:
         problems.append(f"tensors of {source} not used by the model: {', '.join(unconsumed)}")
     if unfilled:
         problems.append(f"model variables not filled: {', '.join(unfilled)}")
     if problems:
         raise ValueError("cannot load the scFoundation weights:\n  " + "\n  ".join(problems))
+    for variable in {id(variable): variable for variable, _ in slots.values()}.values():
+        variable.set_value(jax.numpy.asarray(values[id(variable)],
+                                             dtype=variable.get_value().dtype))
     return model
 
 
 def export_official_state_dict(model: ScFoundation) -> dict[str, np.ndarray]:
     """Our model's variables under the official MaeAutobin names (no `model.` prefix)."""
-    variables = _variables(model)
+    slots = _slots(model)
     out: dict[str, np.ndarray] = {}
     for torch_keys, paths, _, to_official in _rules(model.cfg):
-        converted = to_official([np.asarray(variables[path].get_value()) for path in paths])
+        converted = to_official([_slot_value(slots[path]) for path in paths])
         out.update(zip(torch_keys, converted))
     out["decoder.performer.calls_since_last_redraw"] = np.zeros((), np.int64)
     return out

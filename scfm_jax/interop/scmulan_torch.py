@@ -89,22 +89,25 @@ def load_state_dict(model: ScMulan, state_dict: Mapping[str, Any], source: str =
     _set(model.epx_head, arrays["epx_head.weight"].T)
     if cfg.bias:
         _set(model.ln_f.bias, arrays["transformer.ln_f.bias"])
-    for i, block in enumerate(model.blocks):
-        p = lambda name: arrays[f"transformer.h.{i}.{name}"]  # noqa: E731
-        _set(block.ln_1.scale, p("ln_1.weight"))
-        _set(block.ln_2.scale, p("ln_2.weight"))
-        # torch Linear weights are [out, in]; c_attn's output is [q | k | v], each head-major
-        _set(block.qkv_kernel, p("attn.c_attn.weight").T.reshape(d, 3, h, hd))
-        _set(block.out_kernel, p("attn.c_proj.weight").T.reshape(h, hd, d))
-        _set(block.fc_kernel, p("mlp.c_fc.weight").T)
-        _set(block.proj_kernel, p("mlp.c_proj.weight").T)
-        if cfg.bias:
-            _set(block.ln_1.bias, p("ln_1.bias"))
-            _set(block.ln_2.bias, p("ln_2.bias"))
-            _set(block.qkv_bias, p("attn.c_attn.bias").reshape(3, h, hd))
-            _set(block.out_bias, p("attn.c_proj.bias"))
-            _set(block.fc_bias, p("mlp.c_fc.bias"))
-            _set(block.proj_bias, p("mlp.c_proj.bias"))
+    blocks = model.blocks  # stacked: every parameter has a leading layer axis
+
+    def stacked(name, to_ours=lambda a: a):
+        return np.stack([to_ours(arrays[f"transformer.h.{i}.{name}"]) for i in range(cfg.n_layer)])
+
+    _set(blocks.ln_1.scale, stacked("ln_1.weight"))
+    _set(blocks.ln_2.scale, stacked("ln_2.weight"))
+    # torch Linear weights are [out, in]; c_attn's output is [q | k | v], each head-major
+    _set(blocks.qkv_kernel, stacked("attn.c_attn.weight", lambda a: a.T.reshape(d, 3, h, hd)))
+    _set(blocks.out_kernel, stacked("attn.c_proj.weight", lambda a: a.T.reshape(h, hd, d)))
+    _set(blocks.fc_kernel, stacked("mlp.c_fc.weight", np.transpose))
+    _set(blocks.proj_kernel, stacked("mlp.c_proj.weight", np.transpose))
+    if cfg.bias:
+        _set(blocks.ln_1.bias, stacked("ln_1.bias"))
+        _set(blocks.ln_2.bias, stacked("ln_2.bias"))
+        _set(blocks.qkv_bias, stacked("attn.c_attn.bias", lambda a: a.reshape(3, h, hd)))
+        _set(blocks.out_bias, stacked("attn.c_proj.bias"))
+        _set(blocks.fc_bias, stacked("mlp.c_fc.bias"))
+        _set(blocks.proj_bias, stacked("mlp.c_proj.bias"))
 
 
 def state_dict_arrays(model: ScMulan) -> dict[str, np.ndarray]:
@@ -113,21 +116,23 @@ def state_dict_arrays(model: ScMulan) -> dict[str, np.ndarray]:
     d = cfg.n_embd
     a = lambda param: np.asarray(param[...], np.float32)  # noqa: E731
     out = {"transformer.wte.weight": a(model.wte), "transformer.wee.weight": a(model.wee)}
-    for i, block in enumerate(model.blocks):
+    blocks = model.blocks
+    for i in range(cfg.n_layer):
         prefix = f"transformer.h.{i}."
-        out[prefix + "ln_1.weight"] = a(block.ln_1.scale)
-        out[prefix + "attn.c_attn.weight"] = a(block.qkv_kernel).reshape(d, 3 * d).T
-        out[prefix + "attn.c_proj.weight"] = a(block.out_kernel).reshape(d, d).T
-        out[prefix + "ln_2.weight"] = a(block.ln_2.scale)
-        out[prefix + "mlp.c_fc.weight"] = a(block.fc_kernel).T
-        out[prefix + "mlp.c_proj.weight"] = a(block.proj_kernel).T
+        layer = lambda param: a(param)[i]  # noqa: E731
+        out[prefix + "ln_1.weight"] = layer(blocks.ln_1.scale)
+        out[prefix + "attn.c_attn.weight"] = layer(blocks.qkv_kernel).reshape(d, 3 * d).T
+        out[prefix + "attn.c_proj.weight"] = layer(blocks.out_kernel).reshape(d, d).T
+        out[prefix + "ln_2.weight"] = layer(blocks.ln_2.scale)
+        out[prefix + "mlp.c_fc.weight"] = layer(blocks.fc_kernel).T
+        out[prefix + "mlp.c_proj.weight"] = layer(blocks.proj_kernel).T
         if cfg.bias:
-            out[prefix + "ln_1.bias"] = a(block.ln_1.bias)
-            out[prefix + "ln_2.bias"] = a(block.ln_2.bias)
-            out[prefix + "attn.c_attn.bias"] = a(block.qkv_bias).reshape(3 * d)
-            out[prefix + "attn.c_proj.bias"] = a(block.out_bias)
-            out[prefix + "mlp.c_fc.bias"] = a(block.fc_bias)
-            out[prefix + "mlp.c_proj.bias"] = a(block.proj_bias)
+            out[prefix + "ln_1.bias"] = layer(blocks.ln_1.bias)
+            out[prefix + "ln_2.bias"] = layer(blocks.ln_2.bias)
+            out[prefix + "attn.c_attn.bias"] = layer(blocks.qkv_bias).reshape(3 * d)
+            out[prefix + "attn.c_proj.bias"] = layer(blocks.out_bias)
+            out[prefix + "mlp.c_fc.bias"] = layer(blocks.fc_bias)
+            out[prefix + "mlp.c_proj.bias"] = layer(blocks.proj_bias)
     out["transformer.ln_f.weight"] = a(model.ln_f.scale)
     if cfg.bias:
         out["transformer.ln_f.bias"] = a(model.ln_f.bias)

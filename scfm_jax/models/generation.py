@@ -65,8 +65,8 @@ def _generate(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, max_new
     max_level = model.cfg.expression_level
     rows = jnp.arange(batch)
     hidden, kv = model(ids, levels, return_kv=True)
-    pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
-    cache = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kv)
+    pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))  # [layers, B, S, heads, d]
+    cache = (jnp.pad(kv[0], pad), jnp.pad(kv[1], pad))
 
     # banned[b, v]: token v sits at a position before the last one of cell b's sequence
     before_last = jnp.arange(width)[None, :] < (lengths - 1)[:, None]

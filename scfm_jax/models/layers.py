@@ -1,6 +1,6 @@
 """Building blocks shared by both models: logical axis names, the one way parameters are annotated
 with them, activation constraints, PyTorch-exact LayerNorm, dropout, feed-forward, self-attention
-and the layer stack.
+and the stacked layers (`stack` builds them, `scan` runs them).
 
 Every parameter is created through `with_axes(init, names)` (or `param`, which calls it): the
 logical names travel as the variable's `out_sharding` metadata, and the one rules table in the
@@ -9,6 +9,8 @@ sharded as they are created (the train code places the whole state with a jitted
 build the same with or without a mesh. Activations are pinned at block boundaries with `constrain`,
 a no-op unless rules are active (`nnx.logical_axis_rules(...)`) and a mesh is set.
 """
+import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -201,35 +203,60 @@ class SelfAttention(nnx.Module):
         return self.out(attended)
 
 
-def apply_layers(layer_list: Sequence[nnx.Module], carry: Any,
-                 step: Callable[[nnx.Module, Any, jax.Array], tuple[Any, Any]],
-                 remat_policy: str) -> tuple[Any, list]:
-    """`carry, out = step(layer, carry, index)` through the layers in order; (carry, [out, ...]).
+def stack(make: Callable[[], nnx.Module], depth: int) -> nnx.Module:
+    """`depth` modules from `make()`, built in order, stored as ONE module whose variables carry a
+    leading `layers` axis (the scan-over-layers layout of MaxText and the NNX scan example).
 
-    With remat policy "none" this is a Python loop. Otherwise the layers' variables are stacked
-    and the layers run as one `lax.scan` of a checkpointed step, so the backward pass recomputes
-    one layer at a time. (Per-layer `jax.checkpoint` in an unrolled loop saved no memory on
-    XLA:CPU: its scheduler hoisted every recomputation, 21.5 GB of temporaries for one 100M cell
-    under both "full" and "none".) The layers keep their own parameters, so checkpoints and
-    weight import are the same either way; `step` must not mutate the layer.
+    `scan` runs it; the parameters stay stacked in the train state, so no step copies them.
+    """
+    modules = [make() for _ in range(depth)]
+    graphdef, state = nnx.split(modules[0])
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           state, *[nnx.split(module)[1] for module in modules[1:]])
+    stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYERS})
+    return nnx.merge(graphdef, stacked)
+
+
+def depth(stacked: nnx.Module) -> int:
+    """The number of layers of a `stack`."""
+    return int(jax.tree.leaves(nnx.state(stacked))[0].shape[0])
+
+
+_UNROLL = threading.local()
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """Within this context `scan` unrolls the layer loop, so XLA's cost analysis (which counts a
+    loop body once) sees every layer: for counting FLOPs, not for running."""
+    previous = getattr(_UNROLL, "on", False)
+    _UNROLL.on = True
+    try:
+        yield
+    finally:
+        _UNROLL.on = previous
+
+
+def scan(stacked: nnx.Module, carry: Any,
+         step: Callable[[nnx.Module, Any, jax.Array, Any], tuple[Any, Any]], remat_policy: str,
+         per_layer: Any = None) -> tuple[Any, Any]:
+    """`carry, out = step(layer, carry, index, per_layer[index])` through a `stack`'s layers.
+
+    One `lax.scan` whatever the remat policy (so the program holds one layer's code); with a
+    policy other than "none" the step is checkpointed and the backward pass recomputes one layer
+    at a time. (Per-layer `jax.checkpoint` in an unrolled loop saved no memory on XLA:CPU: its
+    scheduler hoisted every recomputation.) Returns the final carry and the outputs stacked on a
+    leading layer axis; `step` must not mutate the layer.
     """
     policy = check_remat_policy(remat_policy)
-    if policy == "none" or len(layer_list) <= 1:
-        outputs = []
-        for index, layer in enumerate(layer_list):
-            carry, output = step(layer, carry, jnp.asarray(index, jnp.int32))
-            outputs.append(output)
-        return carry, outputs
-    graphdef, *_ = nnx.split(layer_list[0])
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                           *[nnx.split(layer)[1] for layer in layer_list])
+    graphdef, state = nnx.split(stacked)
+    count = depth(stacked)
 
     def body(carry, inputs):
-        state, index = inputs
-        return step(nnx.merge(graphdef, state), carry, index)
+        layer_state, index, layer_inputs = inputs
+        return step(nnx.merge(graphdef, layer_state), carry, index, layer_inputs)
 
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
-    carry, stacked_outputs = jax.lax.scan(
-        body, carry, (stacked, jnp.arange(len(layer_list), dtype=jnp.int32)))
-    return carry, [jax.tree.map(lambda leaf, i=i: leaf[i], stacked_outputs)
-                   for i in range(len(layer_list))]
+    if policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return jax.lax.scan(body, carry, (state, jnp.arange(count, dtype=jnp.int32), per_layer),
+                        unroll=count if getattr(_UNROLL, "on", False) else 1)

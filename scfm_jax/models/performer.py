@@ -146,13 +146,21 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, projecti
 
 
 def redraw_features(model: nnx.Module, key: jax.Array) -> None:
-    """Replace every ProjectionMatrix in `model` by a fresh orthogonal draw from `key`.
+    """Replace every ProjectionMatrix in `model` by fresh orthogonal draws from `key`.
 
-    Each matrix gets `fold_in(key, i)` in graph order, so the result depends on the key only.
+    Each layer's matrix gets `fold_in(key, i)`, i counting layers in graph order (a stacked
+    matrix [layers, features, head_dim] holds consecutive ones), so the result depends on the key
+    only.
     """
-    for index, (_, variable) in enumerate(
-            (path, node) for path, node in nnx.iter_graph(model)
-            if isinstance(node, ProjectionMatrix)):
-        rows, cols = variable.get_value().shape
-        variable.set_value(gaussian_orthogonal_random_matrix(jax.random.fold_in(key, index),
-                                                             rows, cols))
+    index = 0
+    for _, variable in nnx.iter_graph(model):
+        if not isinstance(variable, ProjectionMatrix):
+            continue
+        value = variable.get_value()
+        matrices = value.reshape(-1, *value.shape[-2:])
+        # one draw per layer in a Python loop: a vmapped QR is a batched one (see above)
+        draws = [gaussian_orthogonal_random_matrix(jax.random.fold_in(key, index + i),
+                                                   *matrices.shape[1:])
+                 for i in range(matrices.shape[0])]
+        index += len(draws)
+        variable.set_value(jnp.stack(draws).reshape(value.shape))

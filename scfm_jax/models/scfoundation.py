@@ -223,13 +223,13 @@ class ScFoundation(nnx.Module):
         self.pos_emb = nnx.Embed(
             self.seq_len + 1, enc.width, dtype=dtype, rngs=rngs,
             embedding_init=layers.with_axes(nnx.initializers.normal(1.0), (GENES, EMBED)))
-        self.encoder_layers = nnx.List([EncoderLayer(enc, dtype=dtype, rngs=rngs)
-                                        for _ in range(enc.depth)])
+        self.encoder_layers = layers.stack(lambda: EncoderLayer(enc, dtype=dtype, rngs=rngs),
+                                           enc.depth)
         self.encoder_norm = layers.layer_norm(enc.width, dtype=dtype, rngs=rngs)
         self.decoder_embed = layers.linear(enc.width, dec.width, (EMBED, None), dtype=dtype,
                                            rngs=rngs)
-        self.decoder_layers = nnx.List([PerformerLayer(dec, dtype=dtype, rngs=rngs)
-                                        for _ in range(dec.depth)])
+        self.decoder_layers = layers.stack(lambda: PerformerLayer(dec, dtype=dtype, rngs=rngs),
+                                           dec.depth)
         self.decoder_norm = layers.layer_norm(dec.width, dtype=dtype, rngs=rngs)
         self.norm = layers.layer_norm(dec.width, dtype=dtype, rngs=rngs)
         self.to_final = layers.linear(dec.width, 1, (EMBED, None), dtype=dtype, rngs=rngs)
@@ -247,11 +247,11 @@ class ScFoundation(nnx.Module):
         x = self.token_emb(values) + self.pos_emb(gene_ids)
         x = layers.constrain(x, (BATCH, LENGTH, EMBED))
 
-        def step(layer, x, index):
+        def step(layer, x, index, _):
             layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             return layer(x, lengths, layer_key), None
 
-        x, _ = layers.apply_layers(self.encoder_layers, x, step, self.cfg.remat_policy)
+        x, _ = layers.scan(self.encoder_layers, x, step, self.cfg.remat_policy)
         return self.encoder_norm(x)
 
     def decode(self, encoded: jax.Array, gene_ids: jax.Array, padding_mask: jax.Array,
@@ -273,9 +273,9 @@ class ScFoundation(nnx.Module):
         x = x + self.pos_emb(jnp.arange(self.seq_len))[None]
         x = self.decoder_embed(x)
         x = layers.constrain(x, (BATCH, LENGTH, EMBED))
-        x, _ = layers.apply_layers(
+        x, _ = layers.scan(
             self.decoder_layers, x,
-            lambda layer, x, _: (layer(x, stabilizer_scope=stabilizer_scope), None),
+            lambda layer, x, *_: (layer(x, stabilizer_scope=stabilizer_scope), None),
             self.cfg.remat_policy)
         x = self.norm(self.decoder_norm(x))
         if output == "embedding":

@@ -152,7 +152,7 @@ class ScMulan(nnx.Module):
         d = cfg.n_embd
         self.wte = _param(rngs, (cfg.vocab_size, d), (VOCAB, EMBED), INIT_STD)
         self.wee = _param(rngs, (cfg.expression_level + 1, d), (None, EMBED), INIT_STD)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.blocks = layers.stack(lambda: Block(cfg, rngs=rngs), cfg.n_layer)
         self.ln_f = layers.layer_norm(d, rngs=rngs, use_bias=cfg.bias, dtype=self.dtype)
         self.lm_head = _param(rngs, (d, cfg.vocab_size), (EMBED, VOCAB), INIT_STD)
         self.epx_head = _param(rngs, (d, cfg.vocab_size), (EMBED, VOCAB), INIT_STD)
@@ -164,24 +164,25 @@ class ScMulan(nnx.Module):
     def __call__(self, ids: jax.Array, levels: jax.Array, *, return_kv: bool = False):
         """Final-LayerNorm output [B, T, D] of right-padded ids/levels [B, T] (int).
 
-        With `return_kv`, also the per-layer keys and values ([B, T, heads, head_dim] each), the
-        prefill of a generation cache.
+        With `return_kv`, also the keys and values of every layer ([layers, B, T, heads,
+        head_dim] each), the prefill of a generation cache.
         """
         x = self.embed(ids, levels)
-        x, kv = layers.apply_layers(self.blocks, x, lambda block, h, _: block(h),
-                                    self.cfg.remat_policy)
+        x, kv = layers.scan(self.blocks, x, lambda block, h, *_: block(h), self.cfg.remat_policy)
         hidden = self.ln_f(x)
-        return (hidden, tuple(kv)) if return_kv else hidden
+        return (hidden, kv) if return_kv else hidden
 
     def decode_step(self, ids, levels, cache, positions):
         """Extends the cache by one token per cell: ids/levels/positions [B]; returns (hidden [B, D],
-        cache). `cache` is a tuple of (keys, values) per layer, [B, S, heads, head_dim]."""
+        cache). `cache` is (keys, values), each [layers, B, S, heads, head_dim]."""
         x = self.embed(ids[:, None], levels[:, None])
-        new_cache = []
-        for block, (cache_k, cache_v) in zip(self.blocks, cache):
-            x, cache_k, cache_v = block.decode(x, cache_k, cache_v, positions)
-            new_cache.append((cache_k, cache_v))
-        return self.ln_f(x)[:, 0], tuple(new_cache)
+
+        def step(block, x, _, layer_cache):
+            x, cache_k, cache_v = block.decode(x, *layer_cache, positions)
+            return x, (cache_k, cache_v)
+
+        x, cache = layers.scan(self.blocks, x, step, "none", per_layer=cache)
+        return self.ln_f(x)[:, 0], cache
 
     def heads(self, hidden):
         """(next-entity logits, expression-level outputs) over the vocabulary, float32."""

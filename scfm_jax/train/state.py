@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scfm_jax.train import partitioning
+from scfm_jax.models import layers
 from scfm_jax.objectives import Objective
 
 
@@ -184,10 +185,10 @@ class Trainer:
     def model_flops(self, batch) -> float:
         """Model FLOPs per device of one train step: forward and backward of the loss.
 
-        XLA's cost analysis counts a loop body once, and the compiled step loops over layers
-        (remat), attention chunks and micro-batches. So the count comes from the loss gradient of
-        the loop-free model (`loop_free_model_config`) on one micro-batch, lowered and not
-        compiled, times the micro-batches, over the devices. Recomputation is not counted: this
+        XLA's cost analysis counts a loop body once, and the compiled step loops over layers,
+        attention chunks and micro-batches. So the count comes from the loss gradient of the
+        loop-free model (`loop_free_model_config`, layers unrolled) on one micro-batch, lowered
+        and not compiled, times the micro-batches, over the devices. Recomputation is not counted: this
         is the numerator of MFU, not of hardware utilisation.
         """
         signature = ("flops",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
@@ -202,9 +203,10 @@ class Trainer:
 
             micro_batch = {k: jax.ShapeDtypeStruct((v.shape[0] // accum, *v.shape[1:]), v.dtype)
                            for k, v in batch.items()}
-            lowered = jax.jit(jax.grad(loss)).lower(
-                self.abstract_state.params, self.abstract_state.buffers, micro_batch,
-                jax.random.key(0))
+            with layers.unrolled_layers():
+                lowered = jax.jit(jax.grad(loss)).lower(
+                    self.abstract_state.params, self.abstract_state.buffers, micro_batch,
+                    jax.random.key(0))
             analysis = lowered.cost_analysis() or {}
             self._compiled[signature] = (float(analysis.get("flops", 0.0)) * accum
                                          / self.mesh.size)
@@ -239,7 +241,8 @@ def cached_trainer(config: ml_collections.ConfigDict, objective: Objective, mesh
 
 
 def loop_free_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same model without its loops: no remat scan over layers, one attention chunk."""
+    """The same model with fewer loops: no remat, one attention chunk (the layer scan is unrolled
+    by `layers.unrolled_layers`)."""
     config = ml_collections.ConfigDict(model_config.to_dict())
     config.remat_policy = "none"
 
