@@ -70,9 +70,6 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def reached_preemption(self, step: int) -> bool:
         """True on every process once a preemption notice (SIGTERM) reached any of them.
 
