@@ -27,7 +27,6 @@ setup(
         "scipy",
         "ml-collections>=1.0",
         "absl-py",
-        "grain>=0.2.10",
         "tensorboardX>=2.6",
         "tqdm",
         "pandas",

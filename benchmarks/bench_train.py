@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scfm_jax.data.host_ops import smallest_bucket
+from scfm_jax.objectives import get_objective
 from scfm_jax.train import partitioning
 from scfm_jax.train.metrics import measure_matmul_peak
 from scfm_jax.train.state import Trainer
-from scfm_jax.objectives import get_objective
 
 
 def synthetic_batch(cells: int, genes: int, expressed: int, width: int, seed: int = 0) -> dict:
@@ -47,9 +48,9 @@ def bench(name: str, cells: int, expressed: int, steps: int, peak: float,
     config.train.grad_accum_steps = 1
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     trainer = Trainer(config, get_objective(config.model.name), mesh)
-    width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
+    width = smallest_bucket(expressed, config.data.buckets, expressed)
     batch = partitioning.global_batch(
-        synthetic_batch(cells, config.model.num_genes, expressed, width), mesh)
+        synthetic_batch(cells, config.model.num_genes, expressed, width), mesh, trainer.rules)
     state = trainer.init_state(0)
     start = time.perf_counter()
     compiled = trainer.compiled_train_step(state, batch)

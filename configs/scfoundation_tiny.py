@@ -89,4 +89,7 @@ def get_config():
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.logical_axis_rules = LOGICAL_AXIS_RULES
+    # Parameters the mesh cannot split (a dimension not divisible by its mesh axes) are replicated
+    # and named at startup; more than this fraction of the parameter bytes is an error.
+    config.sharding_tolerance = 0.05
     return config

@@ -7,11 +7,11 @@ import numpy as np
 from scfm_jax.configs import scfoundation_tiny
 from scfm_jax.data.datasets import pbmc68k_reduced_counts
 from scfm_jax.data.vocabulary import Vocabulary
+from scfm_jax.objectives import get_objective
 from scfm_jax.train import partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter
 from scfm_jax.train.state import Trainer
-from scfm_jax.objectives import get_objective
 
 # pbmc68k_reduced cells with 193..224 expressed genes: one inference bucket (224) and one training
 # width (256), so each test compiles a forward once.

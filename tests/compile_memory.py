@@ -14,9 +14,9 @@ import importlib  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 
+from scfm_jax.objectives import get_objective  # noqa: E402
 from scfm_jax.train import partitioning  # noqa: E402
 from scfm_jax.train.state import Trainer  # noqa: E402
-from scfm_jax.objectives import get_objective  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
                                    ("total_counts", (64,), jnp.float32),
                                    ("num_nonzero", (64,), jnp.int32)):
             batch[name] = jax.ShapeDtypeStruct(
-                shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
+                shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape), trainer.rules))
         state = trainer.abstract_sharded_state()
         compiled = trainer.compiled_train_step(state, batch)
         memory = compiled.memory_analysis()

@@ -1,39 +1,16 @@
-"""Shared test setup: exact matmuls, and the one way tests find `../shared` (fixtures, vocabularies).
+"""Shared test setup: exact matmuls, eight simulated CPU devices, the `shared` fixture.
 
-`SCFM_SHARED_DIR` may point elsewhere; otherwise `shared/` beside the repository is used. When it is
-absent (a user's fresh clone) the tests that need it skip with the reason; `.ci/run` refuses to run
-without it, so CI never skips them.
+Helpers live in modules (`shared_helpers.shared_path`, `train_helpers`, `analysis_helpers`);
+`shared_path` is re-exported here for the test files that still import it from conftest.
 """
-import os
-from pathlib import Path
-
 import jax
 import pytest
+
+from shared_helpers import REPO_ROOT, shared_dir, shared_path  # noqa: F401
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Eight simulated CPU devices for the mesh and resharding tests; single-device code uses the first.
 jax.config.update("jax_num_cpu_devices", 8)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def shared_dir() -> Path | None:
-    """The shared folder (fixtures/, data/), or None when this checkout has none."""
-    configured = os.environ.get("SCFM_SHARED_DIR")
-    path = Path(configured) if configured else REPO_ROOT.parent / "shared"
-    return path if path.is_dir() else None
-
-
-def shared_path(*parts: str) -> Path:
-    """A path under the shared folder; skips the calling test when it is not there."""
-    root = shared_dir()
-    if root is None:
-        pytest.skip("../shared (reference fixtures and vocabularies) is absent; "
-                    "set SCFM_SHARED_DIR to run the fidelity tests")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent from the shared folder")
-    return path
 
 
 @pytest.fixture(scope="session")

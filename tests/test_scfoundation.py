@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.configs import scfoundation_100m, scfoundation_tiny
 from scfm_jax.data.vocabulary import align_genes, load_vocabulary

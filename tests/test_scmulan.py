@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse
 from flax import nnx
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.analysis import scmulan_tasks
 from scfm_jax.data import cell_sentence
 from scfm_jax.interop import scmulan_torch, torch_checkpoint

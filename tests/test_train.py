@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from scfm_jax.errors import UsageError
+from scfm_jax.objectives import get_objective
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics
 from scfm_jax.train.state import Trainer
-from scfm_jax.objectives import get_objective
+from scfm_jax.configs import scfoundation_tiny
 from train_helpers import make_store, tiny_config
 
 
@@ -39,8 +40,28 @@ def test_uneven_dimensions_are_replicated_not_refused():
 
 def test_batch_must_split_over_the_mesh():
     mesh = partitioning.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=jax.devices()[:4])
+    rules = dict(scfoundation_tiny.LOGICAL_AXIS_RULES)
     with pytest.raises(ValueError, match="multiple of data x fsdp = 4"):
-        partitioning.check_batch_divisible(6, mesh, 1)
+        partitioning.check_batch_divisible(6, mesh, 1, tuple(rules.items()))
+    # the batch rule, not the code, says where the batch goes
+    rules["batch"] = "data"
+    partitioning.check_batch_divisible(6, mesh, 1, tuple(rules.items()))
+    assert partitioning.batch_sharding(mesh, 2, tuple(rules.items())).spec == jax.P("data", None)
+
+
+def test_replicated_parameters_are_named_and_limited(store, caplog):
+    config = loop.resolve_config(tiny_config(store), _open(store))
+    config.model.encoder.mlp_dim = 15  # not divisible by tensor=2: the encoder's FF stays whole
+    config.sharding_tolerance = 1.0
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=2), devices=jax.devices()[:2])
+    with caplog.at_level("WARNING", logger="scfm_jax.train.partitioning"):
+        Trainer(config, get_objective("scfoundation"), mesh)
+    assert "encoder_layers.feed_forward.w1.kernel: dim 2 (15) not divisible by tensor=2" \
+        in caplog.text
+    assert "decoder_layers" not in caplog.text  # its mlp_dim (32) splits
+    config.sharding_tolerance = 0.001
+    with pytest.raises(ValueError, match=r"replicated because mesh .* does not divide"):
+        Trainer(config, get_objective("scfoundation"), mesh)
 
 
 def test_parameters_are_sharded_by_the_rules(store):
@@ -51,9 +72,13 @@ def test_parameters_are_sharded_by_the_rules(store):
     specs = {tuple(s.spec) for s in shardings}
     # the rules put embed on fsdp and mlp/heads/genes on tensor: both axes must be used
     assert any("fsdp" in spec for spec in specs) and any("tensor" in spec for spec in specs)
-    # optimiser moments follow their parameters
-    mu = trainer.state_sharding.opt_state[-1][0].mu
-    assert jax.tree.leaves(mu)[0].spec == shardings[0].spec
+    # every optimiser moment follows its parameter
+    adam = trainer.state_sharding.opt_state[-1][0]
+    for moments in (adam.mu, adam.nu):
+        assert [m.spec for m in jax.tree.leaves(moments)] == [p.spec for p in shardings]
+    # the stacked layer axis is never split: every device holds every layer
+    layer_kernel = trainer.state_sharding.params["encoder_layers"]["feed_forward"]["w1"]["kernel"]
+    assert jax.tree.leaves(layer_kernel)[0].spec == jax.P(None, "fsdp", "tensor")
 
 
 def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
@@ -69,7 +94,7 @@ def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
     local = dict(gene_ids=gene_ids.astype(np.int32), counts=counts,
                  total_counts=counts.sum(1), num_nonzero=np.full(8, 64, np.int32))
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    batch = partitioning.global_batch(local, mesh)
+    batch = partitioning.global_batch(local, mesh, scfoundation_tiny.LOGICAL_AXIS_RULES)
     counted = {}
     for name, remat, chunk, accum in (("loop-free", "none", 4096, 1), ("looped", "full", 32, 2)):
         config = loop.resolve_config(tiny_config(store), _open(store))
@@ -96,6 +121,62 @@ def _open(store):
 def _losses(workdir):
     return {step: record["train/loss"] for step, record in read_metrics(workdir).items()
             if "train/loss" in record}
+
+
+def test_micro_batches_follow_the_gradient_of_the_whole_batch(store):
+    """k micro-batches weighted by their loss terms give the update of one batch of the same
+    cells, where a mean of the micro-batch means would not (cells express different numbers of
+    genes). The loss here has no random draws, so both see the very same terms."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from scfm_jax.objectives import scfoundation as sf_objective
+
+    def expressed_mse(model, batch, key, objective_config):
+        inputs = sf_objective.inference_inputs(batch, num_genes=model.num_genes)
+        predictions = model(inputs["encoder_values"], inputs["encoder_gene_ids"],
+                            inputs["encoder_padding_mask"], inputs["decoder_values"])
+        mask = inputs["decoder_values"] > 0
+        loss = sf_objective.masked_mse(predictions, inputs["decoder_values"], mask)
+        return loss, {"terms": jnp.sum(mask).astype(jnp.float32), "first_prediction":
+                      predictions[0, 0]}
+
+    objective = dataclasses.replace(get_objective("scfoundation"), loss=expressed_mse,
+                                    weight_metric="terms")
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=2, tensor=1), devices=jax.devices()[:2])
+    results, trainers = {}, {}
+    for accum in (1, 2):
+        config = loop.resolve_config(tiny_config(store), _open(store))
+        config.train.grad_accum_steps = accum
+        trainers[accum] = trainer = Trainer(config, objective, mesh)
+        state = trainer.init_state(0)
+        batch = loop.host_to_device(loop.make_pipelines(config, _open(store))[0].batch(0), trainer)
+        results[accum] = jax.jit(trainer._grads)(state.params, state.buffers, batch,
+                                                 jax.random.key(0))
+    (loss, metrics, grads), (micro_loss, micro_metrics, micro_grads) = results[1], results[2]
+    np.testing.assert_allclose(micro_loss, loss, rtol=1e-5)
+    assert micro_metrics["terms"] == metrics["terms"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 micro_grads, grads)
+    # the unweighted mean of the two halves' losses is measurably different
+    halves = [trainers[1]._loss(state.params, state.buffers,
+                                jax.tree.map(lambda x, i=i: x[4 * i:4 * i + 4], batch),
+                                jax.random.key(0))[0] for i in range(2)]
+    assert abs(float(np.mean(halves)) - float(loss)) > 1e-4 * float(loss), (halves, loss)
+
+
+def test_checkpoints_keep_the_latest_and_the_best(store, tmp_path):
+    config = loop.resolve_config(tiny_config(store), _open(store))
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    state = Trainer(config, get_objective("scfoundation"), mesh).init_state(0)
+    checkpoints = Checkpoints(tmp_path, keep=1)
+    for step, eval_loss in zip(range(1, 6), (0.5, 0.2, 0.9, None, 0.7)):
+        checkpoints.save(step, state, config=config, seed=0, vocabulary={"digest": "x"},
+                         eval_loss=eval_loss)
+    checkpoints.close()
+    # the latest (5) and the lowest held-out loss (2); the others are deleted
+    assert Checkpoints(tmp_path, read_only=True).all_steps() == [2, 5]
 
 
 def test_same_seed_same_losses_and_resume_continues_exactly(store, tmp_path):
@@ -177,46 +258,89 @@ def test_config_overrides_and_a_typo_with_a_suggestion(tmp_path):
                      "--config.train.stpes=3"])
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(store, tmp_path):
-    """SIGKILL the real CLI at an arbitrary step, start it again, compare every logged loss."""
+CLI_STEPS = 12
+
+
+def _cli(store, workdir, *extra):
+    """The real CLI command (`python -m scfm_jax.main train`) and its environment."""
     import os
-    import signal
-    import subprocess
     import sys
+
+    command = [sys.executable, "-m", "scfm_jax.main", "train", "--config",
+               "configs/scfoundation_tiny.py", "--num_cpu_devices", "1", "--workdir", str(workdir),
+               *_overrides(tiny_config(store, steps=CLI_STEPS)), *extra]
+    return dict(args=command, cwd=os.path.dirname(os.path.dirname(__file__)),
+                env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cli(store, tmp_path_factory):
+    """The logged losses of an uninterrupted CLI run (shared by the interruption tests)."""
+    import subprocess
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(**_cli(store, workdir), check=True, capture_output=True, timeout=600)
+    return _losses(workdir)
+
+
+def _start_and_wait_for_step(store, workdir, step, *extra):
+    import subprocess
     import time
 
-    steps = 12
-    base = [sys.executable, "-m", "scfm_jax.main", "train", "--config",
-            "configs/scfoundation_tiny.py", "--num_cpu_devices", "1"]
-    overrides = _overrides(tiny_config(store, steps=steps))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(__file__))
-    uninterrupted = tmp_path / "uninterrupted"
-    subprocess.run(base + ["--workdir", str(uninterrupted)] + overrides, cwd=root, env=env,
-                   check=True, capture_output=True, timeout=600)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(base + ["--workdir", str(killed)] + overrides, cwd=root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(**_cli(store, workdir, *extra), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     deadline = time.time() + 600
-    while time.time() < deadline:  # kill once some steps past the first checkpoint are logged
-        logged = _losses(killed)
-        if logged and max(logged) >= 5:
+    while time.time() < deadline and process.poll() is None:
+        logged = _losses(workdir)
+        if logged and max(logged) >= step:
             break
         time.sleep(0.2)
+    return process
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(store, uninterrupted_cli,
+                                                                   tmp_path):
+    """SIGKILL the real CLI at an arbitrary step, start it again, compare every logged loss."""
+    import signal
+    import subprocess
+
+    killed = tmp_path / "killed"
+    process = _start_and_wait_for_step(store, killed, 5)  # past the first checkpoint (3)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert max(_losses(killed)) < steps, "the run finished before it could be killed"
-    subprocess.run(base + ["--workdir", str(killed)] + overrides, cwd=root, env=env, check=True,
-                   capture_output=True, timeout=600)
-    assert _losses(killed) == _losses(uninterrupted)
-    assert sorted(_losses(killed)) == list(range(1, steps + 1))
+    assert max(_losses(killed)) < CLI_STEPS, "the run finished before it could be killed"
+    subprocess.run(**_cli(store, killed), check=True, capture_output=True, timeout=600)
+    assert _losses(killed) == uninterrupted_cli
+    assert sorted(_losses(killed)) == list(range(1, CLI_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_exits_cleanly_and_resumes(store, uninterrupted_cli,
+                                                                        tmp_path):
+    """SIGTERM (a preemption notice): the CLI saves at the next step boundary and exits 0; the
+    same command resumes from that checkpoint with the losses of an uninterrupted run."""
+    import signal
+    import subprocess
+
+    workdir = tmp_path / "preempted"
+    # no periodic checkpoint before the end: the one found must be SIGTERM's
+    no_periodic = "--config.train.checkpoint_every=1000"
+    process = _start_and_wait_for_step(store, workdir, 3, no_periodic)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    saved = Checkpoints(workdir, read_only=True).all_steps()
+    logged = max(_losses(workdir))
+    assert saved == [logged] and 3 <= logged < CLI_STEPS, (saved, logged)
+    subprocess.run(**_cli(store, workdir, no_periodic), check=True, capture_output=True,
+                   timeout=600)
+    assert _losses(workdir) == uninterrupted_cli
+    assert Checkpoints(workdir, read_only=True).latest_step() == CLI_STEPS
 
 
 def _overrides(config) -> list[str]:
     """--config.x=y flags reproducing the fields tiny_config changes from the file's defaults."""
-    from scfm_jax.configs import scfoundation_tiny
-
     default = scfoundation_tiny.get_config().to_dict()
     flags = []
 

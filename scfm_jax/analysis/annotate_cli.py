@@ -57,7 +57,7 @@ def gene_set_expression(adata: anndata.AnnData, token_set, gene_list, *, layer=N
                         counts=False, gene_column=None, min_coverage=0.5):
     """[cells, 2,000 gene-set genes] log1p-normalised CSR, aligned through the symbol list, and
     the alignment report."""
-    from scfm_jax.analysis.scmulan_tasks import log_normalise
+    from scfm_jax.data.host_ops import log_normalise
     from scfm_jax.data import vocabulary
 
     matrix = adata.layers[layer] if layer is not None else adata.X

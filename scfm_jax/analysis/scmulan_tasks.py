@@ -18,7 +18,7 @@ import scipy.sparse
 from tqdm.auto import tqdm
 
 from scfm_jax.analysis.output_checks import require_finite
-from scfm_jax.data import cell_sentence
+from scfm_jax.data import cell_sentence, host_ops
 from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import generation
 from scfm_jax.models.scmulan import ScMulan
@@ -48,20 +48,6 @@ def _check_log_normalised(matrix, what: str):
             "log1p of counts normalised to 1e4 per cell (max < 10). Normalise first "
             "(scanpy.pp.normalize_total(target_sum=1e4) then scanpy.pp.log1p), or pass raw counts "
             "with counts=True")
-
-
-def log_normalise(counts) -> np.ndarray | scipy.sparse.csr_matrix:
-    """log1p(counts / total * 1e4) per row, in float64 (scMulan's expected input)."""
-    if scipy.sparse.issparse(counts):
-        counts = counts.tocsr().astype(np.float64)
-        totals = np.asarray(counts.sum(axis=1)).reshape(-1)
-        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-        out = scipy.sparse.diags(scale) @ counts
-        out.data = np.log1p(out.data)
-        return out.tocsr()
-    counts = np.asarray(counts, np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.log1p(np.divide(counts * 1e4, totals, out=np.zeros_like(counts), where=totals > 0))
 
 
 def _batches(lengths: np.ndarray, batch_size: int):
@@ -113,7 +99,7 @@ def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
         raise ValueError("the AnnData has no cells")
     if counts:
         matrix = adata.layers[layer] if layer is not None else adata.X
-        source = anndata.AnnData(log_normalise(matrix), var=adata.var[[]].copy())
+        source = anndata.AnnData(host_ops.log_normalise(matrix), var=adata.var[[]].copy())
         matrix = _gene_set_matrix(source, token_set, None)
     else:
         matrix = _gene_set_matrix(adata, token_set, layer)

@@ -20,6 +20,7 @@ import threading
 
 import numpy as np
 
+from scfm_jax.data.host_ops import smallest_bucket
 from scfm_jax.data.store import CellStore
 
 _EPOCH, _WINDOW, _SUBSAMPLE = 0x45504F43, 0x57494E44, 0x53554253   # rng stream tags
@@ -96,10 +97,6 @@ class Pipeline:
         self._epochs: collections.OrderedDict = collections.OrderedDict()
         self._windows: collections.OrderedDict = collections.OrderedDict()
 
-    @property
-    def steps_per_epoch(self) -> float:
-        return len(self.cells) / self.global_batch_size
-
     # ---------------------------------------------------------------- the order of the stream
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(block order, start position of each window in the epoch) for one epoch."""
@@ -160,10 +157,7 @@ class Pipeline:
     def padded_length(self, row_lengths: np.ndarray) -> int:
         """K: the smallest bucket holding the longest row (capped at max_nonzero)."""
         longest = min(int(row_lengths.max()), self.max_nonzero)
-        for bucket in self.buckets:
-            if bucket >= longest:
-                return bucket
-        return self.max_nonzero
+        return smallest_bucket(longest, self.buckets, self.max_nonzero)
 
     # ------------------------------------------------------------------------------ batches
     def batch(self, step: int) -> dict[str, np.ndarray]:

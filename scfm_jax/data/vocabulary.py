@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scfm_jax.data.host_ops import sha256_file
+
 # name -> (official raw-file URL at a pinned commit, SHA-256 of its bytes, path under a mirror).
 BUILTIN_VOCABULARIES = {
     "scfoundation": (
@@ -169,14 +171,6 @@ def download(url: str, destination: Path, sha256: str) -> Path:
     return destination
 
 
-def _sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def load_vocabulary(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Vocabulary:
     """`"scfoundation"`, `"scmulan"` (downloaded once, checksum-verified, cached) or a local file."""
     name = str(spec)
@@ -188,7 +182,7 @@ def load_vocabulary(spec: str | os.PathLike, cache_dir: str | os.PathLike | None
         return Vocabulary.from_tsv(path)
     url, sha256, mirror_path = BUILTIN_VOCABULARIES[name]
     cached = resolve_cache_dir(cache_dir) / "vocabularies" / Path(mirror_path).name
-    if not (cached.is_file() and _sha256_file(cached) == sha256):
+    if not (cached.is_file() and sha256_file(cached) == sha256):
         mirror = os.environ.get(MIRROR_ENV)
         if mirror:
             base = mirror if "://" in mirror else Path(mirror).resolve().as_uri()

@@ -184,9 +184,6 @@ class Checkpoints:
         self.verify(step, restored)
         return restored
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def reached_preemption(self, step: int) -> bool:
         """True on every process once a preemption notice (SIGTERM) reached any of them.
 

@@ -17,16 +17,16 @@ import numpy as np
 from flax import nnx
 
 from scfm_jax.configs import scfoundation_tiny
-from scfm_jax.data import datasets
+from scfm_jax.data import datasets, host_ops
 from scfm_jax.data.convert import convert
 from scfm_jax.data.pipeline import Pipeline, split_cells
 from scfm_jax.data.store import CellStore
+from scfm_jax.objectives import get_objective
 from scfm_jax.objectives.scfoundation import masked_mse, pretraining_inputs
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import plot_loss_curves
 from scfm_jax.train.state import Trainer
-from scfm_jax.objectives import get_objective
 
 
 def demo_config(store: str, steps: int):
@@ -46,11 +46,8 @@ def demo_config(store: str, steps: int):
 
 def per_gene_means(store: CellStore, cells: np.ndarray) -> np.ndarray:
     """Mean of log1p(count / total * 1e4) of every vocabulary gene over `cells` (zeros included)."""
-    rows = store.read(np.sort(cells)).to_csr(len(store.vocabulary)).astype(np.float64)
-    totals = np.asarray(rows.sum(axis=1)).ravel()
-    normalised = rows.multiply(1e4 / totals[:, None]).tocsr()
-    normalised.data = np.log1p(normalised.data)
-    return np.asarray(normalised.mean(axis=0)).ravel()
+    rows = store.read(np.sort(cells)).to_csr(len(store.vocabulary))
+    return np.asarray(host_ops.log_normalise(rows).mean(axis=0)).ravel()
 
 
 def heldout_vs_baseline(config, workdir: Path, num_batches: int = 8) -> dict:
@@ -68,10 +65,7 @@ def heldout_vs_baseline(config, workdir: Path, num_batches: int = 8) -> dict:
     gene_means = jnp.asarray(np.concatenate([per_gene_means(store, train_cells), [0.0, 0.0]]),
                              jnp.float32)
     pipeline = Pipeline(store, seed=config.seed + 2, cell_indices=eval_cells,
-                        global_batch_size=config.data.global_batch_size,
-                        buckets=tuple(config.data.buckets), max_nonzero=config.data.max_nonzero,
-                        block_size=config.data.block_size, window_blocks=config.data.window_blocks,
-                        process_index=0, process_count=1)
+                        process_index=0, process_count=1, **loop.pipeline_options(config))
 
     @nnx.jit
     def errors(model, batch, key):

@@ -3,11 +3,13 @@
   scfm-jax train --config configs/scfoundation_tiny.py --workdir runs/tiny \
       --config.data.store=runs/store --config.train.steps=1000
 
-Setup (store, mesh, sharded state or the latest checkpoint) → loop (step-pure batches, jitted
-step, metrics, evaluation, checkpoints, preemption) → final checkpoint. A workdir that has
-checkpoints resumes from the latest; batches are a pure function of (seed, step), so a resumed run
-sees exactly the batches an uninterrupted one would.
+`train()` reads top to bottom: setup (store, resolved config, mesh, trainer, pipelines) → restore
+or init (the latest checkpoint, or a sharded init) → loop (step-pure batches, the jitted step,
+metrics kept on the device until a log or checkpoint step, evaluation, checkpoints, preemption)
+→ final checkpoint. A workdir that has checkpoints resumes from the latest; batches are a pure
+function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
+import contextlib
 import math
 import signal
 import threading
@@ -21,12 +23,12 @@ from tqdm.auto import tqdm
 
 from scfm_jax.data.pipeline import Pipeline, split_cells
 from scfm_jax.data.store import CellStore
+from scfm_jax.objectives import get_objective
 from scfm_jax.train import config_checks, partitioning
 from scfm_jax.train import workdir as workdir_lib
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
 from scfm_jax.train.state import Trainer, cached_trainer
-from scfm_jax.objectives import get_objective
 
 HOST_ONLY_FIELDS = ("cell_index",)  # pipeline fields that stay on the host (int64 bookkeeping)
 
@@ -41,9 +43,28 @@ def resolve_config(config: ml_collections.ConfigDict, store: CellStore) -> ml_co
     return get_objective(config.model.name).resolve_config(config, store)
 
 
-def _host_to_device(local_batch: dict, mesh) -> dict:
+def host_to_device(local_batch: dict, trainer: Trainer) -> dict:
     device_fields = {k: v for k, v in local_batch.items() if k not in HOST_ONLY_FIELDS}
-    return partitioning.global_batch(device_fields, mesh)
+    return partitioning.global_batch(device_fields, trainer.mesh, trainer.rules)
+
+
+def make_pipelines(config: ml_collections.ConfigDict, store: CellStore
+                   ) -> tuple[Pipeline, Pipeline | None]:
+    """The train pipeline and the held-out one (None without held-out cells), split by seed."""
+    train_cells, eval_cells = split_cells(store.num_cells, config.data.eval_fraction, config.seed)
+    options = pipeline_options(config)
+    train_pipeline = Pipeline(store, seed=config.seed, cell_indices=train_cells, **options)
+    eval_pipeline = (Pipeline(store, seed=config.seed + 1, cell_indices=eval_cells, **options)
+                     if len(eval_cells) else None)
+    return train_pipeline, eval_pipeline
+
+
+def pipeline_options(config: ml_collections.ConfigDict) -> dict:
+    data = config.data
+    return dict(global_batch_size=data.global_batch_size, buckets=tuple(data.buckets),
+                max_nonzero=data.max_nonzero, block_size=data.block_size,
+                window_blocks=data.window_blocks, obs_keys=tuple(data.get("obs_keys", ())),
+                prefetch=data.prefetch)
 
 
 class _PreemptionFlag:
@@ -66,15 +87,93 @@ class _PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class RateWindow:
+    """Cells, genes and model FLOPs over the wall time of the steps since the last log.
+
+    Time spent compiling a new bucket (and counting its FLOPs) is paused out of the window.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.start, self.paused_for = time.perf_counter(), 0.0
+        self.steps = self.cells = self.genes = 0
+        self.flops = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_for += time.perf_counter() - start
+
+    def add(self, cells: int, genes: int, flops: float):
+        self.steps += 1
+        self.cells += cells
+        self.genes += genes
+        self.flops += flops
+
+    def rates(self, peak_flops: float) -> dict:
+        elapsed = max(time.perf_counter() - self.start - self.paused_for, 1e-9)
+        return dict(step_time=elapsed / max(self.steps, 1), cells_per_s=self.cells / elapsed,
+                    genes_per_s=self.genes / elapsed, mfu=self.flops / elapsed / peak_flops)
+
+
+class PendingMetrics:
+    """Per-step metrics kept on the device until a log or checkpoint step fetches them, so the host
+    never waits for the device between those steps."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.metrics: list[dict] = []
+
+    def add(self, step: int, metrics: dict):
+        self.steps.append(step)
+        self.metrics.append(metrics)
+
+    def fetch(self) -> list[tuple[int, dict]]:
+        """(step, host scalars) of every pending step, in order; the list is emptied."""
+        fetched = jax.device_get(self.metrics)
+        out = [(step, {name: float(value) for name, value in metrics.items()})
+               for step, metrics in zip(self.steps, fetched)]
+        self.steps, self.metrics = [], []
+        return out
+
+
 def evaluate(trainer: Trainer, state, pipeline: Pipeline, num_batches: int, seed: int) -> float:
     """Mean loss over fixed held-out batches with fixed keys (comparable across steps)."""
     losses = []
     for index in range(num_batches):
-        batch = _host_to_device(pipeline.batch(index), trainer.mesh)
+        batch = host_to_device(pipeline.batch(index), trainer)
         key_data = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
-        metrics = trainer.compiled_eval_step(state, batch, key_data)(state, batch, key_data)
-        losses.append(float(metrics["loss"]))
-    return float(np.mean(losses))
+        losses.append(trainer.compiled_eval_step(state, batch, key_data)(state, batch, key_data)
+                      ["loss"])
+    return float(np.mean(jax.device_get(losses)))
+
+
+def restore_or_init(trainer: Trainer, checkpoints: Checkpoints, config, vocabulary: dict):
+    """(state, start step): the latest checkpoint of the workdir, or a fresh sharded init."""
+    start_step = checkpoints.latest_step()
+    if start_step is None:
+        return trainer.init_state(config.seed), 0
+    saved = checkpoints.restore_metadata(start_step)
+    workdir_lib.check_resume(saved["config"], config.to_dict(), checkpoints.directory.parent)
+    if saved["vocabulary"]["digest"] != vocabulary["digest"]:
+        raise ValueError(
+            f"{checkpoints.directory.parent} was trained on vocabulary "
+            f"{saved['vocabulary']['name']} ({saved['vocabulary']['digest'][:12]}), but "
+            f"{config.data.store} carries {vocabulary['name']} ({vocabulary['digest'][:12]}); "
+            "use a fresh --workdir")
+    return checkpoints.restore_state(trainer.abstract_sharded_state(), start_step), start_step
+
+
+def _diverged(step: int, loss: float, checkpoints: Checkpoints) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+        f"(step {checkpoints.latest_step()}) is intact in {checkpoints.directory}; "
+        f"lower config.train.learning_rate or check the data")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
@@ -86,119 +185,101 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     schedule still follows `config.train.steps`, so a later call resumes the same run.
     `dry_run` compiles the train step of every bucket, prints the plan table and returns.
     """
+    # -- setup
     workdir = Path(workdir)
     config_checks.check(config, workdir)
     store = CellStore.open(config.data.store)
     config = resolve_config(config, store)
     lead = jax.process_index() == 0
-    if lead:
-        workdir_lib.acquire(workdir)
-
-    objective = get_objective(config.model.name)
     mesh = partitioning.make_mesh(config.mesh, devices=devices)
     train_config = config.train
+    trainer = cached_trainer(config, get_objective(config.model.name), mesh)
     partitioning.check_batch_divisible(config.data.global_batch_size, mesh,
-                                       train_config.grad_accum_steps)
-    trainer = cached_trainer(config, objective, mesh)
+                                       train_config.grad_accum_steps, trainer.rules)
     if dry_run:
         from scfm_jax.train import plan
         rows = plan.print_trainer_plan(trainer, config.data.buckets, config.data.global_batch_size)
         return {"dry_run": True, "plan": rows}
+    if lead:
+        workdir_lib.acquire(workdir)
     vocabulary = {"name": store.vocabulary.name, "digest": store.vocabulary.digest,
                   "symbols": list(store.vocabulary.symbols)}
-
+    train_pipeline, eval_pipeline = make_pipelines(config, store)
+    peak_flops, peak_source = device_peak_flops(config.model.dtype)
     checkpoints = Checkpoints(workdir, keep=train_config.keep_checkpoints)
-    start_step = checkpoints.latest_step()
-    if start_step is None:
-        state = trainer.init_state(config.seed)
-        start_step = 0
-    else:
-        saved = checkpoints.restore_metadata(start_step)
-        workdir_lib.check_resume(saved["config"], config.to_dict(), workdir)
-        if saved["vocabulary"]["digest"] != vocabulary["digest"]:
-            raise ValueError(
-                f"{workdir} was trained on vocabulary {saved['vocabulary']['name']} "
-                f"({saved['vocabulary']['digest'][:12]}), but {config.data.store} carries "
-                f"{vocabulary['name']} ({vocabulary['digest'][:12]}); use a fresh --workdir")
-        state = checkpoints.restore_state(trainer.abstract_sharded_state(), start_step)
-    if lead:
+
+    # -- restore or init
+    state, start_step = restore_or_init(trainer, checkpoints, config, vocabulary)
+    if lead:  # only now: a rejected resume leaves the workdir's config and metrics as they were
         workdir_lib.write_config(workdir, config.to_dict())
         workdir_lib.truncate_metrics(workdir, start_step)
-
-    obs_keys = tuple(config.data.get("obs_keys", ()))
-    train_cells, eval_cells = split_cells(store.num_cells, config.data.eval_fraction, config.seed)
-    pipeline_options = dict(
-        global_batch_size=config.data.global_batch_size, buckets=tuple(config.data.buckets),
-        max_nonzero=config.data.max_nonzero, block_size=config.data.block_size,
-        window_blocks=config.data.window_blocks, obs_keys=obs_keys,
-        prefetch=config.data.prefetch)
-    train_pipeline = Pipeline(store, seed=config.seed, cell_indices=train_cells, **pipeline_options)
-    eval_pipeline = (Pipeline(store, seed=config.seed + 1, cell_indices=eval_cells,
-                              **pipeline_options) if len(eval_cells) else None)
-
-    peak_flops, peak_source = device_peak_flops(config.model.dtype)
     writer = MetricsWriter(workdir, enabled=lead, purge_step=start_step)
-    profile_steps = tuple(train_config.profile_steps or ())
     summary = {"start_step": start_step, "peak_flops_per_device": peak_flops,
                "peak_source": peak_source, "losses": {}}
+    profile_steps = tuple(train_config.profile_steps or ())
     last_eval = math.nan
     step = start_step
     bar = tqdm(total=train_config.steps, initial=start_step, disable=not (progress and lead),
                desc="train", unit="step", dynamic_ncols=True)
+    window, pending = RateWindow(), PendingMetrics()
+
+    def flush() -> dict:
+        """Fetch the pending metrics; stop at the first non-finite loss. The last step's scalars."""
+        scalars = {}
+        for done, scalars in pending.fetch():
+            if not math.isfinite(scalars["loss"]):
+                raise _diverged(done - 1, scalars["loss"], checkpoints)
+            summary["losses"][done] = scalars["loss"]
+        return scalars
+
+    # -- loop
     try:
         with _PreemptionFlag() as preempted, train_pipeline.iterate(start_step) as batches:
-            window_start, window_cells, window_genes, window_steps = time.perf_counter(), 0, 0, 0
-            flops = 0.0
             while step < train_config.steps:
                 if profile_steps and step == profile_steps[0]:
                     jax.profiler.start_trace(str(workdir / "profile"))
                 batch_step, local = next(batches)
                 assert batch_step == step, (batch_step, step)
-                batch = _host_to_device(local, mesh)
-                compiled = trainer.compiled_train_step(state, batch)
-                if not window_steps:  # compilation (once per bucket) stays out of the rates
-                    window_start = time.perf_counter()
-                flops = trainer.model_flops(batch)
-                state, metrics = compiled(state, batch)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                        f"(step {checkpoints.latest_step()}) is intact in {checkpoints.directory}; "
-                        f"lower config.train.learning_rate or check the data")
+                batch = host_to_device(local, trainer)
+                if not trainer.has_train_step(batch):  # a new bucket: compile outside the rates
+                    with window.paused():
+                        jax.block_until_ready(state)
+                        trainer.compiled_train_step(state, batch)
+                        trainer.model_flops(batch)
+                state, metrics = trainer.compiled_train_step(state, batch)(state, batch)
                 step += 1
-                summary["losses"][step] = loss
-                window_steps += 1
-                window_cells += config.data.global_batch_size
-                window_genes += int(np.sum(local["num_nonzero"])) * jax.process_count()
+                pending.add(step, metrics)
+                window.add(config.data.global_batch_size,
+                           int(np.sum(local["num_nonzero"])) * jax.process_count(),
+                           trainer.model_flops(batch))
                 bar.update(1)
                 if profile_steps and step == profile_steps[-1]:
                     jax.profiler.stop_trace()
 
-                if step % train_config.log_every == 0 or step == train_config.steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    step_time = elapsed / window_steps
-                    scalars = {name: float(value) for name, value in metrics.items()}
-                    scalars.update(step_time=step_time, cells_per_s=window_cells / elapsed,
-                                   genes_per_s=window_genes / elapsed,
-                                   mfu=flops / step_time / peak_flops)
-                    writer.write(step, scalars)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['learning_rate']:.2e}",
-                                    cells_s=f"{scalars['cells_per_s']:.0f}",
-                                    mfu=f"{scalars['mfu']:.1%}")
-                    window_start, window_cells, window_genes, window_steps = (
-                        time.perf_counter(), 0, 0, 0)
-
-                evaluate_now = eval_pipeline is not None and (
-                    step % train_config.eval_every == 0 or step == train_config.steps)
-                if evaluate_now:
-                    last_eval = evaluate(trainer, state, eval_pipeline, config.data.eval_batches,
-                                         config.seed)
-                    writer.write(step, {"loss": last_eval}, prefix="eval")
-                    summary["eval_loss"] = last_eval
                 stop = (preempted.event.is_set() or checkpoints.reached_preemption(step)
                         or step == stop_after)
-                if step % train_config.checkpoint_every == 0 or step == train_config.steps or stop:
+                log_now = step % train_config.log_every == 0 or step == train_config.steps
+                evaluate_now = eval_pipeline is not None and (
+                    step % train_config.eval_every == 0 or step == train_config.steps)
+                save_now = (step % train_config.checkpoint_every == 0
+                            or step == train_config.steps or stop)
+                if log_now or save_now or evaluate_now:
+                    scalars = flush()  # a checkpoint never holds the state of a diverged run
+                    if log_now:
+                        scalars.update(window.rates(peak_flops))
+                        writer.write(step, scalars)
+                        bar.set_postfix(loss=f"{scalars['loss']:.4f}",
+                                        lr=f"{scalars['learning_rate']:.2e}",
+                                        cells_s=f"{scalars['cells_per_s']:.0f}",
+                                        mfu=f"{scalars['mfu']:.1%}")
+                        window.reset()
+                if evaluate_now:
+                    with window.paused():
+                        last_eval = evaluate(trainer, state, eval_pipeline,
+                                             config.data.eval_batches, config.seed)
+                    writer.write(step, {"loss": last_eval}, prefix="eval")
+                    summary["eval_loss"] = last_eval
+                if save_now:
                     checkpoints.save(step, state, config=config, seed=config.seed,
                                      vocabulary=vocabulary,
                                      eval_loss=last_eval if evaluate_now else None)
@@ -210,6 +291,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         checkpoints.close()
         writer.close()
         workdir_lib.release(workdir)
+
+    # the final checkpoint is the loop's save at the last step (or at the stop), finished by close()
     summary.update(final_step=step, eval_loss=summary.get("eval_loss", last_eval))
     return summary
 

@@ -1,20 +1,26 @@
 """The device mesh and how arrays are laid out on it.
 
 The mesh has three axes, `data`, `fsdp` and `tensor`, sized by `config.mesh` (-1 fills the rest).
-Parameters carry logical axis names; the config's one rules table maps them onto mesh axes, so
-changing the parallelism is a config edit. Every array of the train state lives on the global
-mesh (replicated leaves get an empty PartitionSpec), which multi-host Orbax saves require.
+Parameters and batches carry logical axis names; the config's one rules table
+(`config.logical_axis_rules`) maps them onto mesh axes, so changing the parallelism is a config
+edit: the batch dimension goes where the `batch` rule says. Every array of the train state lives
+on the global mesh (replicated leaves get an empty PartitionSpec), which multi-host Orbax saves
+require.
 """
+import logging
 import math
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from scfm_jax.models import layers
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_SPEC = PartitionSpec(("data", "fsdp"))  # the batch dimension is split over data and fsdp
+logger = logging.getLogger(__name__)
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -59,17 +65,29 @@ def logical_rules(config) -> tuple[tuple[str, object], ...]:
     return tuple(rules)
 
 
+def _axes(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def fit_spec(spec: PartitionSpec | None, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """`spec` with the mesh axes that do not divide their dimension dropped (that dimension is
     then replicated), since jit needs even shards: scMulan's 2,222-token vocabulary on tensor=4,
     say."""
     entries = tuple(spec or ()) + (None,) * (len(shape) - len(tuple(spec or ())))
     fitted = []
-    for size, axes in zip(shape, entries):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        shards = math.prod(mesh.shape[name] for name in names)
-        fitted.append(axes if names and size % shards == 0 else None)
+    for size, entry in zip(shape, entries):
+        shards = math.prod(mesh.shape[name] for name in _axes(entry))
+        fitted.append(entry if _axes(entry) and size % shards == 0 else None)
     return PartitionSpec(*fitted)
+
+
+def _logical_specs(abstract_state, rules):
+    with nnx.logical_axis_rules(rules):
+        return nnx.get_partition_spec(abstract_state)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec) or x is None
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules):
@@ -77,38 +95,85 @@ def state_shardings(abstract_state, mesh: Mesh, rules):
 
     Leaves that carry no logical names (optimizer counters, the step, the RNG key) are replicated.
     """
-    with nnx.logical_axis_rules(rules):
-        specs = nnx.get_partition_spec(abstract_state)
     return jax.tree.map(
         lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
-        specs, abstract_state, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+        _logical_specs(abstract_state, rules), abstract_state, is_leaf=_is_spec)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Rows split over (data, fsdp); the other dimensions whole."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def _path_name(path) -> str:
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    return ".".join(name for name in names if name != "value")
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def check_replication(abstract_params, mesh: Mesh, rules, tolerance: float) -> list[str]:
+    """Names (once, in the log) the parameter dimensions left whole because their mesh axes do not
+    divide them, and fails when those parameters hold more than `tolerance` of the parameter bytes
+    (MaxText's sharding tolerance: a bad mesh/rules pair silently replicating the model).
+
+    Returns the report lines.
+    """
+    lines, replicated, total = [], 0, 0
+    flat_specs = jax.tree.leaves_with_path(_logical_specs(abstract_params, rules), is_leaf=_is_spec)
+    for (path, spec), leaf in zip(flat_specs, jax.tree.leaves(abstract_params)):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        total += nbytes
+        entries = tuple(spec or ()) + (None,) * (len(leaf.shape) - len(tuple(spec or ())))
+        dropped = [(dim, size, entry) for dim, (size, entry, kept) in enumerate(
+            zip(leaf.shape, entries, fit_spec(spec, leaf.shape, mesh))) if _axes(entry) and not kept]
+        if dropped:
+            replicated += nbytes
+            where = ", ".join(f"dim {dim} ({size}) not divisible by {'x'.join(_axes(entry))}="
+                              f"{math.prod(mesh.shape[a] for a in _axes(entry))}"
+                              for dim, size, entry in dropped)
+            lines.append(f"{_path_name(path)}: {where}")
+    if lines:
+        logger.warning("replicated because the mesh does not divide them (%.1f%% of parameter "
+                       "bytes):\n  %s", 100 * replicated / max(total, 1), "\n  ".join(lines))
+    if total and replicated / total > tolerance:
+        raise ValueError(
+            f"{replicated / total:.1%} of the parameter bytes would be replicated because mesh "
+            f"{dict(mesh.shape)} does not divide their dimensions (config.sharding_tolerance="
+            f"{tolerance}): {'; '.join(lines[:4])}; change config.mesh or "
+            "config.logical_axis_rules")
+    return lines
+
+
+def batch_spec(rules, ndim: int) -> PartitionSpec:
+    """Rows split as the `batch` rule says; the other dimensions whole."""
+    return nn.logical_to_mesh_axes((layers.BATCH,) + (None,) * (ndim - 1), rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(rules, ndim))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+    """How many pieces the batch dimension is split into."""
+    return math.prod(mesh.shape[axis] for axis in _axes(batch_spec(rules, 1)[0]))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """Assemble the global batch from this process's rows (every process passes its own)."""
     out = {}
     for name, local in local_batch.items():
-        sharding = batch_sharding(mesh, local.ndim)
         global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        out[name] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, local.ndim, rules), local, global_shape)
     return out
 
 
-def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: int) -> None:
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: int,
+                          rules) -> None:
     """Refuse batch sizes the mesh cannot split evenly, before anything is compiled."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh, rules)
     micro = global_batch_size // max(grad_accum_steps, 1)
     if global_batch_size % max(grad_accum_steps, 1) or micro % shards:
+        axes = " x ".join(_axes(batch_spec(rules, 1)[0])) or "no mesh axis"
         raise ValueError(
             f"config.data.global_batch_size={global_batch_size} with "
             f"config.train.grad_accum_steps={grad_accum_steps} gives micro-batches of "
             f"{global_batch_size / max(grad_accum_steps, 1):g} cells, which must be a multiple of "
-            f"data x fsdp = {shards} devices")
+            f"{axes} = {shards} devices (the `batch` rule of config.logical_axis_rules)")
     if global_batch_size % jax.process_count():
         raise ValueError(f"config.data.global_batch_size={global_batch_size} must be divisible by "
                          f"the number of processes ({jax.process_count()})")

@@ -70,6 +70,8 @@ class Trainer:
         self.graphdef, _, _ = split_model(abstract_model)
         self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
         self.state_sharding = self._state_sharding(self.abstract_state)
+        partitioning.check_replication(self.abstract_state.params, self.mesh, self.rules,
+                                       float(self.config.sharding_tolerance))
         self._compiled = {}
 
     # -- state ------------------------------------------------------------------------------
@@ -112,32 +114,43 @@ class Trainer:
         return self.objective.loss(model, batch, key, self.config.objective)
 
     def _grads(self, params, buffers, batch, key):
+        """(loss, metrics, grads) of the batch, over `train.grad_accum_steps` micro-batches.
+
+        Micro-batches are weighted by the objective's count of loss terms (masked positions), so
+        k micro-batches follow the gradient of one batch of the same cells, not a mean of means.
+        That count is summed; the other metrics are averaged with the same weights.
+        """
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         accum = max(int(self.config.train.grad_accum_steps), 1)
         if accum == 1:
             (loss, metrics), grads = grad_fn(params, buffers, batch, key)
             return loss, metrics, grads
+        weight_name = self.objective.weight_metric
+        micro_spec = PartitionSpec(None, *partitioning.batch_spec(self.rules, 1))
 
         def split(x):
             micro = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-            spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+            spec = PartitionSpec(*micro_spec, *([None] * (x.ndim - 1)))
             return jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, spec))
 
         def body(carry, inputs):
             index, micro_batch = inputs
             (loss, metrics), grads = grad_fn(params, buffers, micro_batch,
                                              jax.random.fold_in(key, index))
-            carry = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-            return carry, None
+            weight = metrics[weight_name]
+            weighted = jax.tree.map(lambda x: x * weight, (loss, metrics, grads))
+            return jax.tree.map(jnp.add, carry, (weighted, weight)), None
 
-        zeros = jax.eval_shape(grad_fn, params, buffers, jax.tree.map(lambda x: x[:1], batch),
-                               key)
+        shapes = jax.eval_shape(grad_fn, params, buffers, jax.tree.map(lambda x: x[:1], batch),
+                                key)
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
-                             (zeros[0][0], zeros[0][1], zeros[1]))
+                             ((shapes[0][0], shapes[0][1], shapes[1]), shapes[0][1][weight_name]))
         micro_batches = jax.tree.map(split, batch)
-        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
-        # Each micro-batch contributes its mean; the step reports and follows their average.
-        return jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        ((loss, metrics, grads), total), _ = jax.lax.scan(
+            body, zeros, (jnp.arange(accum), micro_batches))
+        scale = 1.0 / jnp.maximum(total, 1e-12)
+        loss, metrics, grads = jax.tree.map(lambda x: x * scale, (loss, metrics, grads))
+        return loss, dict(metrics, **{weight_name: total}), grads
 
     def _refreshed(self, params, buffers, key):
         """The buffers after the objective's refresh (e.g. new performer random features)."""
@@ -168,12 +181,20 @@ class Trainer:
         return dict(metrics, loss=loss)
 
     def _batch_sharding(self, batch):
-        return {name: partitioning.batch_sharding(self.mesh, value.ndim)
+        return {name: partitioning.batch_sharding(self.mesh, value.ndim, self.rules)
                 for name, value in batch.items()}
+
+    @staticmethod
+    def _signature(kind: str, batch) -> tuple:
+        return (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+
+    def has_train_step(self, batch) -> bool:
+        """Whether the train step for this batch's shapes is compiled and its FLOPs counted."""
+        return all(self._signature(kind, batch) in self._compiled for kind in ("train", "flops"))
 
     def compiled_train_step(self, state: TrainState, batch):
         """The train step compiled for this batch's shapes (one executable per bucket)."""
-        signature = ("train",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+        signature = self._signature("train", batch)
         if signature not in self._compiled:
             jitted = jax.jit(self._train_step,
                              in_shardings=(self.state_sharding, self._batch_sharding(batch)),
@@ -188,10 +209,10 @@ class Trainer:
         XLA's cost analysis counts a loop body once, and the compiled step loops over layers,
         attention chunks and micro-batches. So the count comes from the loss gradient of the
         loop-free model (`loop_free_model_config`, layers unrolled) on one micro-batch, lowered
-        and not compiled, times the micro-batches, over the devices. Recomputation is not counted: this
-        is the numerator of MFU, not of hardware utilisation.
+        and not compiled, times the micro-batches, over the devices. Recomputation is not counted:
+        this is the numerator of MFU, not of hardware utilisation.
         """
-        signature = ("flops",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+        signature = self._signature("flops", batch)
         if signature not in self._compiled:
             accum = max(int(self.config.train.grad_accum_steps), 1)
             model_config = loop_free_model_config(self.config.model)
@@ -213,7 +234,7 @@ class Trainer:
         return self._compiled[signature]
 
     def compiled_eval_step(self, state: TrainState, batch, key_data):
-        signature = ("eval",) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+        signature = self._signature("eval", batch)
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             jitted = jax.jit(self._eval_step, in_shardings=(
