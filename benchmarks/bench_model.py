@@ -18,6 +18,13 @@ official `get_embedding.py` does, one cell per forward (`--output_type cell`, an
 `gene_expression` for the full forward), with `torch.set_num_threads` = the cores JAX uses
 (`--reference-threads`), best of --reference-repeats after one untimed run. Its outputs are
 compared with ours (max abs difference printed). Needs torch; without it the peer is skipped.
+
+`--attention` prints instead the encoder table of issue 12: one cell of the 100M encoder with 1k to
+19,264 expressed genes, today's [L, L] softmax (`model.attention_impl="xla"`) against the
+memory-linear path (`"auto"`, blockwise on CPU), side by side: XLA temporaries of the forward and
+of its gradient (compiled only) and the forward's time where its temporaries fit in --max-gb.
+`--attention --train-step` adds the XLA memory plan of one full 100M train step (configs/
+scfoundation_100m.py: bfloat16, remat "dots") on one cell with every gene expressed, compiled only.
 """
 import argparse
 import dataclasses
@@ -144,6 +151,83 @@ def layer_memory(config, genes: int, attention: str) -> float:
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
+ATTENTION_SIZES = (1_000, 2_000, 5_000, 10_000, 19_264)
+
+
+def encoder_attention_table(sizes, repeats: int, max_gb: float) -> None:
+    """Encoder memory and time against expressed genes, today's softmax vs the linear path."""
+    config = scfoundation_100m.get_config().model
+    config.dtype = "float32"
+    impls = ("xla", "auto")
+    graphdefs = {}
+    for impl in impls:
+        config.attention_impl = impl
+        graphdefs[impl] = nnx.split(nnx.eval_shape(
+            lambda: ScFoundation(config, rngs=nnx.Rngs(0))))[0]
+    state = nnx.split(ScFoundation(config, rngs=nnx.Rngs(0)))[1]
+
+    def encode(graphdef, state, values, ids, mask):
+        return nnx.merge(graphdef, state).encode(values, ids, mask)
+
+    def loss(graphdef, state, values, ids, mask):
+        return jnp.sum(jnp.square(encode(graphdef, state, values, ids, mask)))
+
+    print(f"100M encoder ({config.encoder.depth} layers, width {config.encoder.width}, "
+          f"{config.encoder.heads} heads), one cell, float32; GB are XLA temporaries; time is the "
+          f"forward, best of {repeats}, where its temporaries are under {max_gb} GB")
+    header = f"{'genes':>7}" + "".join(f"{impl + ' fwd GB':>14}{impl + ' grad GB':>15}"
+                                       f"{impl + ' s':>10}" for impl in impls)
+    print(header)
+    print("-" * len(header))
+    for genes in sizes:
+        tokens = genes + 2  # the expressed genes and the depth tokens T, S
+        rng = np.random.default_rng(genes)
+        values = jnp.asarray(rng.uniform(0.1, 5.0, (1, tokens)), jnp.float32)
+        ids = jnp.asarray(rng.permutation(config.num_genes + 2)[None, :tokens], jnp.int32)
+        mask = jnp.zeros((1, tokens), bool)
+        cells = []
+        for impl in impls:
+            graphdef = graphdefs[impl]
+            forward = jax.jit(encode, static_argnums=0).lower(graphdef, state, values, ids,
+                                                              mask).compile()
+            gradient = jax.jit(jax.grad(loss, argnums=1), static_argnums=0).lower(
+                graphdef, state, values, ids, mask).compile()
+            forward_gb = forward.memory_analysis().temp_size_in_bytes / 1e9
+            grad_gb = gradient.memory_analysis().temp_size_in_bytes / 1e9
+            seconds = (timed(lambda: forward(state, values, ids, mask).block_until_ready(),
+                             repeats) if forward_gb <= max_gb else float("nan"))
+            cells.append(f"{forward_gb:>14.2f}{grad_gb:>15.2f}{seconds:>10.2f}")
+        print(f"{genes:>7}" + "".join(cells), flush=True)
+
+
+def train_step_memory(impls=("xla", "auto"), genes: int = 19_264) -> None:
+    """XLA memory of one compiled (not run) 100M train step on a cell expressing `genes` genes."""
+    from scfm_jax.train import partitioning
+    from scfm_jax.train.state import Trainer
+    from scfm_jax.objectives import get_objective
+
+    print(f"\n100M train step, one cell, {genes:,} expressed genes (compiled only)")
+    print(f"{'attention_impl':<16}{'XLA temp GB':>12}{'arguments GB':>14}")
+    for impl in impls:
+        config = scfoundation_100m.get_config()
+        config.model.attention_impl = impl
+        config.data.update(global_batch_size=1, buckets=(genes,), max_nonzero=genes)
+        config.train.grad_accum_steps = 1
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        mesh = partitioning.make_mesh(config.mesh, devices=jax.devices()[:1])
+        trainer = Trainer(config, get_objective("scfoundation"), mesh)
+        batch = {name: jax.ShapeDtypeStruct(shape, dtype,
+                                            sharding=partitioning.batch_sharding(mesh, len(shape)))
+                 for name, shape, dtype in (("gene_ids", (1, genes), jnp.int32),
+                                            ("counts", (1, genes), jnp.float32),
+                                            ("total_counts", (1,), jnp.float32),
+                                            ("num_nonzero", (1,), jnp.int32))}
+        memory = trainer.compiled_train_step(trainer.abstract_sharded_state(),
+                                             batch).memory_analysis()
+        print(f"{impl:<16}{memory.temp_size_in_bytes / 1e9:>12.2f}"
+              f"{memory.argument_size_in_bytes / 1e9:>14.2f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=4)
@@ -153,7 +237,20 @@ def main():
                         help="timed repeats of the PyTorch reference (0: skip it)")
     parser.add_argument("--reference-threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch.set_num_threads (default: the cores JAX uses)")
+    parser.add_argument("--attention", action="store_true",
+                        help="print the encoder attention table (issue 12) instead")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(ATTENTION_SIZES),
+                        help="expressed genes per cell for --attention")
+    parser.add_argument("--max-gb", type=float, default=4.0,
+                        help="--attention times a forward only when its temporaries fit in this")
+    parser.add_argument("--train-step", action="store_true",
+                        help="with --attention: also the 100M train step's memory at 19,264 genes")
     args = parser.parse_args()
+    if args.attention:
+        encoder_attention_table(args.sizes, args.repeats, args.max_gb)
+        if args.train_step:
+            train_step_memory()
+        return
 
     config = scfoundation_100m.get_config().model
     config.dtype = "float32"

@@ -45,6 +45,7 @@ def get_config():
     ))
     model.dtype = "float32"        # compute dtype; parameters and optimiser state stay float32
     model.remat_policy = "none"    # "none" | "full" | "dots" (save matmul outputs only)
+    model.attention_impl = "auto"  # "auto" | "xla" | "cudnn" | "pallas" | "blockwise" (README)
 
     # Pretraining objective (model input function, on the device).
     config.objective = objective = ml_collections.ConfigDict()

@@ -1,5 +1,5 @@
 """The attention implementations against today's reference functions: scFoundation's masked softmax
-(`performer.masked_softmax_attention`) and scMulan's causal `jax.nn.dot_product_attention`;
+(`layers.masked_softmax_attention`) and scMulan's causal `jax.nn.dot_product_attention`;
 values, gradients, dropout, the platform choice of "auto" and the blockwise path's memory."""
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import scfm_jax.models  # noqa: F401  (switches eager sharding off)
-from scfm_jax.models import attention, performer
+from scfm_jax.models import attention, layers
 
 LENGTHS = (37, 11, 1, 0)  # a full row, partial rows, one key, and a row without keys
 
@@ -21,7 +21,7 @@ def _qkv(seed=0, batch=4, length=37, heads=3, head_dim=8):
 
 
 def _masked_reference(q, k, v, lengths, **kwargs):
-    return performer.masked_softmax_attention(q, k, v, lengths, **kwargs)
+    return layers.masked_softmax_attention(q, k, v, lengths, **kwargs)
 
 
 def _causal_reference(q, k, v):
@@ -128,13 +128,19 @@ def test_auto_picks_by_platform_and_bad_names_fail():
                                         dropout_key=jax.random.key(0))
 
 
-def _temp_bytes(impl, length):
+def _temp_bytes(impl, length, remat_policy=None):
     q = jax.ShapeDtypeStruct((1, length, 1, 8), jnp.float32)
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
 
+    def attend(q, k, v, lengths):
+        return attention.dot_product_attention(q, k, v, key_lengths=lengths, implementation=impl,
+                                               block_size=256)
+
+    if remat_policy is not None:  # as the models' layer scan under model.remat_policy
+        attend = jax.checkpoint(attend, policy=layers.REMAT_POLICIES[remat_policy])
+
     def loss(q, k, v, lengths):
-        return jnp.sum(attention.dot_product_attention(q, k, v, key_lengths=lengths,
-                                                       implementation=impl, block_size=256))
+        return jnp.sum(attend(q, k, v, lengths))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     return grad.lower(q, q, q, lengths).compile().memory_analysis().temp_size_in_bytes
@@ -147,3 +153,16 @@ def test_blockwise_gradient_memory_is_linear_in_length():
     assert dense > 4 * length ** 2
     assert blockwise < 4 * length ** 2 / 16
     assert _temp_bytes("blockwise", 2 * length) < 2.5 * blockwise
+    # a remat policy that saves matmul outputs must not keep the forward's block products
+    for policy in ("dots", "full"):
+        assert _temp_bytes("blockwise", length, policy) < 4 * length ** 2 / 16, policy
+
+
+def test_pallas_tpu_kernel_gradients_in_interpret_mode():
+    q, k, v, w = _qkv(10, batch=2, length=150, heads=2)
+    lengths = jnp.array([150, 77])
+    pallas = functools.partial(attention.dot_product_attention, key_lengths=lengths,
+                               implementation="pallas")
+    reference = functools.partial(_masked_reference, lengths=lengths)
+    for got, want in zip(_grads(pallas, q, k, v, w), _grads(reference, q, k, v, w)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

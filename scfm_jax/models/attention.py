@@ -144,7 +144,6 @@ def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpre
         out = gpu_attention.mha(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), kv_segment,
                                 sm_scale=scale, causal=is_causal, interpret=interpret)
         return out[:, :length]
-    from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
     to_heads = lambda x, n: jnp.transpose(pad(x, n), (0, 2, 1, 3))
     segments = tpu_attention.SegmentIds(q=jnp.ones((batch, length + pad_q), jnp.int32),
@@ -153,15 +152,38 @@ def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpre
         block_q=block, block_k_major=block, block_k=block, block_b=1,
         block_q_major_dkv=block, block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block,
         block_k_major_dq=block, block_k_dq=block, block_q_dq=block)
-    call = functools.partial(tpu_attention.flash_attention, to_heads(q, pad_q), to_heads(k, pad_k),
-                             to_heads(v, pad_k), segment_ids=segments, causal=is_causal,
-                             sm_scale=scale, block_sizes=sizes)
-    if interpret:
-        with pltpu.force_tpu_interpret_mode():
-            out = call()
-    else:
-        out = call()
+    def call(q, k, v, segments):
+        return tpu_attention.flash_attention(q, k, v, segment_ids=segments, causal=is_causal,
+                                             sm_scale=scale, block_sizes=sizes)
+
+    args = (to_heads(q, pad_q), to_heads(k, pad_k), to_heads(v, pad_k), segments)
+    out = _interpreted(call)(*args) if interpret else call(*args)
     return jnp.transpose(out, (0, 2, 1, 3))[:, :length]
+
+
+def _interpreted(fn):
+    """`fn(q, k, v, segments)` with its kernels, the backward ones included, in TPU interpret mode.
+
+    The kernel's backward is traced when the gradient is taken, outside any `with` around the
+    forward call, so the VJP re-enters interpret mode itself."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    @jax.custom_vjp
+    def interpreted(q, k, v, segments):
+        with pltpu.force_tpu_interpret_mode():
+            return fn(q, k, v, segments)
+
+    def forward(q, k, v, segments):
+        with pltpu.force_tpu_interpret_mode():
+            out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, segments), q, k, v)
+        return out, pullback
+
+    def backward(pullback, d_out):
+        with pltpu.force_tpu_interpret_mode():
+            return (*pullback(d_out), None)
+
+    interpreted.defvjp(forward, backward)
+    return interpreted
 
 
 # --------------------------------------------------------------------------------- blockwise
@@ -250,7 +272,19 @@ def _forward(q, k, v, key_lengths, dropout_key, is_causal, rate, block_q, block_
         out = acc / jnp.transpose(total, (0, 2, 1))[..., None]
         return out.astype(v.dtype), jnp.stack([running_max, total], axis=-1)
 
-    out, stats = jax.lax.map(query_block, (jnp.arange(qs.shape[0]), qs))
+    # A while loop, not a scan: an enclosing remat policy that saves matmul outputs ("dots")
+    # would keep a scan's per-block products for the backward pass (L x S floats); a while loop
+    # is recomputed whole, and the custom VJP needs none of its insides.
+    def store(i, outputs):
+        out, stats = query_block((i, qs[i]))
+        return outputs[0].at[i].set(out), outputs[1].at[i].set(stats)
+
+    num_q = qs.shape[0]
+    outputs = (jnp.zeros(qs.shape, v.dtype), jnp.zeros((num_q, batch, heads, block_q, 2),
+                                                       jnp.float32))
+    out, stats = jax.lax.while_loop(lambda c: c[0] < num_q,
+                                    lambda c: (c[0] + 1, *store(c[0], c[1:])),
+                                    (jnp.asarray(0, jnp.int32), *outputs))[1:]
     return _unblocks(out, length), _unblocks(jnp.moveaxis(stats, 3, 2), length)
 
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scfm_jax.models import performer
+from scfm_jax.models import attention as attention_impls
+from scfm_jax.models import favor_pallas, performer
 
 # Logical axis names used by the models. Every name must appear in a config's rules table.
 BATCH = "batch"
@@ -153,13 +154,14 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, width: int, heads: int, head_dim: int, *, attention: str = "performer",
                  num_features: int = 0, stabilizer_scope: str = "cell", chunk_size: int = 2048,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"decoder.attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if stabilizer_scope not in performer.STABILIZER_SCOPES:
             raise ValueError(f"decoder.stabilizer_scope must be one of "
                              f"{performer.STABILIZER_SCOPES}, got {stabilizer_scope!r}")
         self.attention, self.stabilizer_scope, self.chunk_size = attention, stabilizer_scope, chunk_size
+        self.attention_impl = attention_impls.check_implementation(attention_impl)
         self.heads, self.head_dim = heads, head_dim
         init, zeros = torch_linear_init(), nnx.initializers.zeros_init()
 
@@ -191,15 +193,16 @@ class SelfAttention(nnx.Module):
         if self.attention == "performer":
             if key_lengths is not None:
                 raise ValueError("performer attention has no key mask (as in the original decoder)")
-            attended = performer.favor_attention(
+            # the Pallas kernel where the implementation resolves to "pallas"; the XLA scan otherwise
+            pallas = attention_impls.resolve_implementation(self.attention_impl, q.dtype) == "pallas"
+            attended = (favor_pallas.favor_attention if pallas else performer.favor_attention)(
                 q, k, v, self.projection.get_value(),
                 stabilizer_scope=stabilizer_scope or self.stabilizer_scope,
                 chunk_size=self.chunk_size)
-        elif key_lengths is not None:
-            attended = masked_softmax_attention(q, k, v, key_lengths, dropout_rate=dropout_rate,
-                                                dropout_key=dropout_key)
         else:
-            attended = jax.nn.dot_product_attention(q, k, v)
+            attended = attention_impls.dot_product_attention(
+                q, k, v, key_lengths=key_lengths, implementation=self.attention_impl,
+                dropout_rate=dropout_rate, dropout_key=dropout_key)
         return self.out(attended)
 
 

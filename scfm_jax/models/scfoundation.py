@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfm_jax.models import attention as attention_impls
 from scfm_jax.models import layers, performer
 from scfm_jax.models.layers import BATCH, BINS, EMBED, GENES, LENGTH
 
@@ -74,6 +75,7 @@ class ScFoundationConfig:
     pad_value: float = 103.0
     dtype: str = "float32"      # compute dtype; parameters stay float32
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # both attentions: see scfm_jax.models.attention
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any]) -> "ScFoundationConfig":
@@ -111,6 +113,7 @@ class ScFoundationConfig:
             raise ValueError(f"decoder.chunk_size must be positive, got {dec.chunk_size}")
         performer.num_random_features(dec.head_dim, dec.num_features)
         layers.check_remat_policy(self.remat_policy)
+        attention_impls.check_implementation(self.attention_impl)
         jnp.dtype(self.dtype)
 
     @property
@@ -154,11 +157,13 @@ class AutoDiscretizationEmbedding(nnx.Module):
 class EncoderLayer(nnx.Module):
     """torch.nn.TransformerEncoderLayer, post-norm, ReLU: LN(x + MHA(x)), LN(x + FF(x))."""
 
-    def __init__(self, config: EncoderConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, *, dtype, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         width = config.width
         self.dropout_rate = float(config.dropout)
         self.attention = layers.SelfAttention(width, config.heads, width // config.heads,
-                                              attention="dot_product", dtype=dtype, rngs=rngs)
+                                              attention="dot_product",
+                                              attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.norm1 = layers.layer_norm(width, dtype=dtype, rngs=rngs)
         self.feed_forward = layers.FeedForward(width, config.mlp_dim, jax.nn.relu, dtype=dtype,
                                                rngs=rngs)
@@ -188,13 +193,14 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 class PerformerLayer(nnx.Module):
     """Pre-norm decoder layer: x + attn(LN(x)), then x + FF(LN(x)) with exact GELU."""
 
-    def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         width = config.width
         self.attention_norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
         self.attention = layers.SelfAttention(
             width, config.heads, config.head_dim, attention=config.attention,
             num_features=config.num_features, stabilizer_scope=config.stabilizer_scope,
-            chunk_size=config.chunk_size, dtype=dtype, rngs=rngs)
+            chunk_size=config.chunk_size, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.feed_forward_norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
         self.feed_forward = layers.FeedForward(width, config.mlp_dim, exact_gelu, dtype=dtype,
                                                rngs=rngs)
@@ -223,13 +229,15 @@ class ScFoundation(nnx.Module):
         self.pos_emb = nnx.Embed(
             self.seq_len + 1, enc.width, dtype=dtype, rngs=rngs,
             embedding_init=layers.with_axes(nnx.initializers.normal(1.0), (GENES, EMBED)))
-        self.encoder_layers = layers.stack(lambda: EncoderLayer(enc, dtype=dtype, rngs=rngs),
-                                           enc.depth)
+        self.encoder_layers = layers.stack(
+            lambda: EncoderLayer(enc, dtype=dtype, attention_impl=cfg.attention_impl, rngs=rngs),
+            enc.depth)
         self.encoder_norm = layers.layer_norm(enc.width, dtype=dtype, rngs=rngs)
         self.decoder_embed = layers.linear(enc.width, dec.width, (EMBED, None), dtype=dtype,
                                            rngs=rngs)
-        self.decoder_layers = layers.stack(lambda: PerformerLayer(dec, dtype=dtype, rngs=rngs),
-                                           dec.depth)
+        self.decoder_layers = layers.stack(
+            lambda: PerformerLayer(dec, dtype=dtype, attention_impl=cfg.attention_impl, rngs=rngs),
+            dec.depth)
         self.decoder_norm = layers.layer_norm(dec.width, dtype=dtype, rngs=rngs)
         self.norm = layers.layer_norm(dec.width, dtype=dtype, rngs=rngs)
         self.to_final = layers.linear(dec.width, 1, (EMBED, None), dtype=dtype, rngs=rngs)

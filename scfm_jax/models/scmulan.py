@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfm_jax.models import attention as attention_impls
 from scfm_jax.models import layers
 from scfm_jax.models.layers import BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, MLP, VOCAB
 
@@ -40,6 +41,7 @@ class ScMulanConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = "dot_product"
+    attention_impl: str = "auto"  # see scfm_jax.models.attention
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any]) -> "ScMulanConfig":
@@ -56,6 +58,7 @@ class ScMulanConfig:
             raise ValueError(f"scMulan attention {config.attention!r}: only 'dot_product' (exact "
                              "causal softmax attention) is available")
         layers.check_remat_policy(config.remat_policy)
+        attention_impls.check_implementation(config.attention_impl)
         return config
 
     @property
@@ -126,7 +129,8 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         q, k, v = self.qkv(x)
-        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        attended = attention_impls.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation=self.cfg.attention_impl)
         return self.finish(x, attended), (k, v)
 
     def decode(self, x, cache_k, cache_v, positions):
