@@ -3,8 +3,14 @@
 Helpers live in modules (`shared_helpers.shared_path`, `train_helpers`, `analysis_helpers`);
 `shared_path` is re-exported here for the test files that still import it from conftest.
 """
-import jax
-import pytest
+import os
+
+# The tests run on CPU devices. Where libtpu is installed (`.ci/run` installs it for the deviceless
+# TPU compiles of `scfm-jax plan`), JAX would otherwise try to open a TPU in every test process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 from shared_helpers import REPO_ROOT, shared_dir, shared_path  # noqa: F401
 
