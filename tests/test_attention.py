@@ -99,8 +99,19 @@ def test_blockwise_dropout_gradient_and_expectation():
     key = jax.random.key(8)
     dropped = functools.partial(attention.dot_product_attention, key_lengths=lengths,
                                 implementation="blockwise", block_size=8, dropout_rate=0.25)
-    # the custom VJP replays the forward's dropout masks: it equals autodiff of the forward
-    forward = lambda q, k, v: attention._forward(q, k, v, lengths, key, False, 0.25, 8, 8)[0]
+    # the custom VJP replays the forward's dropout masks: it equals autodiff of the dense math
+    # under the same per-block masks
+    blocks = -(-20 // 8)
+    keep = jnp.concatenate([jnp.concatenate(
+        [attention._keep_mask(key, i, j, blocks, 0.25, (2, 2, 8, 8)) for j in range(blocks)],
+        axis=-1) for i in range(blocks)], axis=-2)[..., :20, :20]
+
+    def forward(q, k, v):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+        logits = jnp.where(jnp.arange(20)[None, None, None] < lengths[:, None, None, None],
+                           logits, attention.MASK_VALUE)
+        weights = jax.nn.softmax(logits, axis=-1) * keep
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     for got, want in zip(_grads(lambda *a: dropped(*a, dropout_key=key), q, k, v, w),
                          _grads(forward, q, k, v, w)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
