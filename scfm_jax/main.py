@@ -14,7 +14,7 @@ from scfm_jax.errors import UsageError, one_line
 USER_ERRORS = (ValueError, LookupError, OSError, ImportError, RuntimeError)
 
 COMMANDS = {
-    "convert": ("scfm_jax.data.convert", "AnnData / 10x files -> sharded zarr cell store"),
+    "convert": ("scfm_jax.data.convert", "AnnData / 10x / TileDB-SOMA -> sharded zarr cell store"),
     "verify": ("scfm_jax.data.verify", "check every byte of a cell store, name damaged shards"),
     "train": ("scfm_jax.train.loop", "pretrain a model from an experiment config"),
     "demo": ("scfm_jax.train.demo", "convert pbmc68k_reduced, pretrain scfoundation_tiny, report"),
