@@ -59,7 +59,7 @@ def bench_train(config, batch_size: int, expressed: int, steps: int, peak: float
     trainer = Trainer(config, get_objective("scfoundation"), mesh)
     width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
     batch = partitioning.global_batch(
-        synthetic_batch(batch_size, config.model.num_genes, expressed, width), mesh)
+        synthetic_batch(batch_size, config.model.num_genes, expressed, width), mesh, trainer.rules)
     state = [trainer.init_state(0)]
     compiled = trainer.compiled_train_step(state[0], batch)
 

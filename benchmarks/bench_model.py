@@ -217,7 +217,8 @@ def train_step_memory(impls=("xla", "auto"), genes: int = 19_264) -> None:
         mesh = partitioning.make_mesh(config.mesh, devices=jax.devices()[:1])
         trainer = Trainer(config, get_objective("scfoundation"), mesh)
         batch = {name: jax.ShapeDtypeStruct(shape, dtype,
-                                            sharding=partitioning.batch_sharding(mesh, len(shape)))
+                                            sharding=partitioning.batch_sharding(mesh, len(shape),
+                                                                              trainer.rules))
                  for name, shape, dtype in (("gene_ids", (1, genes), jnp.int32),
                                             ("counts", (1, genes), jnp.float32),
                                             ("total_counts", (1,), jnp.float32),

@@ -260,8 +260,10 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_
               "num_nonzero": ((global_batch,), jnp.int32)}
     for key in config.data.get("obs_keys", ()):
         fields[f"obs/{key}"] = ((global_batch,), jnp.int32)
+    rules = partitioning.logical_rules(config)
     return {name: jax.ShapeDtypeStruct(shape, dtype,
-                                       sharding=partitioning.batch_sharding(mesh, len(shape)))
+                                       sharding=partitioning.batch_sharding(mesh, len(shape),
+                                                                            rules))
             for name, (shape, dtype) in fields.items()}
 
 
@@ -338,7 +340,8 @@ def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", buck
 
     global_batch = int(global_batch or config.data.global_batch_size)
     mesh = make_mesh(config.mesh, devices)
-    partitioning.check_batch_divisible(global_batch, mesh, config.train.grad_accum_steps)
+    partitioning.check_batch_divisible(global_batch, mesh, config.train.grad_accum_steps,
+                                       partitioning.logical_rules(config))
     trainer = Trainer(config, get_objective(config.model.name), mesh)
     return plan_trainer_bucket(trainer, chip, step=step, bucket=bucket, global_batch=global_batch)
 
