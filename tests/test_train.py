@@ -392,7 +392,10 @@ def test_two_processes_match_one_process_and_a_single_process_restores(store, tm
         trainer.abstract_sharded_state())
     assert int(restored.step) == 4
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # atol 1e-5: float32 reduction order differs between gloo's cross-process all-reduce and
+        # the in-process one; it shows only on parameters within ~1e-6 of zero (as in
+        # test_launchers), while the losses above agree to rtol 1e-5 at every step
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -202,10 +202,10 @@ class MaeAutobin(nn.Module):
     @classmethod
     def from_scfm_jax(cls, model) -> "MaeAutobin":
         """The same network and weights as an `scfm_jax` ScFoundation (via its official export)."""
-        from scfm_jax.interop.scfoundation_torch import export_official_state_dict, model_config_of
+        from scfm_jax.interop.scfoundation_torch import export_official_state_dict
 
         weights = export_official_state_dict(model)
-        config = model_config_of(model)  # depths, heads, head_dim; widths come from the shapes
+        config = model.cfg  # ScFoundationConfig: depths, heads, head_dim; widths from the shapes
         reference = cls(
             num_genes=model.num_genes, bin_num=weights["token_emb.emb.weight"].shape[0],
             bin_alpha=float(model.token_emb.bin_alpha), mask_value=float(model.mask_value),
