@@ -26,7 +26,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from scfm_jax.train import partitioning
+from scfm_jax.train import config_checks, partitioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,10 +483,12 @@ def _parse(argv):
                                flag_values=flag_values)
     flags.DEFINE_bool("sweep", False, "largest global batch that fits, per remat policy",
                       flag_values=flag_values)
-    config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
+    config_flags.DEFINE_config_file("config", None,
+                                    "experiment config file (a Python file with get_config())",
                                     flag_values=flag_values, lock_config=True,
                                     sys_argv=["scfm-jax plan", *argv])
-    flag_values(["scfm-jax plan", *argv])
+    # the train command's parser: --help, and one-line errors for a misspelt config field
+    config_checks.parse_flags(flag_values, argv, __doc__, program="scfm-jax plan")
     if flag_values.config is None or flag_values.topology is None:
         raise SystemExit("scfm-jax plan: --config and --topology are required\n"
                          "  e.g. scfm-jax plan --config configs/scfoundation_100m.py "
