@@ -40,6 +40,7 @@ from flax import nnx
 
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.configs import scfoundation_100m
+from scfm_jax.data import host_ops
 from scfm_jax.models import performer
 from scfm_jax.models.scfoundation import PerformerLayer, ScFoundation, ScFoundationConfig
 
@@ -284,7 +285,7 @@ def main():
             if args.reference_repeats else None)
 
     print(f"{cells} cells, {expressed.min()}-{expressed.max()} expressed genes "
-          f"(encoder bucket {inference.bucket_length(int(expressed.max()) + 2, config.num_genes)}"
+          f"(encoder bucket {host_ops.bucket_length(int(expressed.max()) + 2, config.num_genes)}"
           f" tokens), float32, best of {args.repeats}; time and FLOP/s are for all {cells} cells")
     header = (f"{'path':<24}{'batch':>6}{'time s':>9}{'XLA mem GB':>12}{'GFLOP/cell':>12}"
               f"{'XLA GFLOP/cell':>16}{'GFLOP/s':>10}{'MFU':>7}")

@@ -8,7 +8,6 @@ labelled cells and report accuracy and macro-F1 on it. `predict` writes `obs["ce
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from typing import Any
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.embedding import model_and_vocabulary, aligned_matrix
+from scfm_jax.data.host_ops import bucket_length, padded_csr_rows
 from scfm_jax.models import layers
 from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
 from scfm_jax.objectives.scfoundation import inference_inputs
@@ -188,17 +188,13 @@ def fit_classifier(adata: anndata.AnnData, label_key: str,
     return Classifier(head=head, classes=classes, report=report, embedding_key=embedding_key)
 
 
-def _padded_length(num_expressed: int, num_genes: int) -> int:
-    """Training pads to powers of two (>= 32): few shapes to compile for the backward pass."""
-    return min(max(32, 1 << math.ceil(math.log2(max(num_expressed, 1)))), num_genes)
-
-
 def _training_batches(csr, totals, cells: np.ndarray, codes: np.ndarray, batch_size: int,
                       rng: np.random.Generator, num_genes: int):
     """Shuffled batches of `cells`, grouped by padded length; short batches repeat a cell at
     weight 0 (a real cell keeps S = log10(total) finite)."""
     lengths = np.diff(csr.indptr)[cells]
-    widths = np.array([_padded_length(int(n), num_genes) for n in lengths])
+    # one bucket per doubling: few shapes to compile for the backward pass
+    widths = np.array([bucket_length(int(n), num_genes, steps_per_doubling=1) for n in lengths])
     batches = []
     for width in np.unique(widths):
         group = rng.permutation(cells[widths == width])
@@ -207,7 +203,7 @@ def _training_batches(csr, totals, cells: np.ndarray, codes: np.ndarray, batch_s
     for index in rng.permutation(len(batches)):
         width, chosen = batches[index]
         padded = np.concatenate([chosen, np.full(batch_size - len(chosen), chosen[0])])
-        gene_ids, values = inference.padded_rows(csr, padded, width)
+        gene_ids, values = padded_csr_rows(csr, padded, width)
         weights = (np.arange(batch_size) < len(chosen)).astype(np.float32)
         yield ({"gene_ids": gene_ids, "counts": values,
                 "total_counts": totals[padded].astype(np.float32)},

@@ -22,12 +22,10 @@ from tqdm.auto import tqdm
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.loading import LoadedModel
 from scfm_jax.analysis.output_checks import require_finite
+from scfm_jax.data.host_ops import (COUNT_TOLERANCE, bucket_length, non_count_positions,
+                                   padded_csr_rows)
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
 from scfm_jax.objectives.scfoundation import inference_inputs
-
-# Values further than this from an integer are not counts (float32 storage of counts is exact).
-COUNT_TOLERANCE = 1e-3
-
 
 def model_and_vocabulary(model, vocabulary: Vocabulary | None):
     if isinstance(model, LoadedModel):
@@ -64,8 +62,7 @@ def _values(matrix) -> np.ndarray:
 
 
 def _is_counts(matrix) -> bool:
-    values = _values(matrix)
-    return bool(np.all(values >= 0) and np.all(np.abs(values - np.round(values)) <= COUNT_TOLERANCE))
+    return not len(non_count_positions(_values(matrix), COUNT_TOLERANCE))
 
 
 def _candidate_count_sources(adata: anndata.AnnData) -> list[str]:
@@ -81,7 +78,7 @@ def require_counts(adata: anndata.AnnData, layer: str | None, matrix, where: str
     if _is_counts(matrix):
         return
     values = _values(matrix)
-    bad = values[(values < 0) | (np.abs(values - np.round(values)) > COUNT_TOLERANCE)]
+    bad = values[non_count_positions(values, COUNT_TOLERANCE)]
     found = [c for c in _candidate_count_sources(adata) if c != f"layer={layer!r}"]
     advice = (f"pass {' or '.join(found)} (it holds integer counts)" if found else
               "keep the raw counts before normalising (adata.layers['counts'] = adata.X.copy()) and "
@@ -248,12 +245,12 @@ def _masked_expression(model, counts: sp.csr_matrix, *, tgthighres: str, folds: 
             genes = csr.indices[csr.indptr[cell]:csr.indptr[cell + 1]]
             visible = fold_of_gene[genes] != fold
             rows.append((genes[visible], csr.data[csr.indptr[cell]:csr.indptr[cell + 1]][visible]))
-        width = inference.bucket_length(max(max(len(g) for g, _ in rows), 1), model.num_genes)
-        gene_ids = np.full((batch_size, width), -1, np.int32)
-        values = np.zeros((batch_size, width), np.float32)
-        for row, (genes, data) in enumerate(rows):
-            gene_ids[row, :len(genes)] = genes
-            values[row, :len(genes)] = data
+        visible_rows = sp.csr_matrix(
+            (np.concatenate([data for _, data in rows]), np.concatenate([g for g, _ in rows]),
+             np.concatenate([[0], np.cumsum([len(g) for g, _ in rows])])),
+            shape=(len(rows), model.num_genes))
+        width = bucket_length(max(max(len(g) for g, _ in rows), 1), model.num_genes)
+        gene_ids, values = padded_csr_rows(visible_rows, np.arange(len(rows)), width)
         batch = {"gene_ids": gene_ids, "counts": values,
                  "total_counts": totals[padded].astype(np.float32)}
         predicted = np.asarray(_masked_prediction(graphdef, state, batch, tgthighres=tgthighres,

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from scfm_jax.analysis.annotation import labelled_codes, scores, split_cells
+from scfm_jax.data.host_ops import log_normalise, non_count_positions
 
 MODEL_EMBEDDINGS = ("X_scfoundation", "X_scmulan")
 # Up to this many cells the neighbour graphs are exact (scikit-learn, seconds); above it they are
@@ -164,7 +165,7 @@ def thin_counts(counts, rate: float, seed: int = 0) -> sp.csr_matrix:
     if not 0 < rate <= 1:
         raise ValueError(f"rate must be in (0, 1], got {rate}")
     thinned = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    if np.any(thinned.data < 0) or np.any(thinned.data != np.round(thinned.data)):
+    if len(non_count_positions(thinned.data)):
         raise ValueError("thin_counts needs non-negative integer counts")
     thinned.data = np.random.default_rng(seed).binomial(
         thinned.data.astype(np.int64), rate).astype(np.float32)
@@ -174,9 +175,8 @@ def thin_counts(counts, rate: float, seed: int = 0) -> sp.csr_matrix:
 
 def log_normalised(counts) -> np.ndarray:
     """Dense log1p(counts / total * 1e4) per row (the scale scFoundation predicts)."""
-    dense = np.asarray(counts.toarray() if sp.issparse(counts) else counts, np.float64)
-    totals = dense.sum(axis=1, keepdims=True)
-    return np.log1p(np.divide(dense * 1e4, totals, out=np.zeros_like(dense), where=totals > 0))
+    normalised = log_normalise(counts)
+    return normalised.toarray() if sp.issparse(normalised) else normalised
 
 
 def profile_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,9 +5,9 @@ gene embeddings (decoder output without the head) and predicted expression (with
 the same input conventions (`pre_normalized` F/T/A, `input_type` singlecell/bulk, `tgthighres`).
 
 Cells are grouped by their number of expressed genes into padded length buckets (see
-`bucket_length`), so the model compiles once per bucket length whatever the cells; a short last batch of a bucket is
-filled with copies of its last cell (results dropped), which keeps one shape per bucket and leaves
-the batch-wide key stabiliser unchanged (a max is blind to duplicates). Normalisation and the T/S
+`host_ops.bucket_length`), so the model compiles once per bucket length whatever the cells; a short
+last batch of a bucket is filled with copies of its last cell (results dropped), which keeps one
+shape per bucket and leaves the batch-wide key stabiliser unchanged (a max is blind to duplicates). Normalisation and the T/S
 tokens are computed on the device by `objectives.scfoundation.inference_inputs`.
 """
 import functools
@@ -20,15 +20,13 @@ import scipy.sparse as sp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from scfm_jax.data.host_ops import (COUNT_TOLERANCE, bucket_length, first_non_count,
+                                   non_count_positions, padded_csr_rows)
 from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
 from scfm_jax.objectives.scfoundation import inference_inputs
 
 PRE_NORMALIZED = ("F", "T", "A")
 INPUT_TYPES = ("singlecell", "bulk")
-MIN_BUCKET = 32
-# Raw counts may carry float round-off (0.999999999...); anything further from an integer is not
-# a count.
-COUNT_TOLERANCE = 1e-3
 
 
 def _as_csr(matrix) -> sp.csr_matrix:
@@ -44,14 +42,13 @@ def _cell_name(cell_names, index: int) -> str:
 
 
 def _check_counts(csr: sp.csr_matrix, cell_names) -> None:
-    data = csr.data
-    bad = np.flatnonzero((data < 0) | (np.abs(data - np.round(data)) > COUNT_TOLERANCE))
-    if len(bad):
-        row = int(np.searchsorted(csr.indptr, bad[0], side="right") - 1)
-        gene = int(csr.indices[bad[0]])
+    first = first_non_count(csr, COUNT_TOLERANCE)
+    if first is not None:
+        row, position = first
         raise ValueError(
             f"pre_normalized='F' expects raw counts, but {_cell_name(cell_names, row)} has "
-            f"{data[bad[0]]!r} at vocabulary gene {gene} ({len(bad)} non-count values in all). Give "
+            f"{csr.data[position]!r} at vocabulary gene {int(csr.indices[position])} "
+            f"({len(non_count_positions(csr.data, COUNT_TOLERANCE))} non-count values in all). Give "
             "raw counts, or pre_normalized='T' for log1p-normalised values ('A': normalised values "
             "plus a last column with the raw total count).")
 
@@ -110,30 +107,6 @@ def prepare(counts, num_genes: int, *, pre_normalized: str = "F", input_type: st
     return csr, totals, options
 
 
-def bucket_length(num_expressed: int, num_genes: int) -> int:
-    """Padded gene count: 32, then four steps per doubling (..., 1024, 1280, 1536, 1792, 2048,
-    ...), so padding wastes at most a quarter of the encoder while few shapes compile."""
-    octave = MIN_BUCKET
-    while True:
-        steps = (4, 5, 6, 7) if octave >= 4 * MIN_BUCKET else (4,)
-        for step in steps:
-            length = octave * step // 4
-            if length >= num_expressed:
-                return min(length, num_genes)
-        octave *= 2
-
-
-def padded_rows(csr, cells, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows `cells` of a CSR matrix as right-padded (gene_ids, values) [len(cells), width]; pad -1 / 0."""
-    gene_ids = np.full((len(cells), width), -1, np.int32)
-    values = np.zeros((len(cells), width), np.float32)
-    for row, cell in enumerate(cells):
-        lo, hi = csr.indptr[cell], csr.indptr[cell + 1]
-        gene_ids[row, :hi - lo] = csr.indices[lo:hi]
-        values[row, :hi - lo] = csr.data[lo:hi]
-    return gene_ids, values
-
-
 def _batches(csr: sp.csr_matrix, num_genes: int, batch_size: int, single_bucket: bool):
     """Yield (cell indices, padded sparse batch) grouped by bucket length."""
     lengths = np.diff(csr.indptr)
@@ -146,7 +119,7 @@ def _batches(csr: sp.csr_matrix, num_genes: int, batch_size: int, single_bucket:
         for start in range(0, len(cells), batch_size):
             chosen = cells[start:start + batch_size]
             padded = np.concatenate([chosen, np.full(batch_size - len(chosen), chosen[-1])])
-            gene_ids, values = padded_rows(csr, padded, width)
+            gene_ids, values = padded_csr_rows(csr, padded, width)
             yield chosen, {"gene_ids": gene_ids, "counts": values}, padded
 
 

@@ -41,8 +41,8 @@ import scipy.sparse as sp
 import tensorstore as ts
 
 from scfm_jax.data import store as store_lib
-from scfm_jax.data.readers import (READERS, InputError, Source, file_digest, first_non_integer,
-                                   open_source)
+from scfm_jax.data.host_ops import first_non_count, segment_sums, sha256_file
+from scfm_jax.data.readers import READERS, InputError, Source, open_source
 from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
@@ -63,30 +63,22 @@ def _scan(source: Source, alignment: GeneAlignment, allow_non_integer: bool, pro
     for start in range(0, source.num_rows, step):
         block = source.rows(start, min(start + step, source.num_rows))
         data = block.data
-        if not np.issubdtype(data.dtype, np.integer):
-            finite = np.isfinite(data)
-            if not finite.all() or (data < 0).any():
-                bad = int(np.flatnonzero(~finite | (data < 0))[0])
-                row = int(np.searchsorted(block.indptr, bad, side="right") - 1) + start
-                raise InputError(f"{source.path}: {source.layer} row {row} "
-                                 f"(cell {source.obs.index[row]!r}) holds {data[bad]}; counts must be "
-                                 "finite and non-negative")
-            if not allow_non_integer:
-                first = first_non_integer(block)
-                if first is not None:
-                    row = first[0] + start
-                    raise InputError(
-                        f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) "
-                        f"holds the non-integer value {first[1]}; the converter expects raw counts. "
-                        "Point --layer at the raw counts, or pass --allow-non-integer")
-        elif (data < 0).any():
-            bad = int(np.flatnonzero(data < 0)[0])
-            row = int(np.searchsorted(block.indptr, bad, side="right") - 1) + start
-            raise InputError(f"{source.path}: {source.layer} row {row} holds {data[bad]}; counts "
-                             "must be non-negative")
+        invalid = first_non_count(block, tolerance=np.inf)   # negative, NaN or infinite
+        if invalid is not None:
+            row = invalid[0] + start
+            raise InputError(f"{source.path}: {source.layer} row {row} "
+                             f"(cell {source.obs.index[row]!r}) holds {data[invalid[1]]}; counts "
+                             "must be finite and non-negative")
+        first = None if allow_non_integer else first_non_count(block)
+        if first is not None:
+            row = first[0] + start
+            raise InputError(
+                f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) "
+                f"holds the non-integer value {data[first[1]]}; the converter expects raw counts. "
+                "Point --layer at the raw counts, or pass --allow-non-integer")
         values = data.astype(np.float64)
         gene_totals += np.bincount(block.indices, weights=values, minlength=len(gene_totals))
-        on_vocabulary = _row_sums(values * mapped[block.indices], block.indptr)
+        on_vocabulary = segment_sums(values * mapped[block.indices], block.indptr)
         empty_rows.extend((np.flatnonzero(on_vocabulary == 0) + start).tolist())
         if progress is not None:
             progress.update(block.shape[0])
@@ -178,7 +170,7 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
             plan_sources.append({
                 "path": s.path if soma else str(Path(s.path).resolve()), "label": s.label,
                 "kind": s.kind, "layer": s.layer, "rows": s.num_rows,
-                "sha256": s.identity() if soma else file_digest(Path(s.path)),
+                "sha256": s.identity() if soma else sha256_file(s.path),
                 "empty_rows": scan["empty_rows"], "alignment": alignment.report.to_dict(),
                 "positions": alignment.positions.tolist()} | ({"soma": s.spec.to_dict()} if soma
                                                               else {}))
@@ -290,11 +282,6 @@ def _metadata_files(obs: pd.DataFrame, vocab_symbols: list[str], num_cells: int,
     return {key: value.to_bytes() for key, value in files.items()}
 
 
-def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    cumulative = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
-    return cumulative[indptr[1:]] - cumulative[indptr[:-1]]
-
-
 class _Aligner:
     """Input CSR rows -> CSR on the vocabulary (float32, sorted indices, duplicates summed)."""
 
@@ -318,7 +305,7 @@ class _Aligner:
             block.sum_duplicates()
             targets = self.positions[block.indices]
             keep = (targets >= 0) & (block.data != 0)
-            kept_per_row = _row_sums(keep.astype(np.float64), block.indptr).astype(np.int64)
+            kept_per_row = segment_sums(keep.astype(np.float64), block.indptr).astype(np.int64)
             indptr = np.zeros(block.shape[0] + 1, np.int64)
             np.cumsum(kept_per_row, out=indptr[1:])
             aligned = sp.csr_matrix((block.data[keep].astype(np.float32),

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scfm_jax.data.host_ops import first_non_count
+
 _READ_ELEMENTS = 1 << 22            # values read from an input at a time (bounds memory)
 _COUNT_SOURCES = ("layers/counts", "raw/X", "X")
 
@@ -242,15 +244,16 @@ class AnnDataSource(Source):
         found = []
         for key in candidates:
             self._matrix = self._select(key)
-            first = first_non_integer(self.rows(0, min(self.num_rows, 2048)))
+            block = self.rows(0, min(self.num_rows, 2048))
+            first = first_non_count(block)
             if first is None:
                 self.layer = key
                 return
-            if not np.isfinite(first[1]) or first[1] < 0:   # no --allow-non-integer accepts these
-                raise InputError(f"{self.path}: {key} row {first[0]} (cell "
-                                 f"{self.obs.index[first[0]]!r}) holds {first[1]}; counts must be "
-                                 "finite and non-negative")
-            found.append(f"{key} row {first[0]} (cell {self.obs.index[first[0]]!r}) holds {first[1]}")
+            row, value = first[0], block.data[first[1]]
+            if not np.isfinite(value) or value < 0:   # no --allow-non-integer accepts these
+                raise InputError(f"{self.path}: {key} row {row} (cell {self.obs.index[row]!r}) "
+                                 f"holds {value}; counts must be finite and non-negative")
+            found.append(f"{key} row {row} (cell {self.obs.index[row]!r}) holds {value}")
         if allow_non_integer:   # the first by preference: layers["counts"], then raw.X, then X
             self._matrix = self._select(candidates[0])
             self.layer = candidates[0]
@@ -294,33 +297,6 @@ def open_source(path: str, label: str, layer: str | None, allow_non_integer: boo
         source.close()
         raise
     return source
-
-
-def first_non_integer(block: sp.csr_matrix):
-    """(row, value) of the first value of a CSR block that is not a count (non-integer, NaN,
-    infinite or negative), or None."""
-    data = block.data
-    if np.issubdtype(data.dtype, np.integer):
-        bad = np.flatnonzero(data < 0)
-    else:
-        bad = np.flatnonzero(~np.isfinite(data) | (data != np.round(data)) | (data < 0))
-    if not len(bad):
-        return None
-    row = int(np.searchsorted(block.indptr, bad[0], side="right") - 1)
-    return row, float(data[bad[0]])
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (relative names and bytes, in sorted order)."""
-    hasher = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            hasher.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _mtx_cache(path: Path) -> Path:

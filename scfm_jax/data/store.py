@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
+from scfm_jax.data.host_ops import segment_sums
 from scfm_jax.data.vocabulary import Vocabulary
 
 FORMAT_NAME = "scfm-cell-store"
@@ -415,7 +416,7 @@ class CellStore:
             page_counts = s.read("X/data", data, data_future)
             page_genes = s.read("X/indices", indices, indices_future)
             page_counts.flags.writeable = page_genes.flags.writeable = False   # shared views
-            return page_counts, page_genes, lo, _row_sums(page_counts, indptr[first:last + 1] - lo)
+            return page_counts, page_genes, lo, segment_sums(page_counts, indptr[first:last + 1] - lo)
         return wait
 
     def read_obs(self, column: str, cell_indices) -> np.ndarray:
@@ -441,14 +442,3 @@ class CellStore:
              for c in self.obs_columns}, index=[str(c) for c in cells])
         var = pd.DataFrame(index=pd.Index(self.vocabulary.symbols, name="gene_name"))
         return anndata.AnnData(rows.to_csr(len(self.vocabulary)), obs=obs, var=var)
-
-
-
-def _row_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """float64 sums of values[offsets[i]:offsets[i+1]] (empty rows give 0)."""
-    starts = offsets[:-1]
-    nonempty = offsets[1:] > starts
-    sums = np.zeros(len(starts), np.float64)
-    if nonempty.any():
-        sums[nonempty] = np.add.reduceat(values, starts[nonempty], dtype=np.float64)
-    return sums
