@@ -1,7 +1,7 @@
 """Shared test setup: exact matmuls, eight simulated CPU devices, the `shared` fixture.
 
-Helpers live in modules (`shared_helpers.shared_path`, `train_helpers`, `analysis_helpers`);
-`shared_path` is re-exported here for the test files that still import it from conftest.
+Helpers live in modules (`shared_helpers`, `train_helpers`, `analysis_helpers`); tests import them
+from there, never from this file.
 """
 import os
 
@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from shared_helpers import REPO_ROOT, shared_dir, shared_path  # noqa: F401
+from shared_helpers import shared_path  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Eight simulated CPU devices for the mesh and resharding tests; single-device code uses the first.

@@ -7,6 +7,7 @@ without it, so CI never skips them.
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +30,14 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent from the shared folder")
     return path
+
+
+def plotted_pixels(png: str | Path, color: str, tolerance: float = 0.08) -> int:
+    """How many pixels of a PNG are within `tolerance` of a matplotlib colour ('C0', '#1f77b4'):
+    a plotted line or marker of that colour leaves hundreds, an empty axis none."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)[..., :3]
+    target = np.array(matplotlib.colors.to_rgb(color))
+    return int((np.abs(image - target).max(axis=-1) < tolerance).sum())

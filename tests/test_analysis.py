@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import zarr
 
 from analysis_helpers import pbmc_cells, write_workdir
-from conftest import shared_path
+from shared_helpers import plotted_pixels, shared_path
 from scfm_jax import analysis
 from scfm_jax.analysis import evaluation
 from scfm_jax.main import main as scfm_main
@@ -263,7 +263,8 @@ def test_enhancement_check_compares_thinned_and_enhanced_profiles(loaded, cells)
 
 def test_training_curves_from_a_workdir(workdir, tmp_path):
     png = analysis.training_curves(workdir[0], tmp_path / "curves.png")
-    assert png.stat().st_size > 0
+    assert plotted_pixels(png, "C0") > 200   # the train curve (first colour of the cycle)
+    assert plotted_pixels(png, "C1") > 20    # the held-out points
     with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
         analysis.training_curves(tmp_path)
 
@@ -275,7 +276,10 @@ def test_umap_keeps_existing_coordinates(tmp_path):
     figure = analysis.umap(adata, "X_blobs", color="type", save=tmp_path / "umap.png")
     assert adata.obsm["X_umap_blobs"].shape == (60, 2)
     assert not np.any(adata.obsm["X_umap"])
-    assert figure is not None and (tmp_path / "umap.png").stat().st_size > 0
+    points = np.concatenate([c.get_offsets() for c in figure.axes[0].collections])
+    np.testing.assert_allclose(np.sort(points, axis=0),
+                               np.sort(adata.obsm["X_umap_blobs"], axis=0), rtol=1e-5)
+    assert (tmp_path / "umap.png").is_file()
 
 
 def test_masked_enhancement_predicts_each_gene_while_it_is_masked(loaded, cells):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.data import vocabulary
 from scfm_jax.main import main as scfm_main
 

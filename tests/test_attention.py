@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import scfm_jax.models  # noqa: F401  (switches eager sharding off)
 from scfm_jax.models import attention, layers
 
 LENGTHS = (37, 11, 1, 0)  # a full row, partial rows, one key, and a row without keys

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.data import cell_sentence
 from scfm_jax.data.cell_sentence import TokenSet
 

@@ -174,7 +174,10 @@ def test_in_memory_anndata_from_data_vocabulary_and_selected_obs(tmp_path):
     np.testing.assert_array_equal(rows[:, 0], dense[:, 0] + dense[:, -1])
 
 
-def test_anndata_zarr_and_10x_inputs(tmp_path):
+def test_anndata_zarr_and_10x_inputs(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"   # this test's own temp dir, where the mtx cache would be left
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     a = make_adata(12, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -212,7 +215,7 @@ def test_anndata_zarr_and_10x_inputs(tmp_path):
         store = CellStore.open(out)
         np.testing.assert_array_equal(store.read(np.arange(12)).to_csr(40).toarray(), expected,
                                       err_msg=str(source))
-    assert not list(Path(tempfile.gettempdir()).glob("scfm-mtx-*")), "mtx cache left behind"
+    assert not any(scratch.iterdir()), "mtx cache left behind"
 
 
 def test_memory_kvstore(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import shared_path
+from shared_helpers import shared_path
 
 from scfm_jax.data import vocabulary as vocab_lib
 from scfm_jax.data.vocabulary import CoverageError, Vocabulary, align_genes, load_vocabulary

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.analysis import embed_cli
 from scfm_jax.interop import torch_checkpoint
 from scfm_jax.main import main as scfm_main

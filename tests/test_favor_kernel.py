@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import scfm_jax.models  # noqa: F401  (switches eager sharding off)
 from scfm_jax.models import favor_pallas, performer
 
 

@@ -13,7 +13,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from shared_helpers import REPO_ROOT
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics

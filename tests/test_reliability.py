@@ -468,7 +468,7 @@ def test_non_integer_values_name_file_and_row_for_every_source(tmp_path, capsys,
 
 
 def test_embed_given_an_scmulan_checkpoint_says_so(tmp_path, capsys):
-    from conftest import shared_path
+    from shared_helpers import shared_path
     pytest.importorskip("torch")
     checkpoint = shared_path("fixtures", "scmulan-tiny", "ckpt.pt")
     path = write(counts_adata(), tmp_path / "cells.h5ad")

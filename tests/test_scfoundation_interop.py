@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.interop import scfoundation_torch as interop
 
 

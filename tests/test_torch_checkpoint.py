@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from shared_helpers import shared_path
 from scfm_jax.interop import torch_checkpoint
 from scfm_jax.interop.torch_checkpoint import CheckpointError, UnsafeCheckpointError
 

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch references need torch "
 
 from benchmarks.torch_reference import scfoundation as ref_scf  # noqa: E402
 from benchmarks.torch_reference import scmulan as ref_mulan  # noqa: E402
-from conftest import shared_path  # noqa: E402
+from shared_helpers import shared_path  # noqa: E402
 
 TOLERANCE = 1e-5
 
