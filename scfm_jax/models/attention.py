@@ -18,13 +18,59 @@ Implementations (`model.attention_impl`):
 Rows whose every key is masked average all L values (a finite mask value), as the reference did.
 """
 import functools
+import math
+from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise")
 MASK_VALUE = -1e30  # finite, so a row without keys averages instead of NaN
 DEFAULT_BLOCK_SIZE = 512
+
+
+def target_platform() -> str:
+    """The platform the code is traced for: that of the mesh set by `jax.set_mesh` (the train
+    loop, `scfm-jax plan` over a TPU topology from a CPU host), else JAX's default backend. So a
+    deviceless TPU plan compiles the kernels a TPU would run, not the host's."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+# The logical axes of the [B, L, H, d] activations attention reads and writes.
+ACTIVATION_AXES = ("batch", "length", "heads", "head_dim")
+
+
+def per_device(fn: Callable, arrays: Sequence[jax.Array],
+               axes: Sequence[Sequence[str | None] | None]) -> jax.Array:
+    """`fn(*arrays)` on each device's shard of the arrays (`jax.shard_map`), split as their logical
+    `axes` say under the current rules (None: replicated); the output is split as the first array.
+
+    A Pallas kernel is a custom call that XLA cannot partition ("Mosaic kernels cannot be
+    automatically partitioned"), so on a mesh of more than one device the kernels run per shard:
+    attention is independent per cell and per head, and a dimension the mesh does not divide stays
+    whole. Without rules or a multi-device mesh this is `fn(*arrays)`.
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh is None or mesh.empty or mesh.size == 1:
+        return fn(*arrays)
+
+    def spec(array, names):
+        if names is None:
+            return PartitionSpec()
+        entries = []
+        for size, entry in zip(array.shape, nn.logical_to_mesh_axes(tuple(names), rules)):
+            mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            split = math.prod(mesh.shape[a] for a in mesh_axes)
+            entries.append(entry if mesh_axes and size % split == 0 else None)
+        return PartitionSpec(*entries)
+
+    specs = tuple(spec(a, n) for a, n in zip(arrays, axes))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0],
+                         check_vma=False)(*arrays)
 
 
 def check_implementation(implementation: str) -> str:
@@ -36,11 +82,11 @@ def check_implementation(implementation: str) -> str:
 
 def resolve_implementation(implementation: str, dtype, *, dropout: bool = False,
                            platform: str | None = None) -> str:
-    """The implementation "auto" stands for on `platform` (default: JAX's default backend)."""
+    """The implementation "auto" stands for on `platform` (default: `target_platform()`)."""
     check_implementation(implementation)
     if implementation != "auto":
         return implementation
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if dropout or platform == "cpu":
         return "blockwise"
     if platform == "tpu":
@@ -77,7 +123,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                             key_value_seq_lengths=key_lengths,
                                             implementation="cudnn")
     if impl == "pallas":
-        return _pallas_attention(q, k, v, key_lengths, is_causal)
+        if key_lengths is None:
+            return per_device(lambda q, k, v: _pallas_attention(q, k, v, None, is_causal),
+                              (q, k, v), (ACTIVATION_AXES,) * 3)
+        return per_device(lambda q, k, v, n: _pallas_attention(q, k, v, n, is_causal),
+                          (q, k, v, key_lengths), (ACTIVATION_AXES,) * 3 + (("batch",),))
     if block_size <= 0:
         raise ValueError(f"attention block_size must be positive, got {block_size}")
     if key_lengths is None:
@@ -124,7 +174,7 @@ def _drop(weights, rate, key):
 def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpret=None):
     """The Pallas flash-attention kernel of the platform ("mosaic" on TPU and CPU, "triton" on GPU),
     inputs padded to its block multiple; interpret mode off TPU and GPU."""
-    platform = jax.default_backend()
+    platform = target_platform()
     variant = variant or ("triton" if platform in ("gpu", "cuda", "rocm") else "mosaic")
     interpret = platform not in ("tpu", "gpu", "cuda", "rocm") if interpret is None else interpret
     batch, length, _, head_dim = q.shape

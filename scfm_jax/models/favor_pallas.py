@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from scfm_jax.models import performer
+from scfm_jax.models.attention import target_platform
 
 VARIANTS = ("mosaic", "triton")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -33,7 +34,7 @@ _LANES = 128  # TPU lane width: the minor dimension of every Mosaic block is a m
 
 
 def default_variant() -> str:
-    return "triton" if jax.default_backend() in ("gpu", "cuda", "rocm") else "mosaic"
+    return "triton" if target_platform() in ("gpu", "cuda", "rocm") else "mosaic"
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -245,6 +246,6 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, projecti
     if variant not in VARIANTS:
         raise ValueError(f"FAVOR+ kernel variant must be one of {VARIANTS}, got {variant!r}")
     if interpret is None:
-        interpret = jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
+        interpret = target_platform() not in ("tpu", "gpu", "cuda", "rocm")
     return _favor(query, key, value, projection, stabilizer_scope, chunk_size, variant,
                   bool(interpret))

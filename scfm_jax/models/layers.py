@@ -10,6 +10,7 @@ build the same with or without a mesh. Activations are pinned at block boundarie
 a no-op unless rules are active (`nnx.logical_axis_rules(...)`) and a mesh is set.
 """
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,11 +31,13 @@ MLP = "mlp"
 HEADS = "heads"
 HEAD_DIM = "head_dim"
 GENES = "genes"
+TABLE_EMBED = "table_embed"  # the embed dimension of the gene table (its rows cannot be split)
 VOCAB = "vocab"
 BINS = "bins"
 FEATURES = "features"
 LAYERS = "layers"  # the leading axis of stacked layer parameters
-AXIS_NAMES = (BATCH, LENGTH, EMBED, MLP, HEADS, HEAD_DIM, GENES, VOCAB, BINS, FEATURES, LAYERS)
+AXIS_NAMES = (BATCH, LENGTH, EMBED, MLP, HEADS, HEAD_DIM, GENES, TABLE_EMBED, VOCAB, BINS,
+              FEATURES, LAYERS)
 
 REMAT_POLICIES = {
     "none": None,
@@ -195,10 +198,17 @@ class SelfAttention(nnx.Module):
                 raise ValueError("performer attention has no key mask (as in the original decoder)")
             # the Pallas kernel where the implementation resolves to "pallas"; the XLA scan otherwise
             pallas = attention_impls.resolve_implementation(self.attention_impl, q.dtype) == "pallas"
-            attended = (favor_pallas.favor_attention if pallas else performer.favor_attention)(
-                q, k, v, self.projection.get_value(),
+            favor = functools.partial(
+                favor_pallas.favor_attention if pallas else performer.favor_attention,
                 stabilizer_scope=stabilizer_scope or self.stabilizer_scope,
                 chunk_size=self.chunk_size)
+            if pallas:   # per device: XLA cannot partition a kernel (the "batch" stabiliser
+                # scope's max is then per device's cells, which cancels in the normalisation)
+                axes = (attention_impls.ACTIVATION_AXES,) * 3 + (None,)
+                attended = attention_impls.per_device(
+                    favor, (q, k, v, self.projection.get_value()), axes)
+            else:
+                attended = favor(q, k, v, self.projection.get_value())
         else:
             attended = attention_impls.dot_product_attention(
                 q, k, v, key_lengths=key_lengths, implementation=self.attention_impl,
