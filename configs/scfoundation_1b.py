@@ -2,7 +2,10 @@
 
 The parameters and optimiser state (~16 GB in float32) do not fit one accelerator next to the
 activations, so the config shards them over `fsdp` (embed dimension) and `tensor` (heads, MLP,
-gene table). On a v4-64 slice (32 chips): data=1, fsdp=8, tensor=4.
+vocabulary), with `fsdp` filling the slice: data=1, fsdp=8, tensor=4 on 32 chips (v5p-64, v4-64),
+fsdp=16 on 64 (v5e-64). A `data` axis would hold one copy of the state per data group (a first
+version of this config, data=-1 x fsdp=8, kept two copies on a v5e-64); `scfm-jax plan` shows
+the per-chip bytes.
 
   scfm-jax train --config configs/scfoundation_1b.py --workdir /mnt/gcs/runs/1b \
       --config.data.store=gs://bucket/store --auto_distributed
@@ -18,5 +21,5 @@ def get_config():
     model.remat_policy = "full"
     config.data.global_batch_size = 512
     config.train.grad_accum_steps = 2
-    config.mesh.update(data=-1, fsdp=8, tensor=4)
+    config.mesh.update(data=1, fsdp=-1, tensor=4)
     return config

@@ -14,7 +14,8 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("genes", None),                # 19,267 rows (prime): the table splits on embed instead
+    ("genes", None),                # 19,267 rows (prime): the table splits on embed instead,
+    ("table_embed", ("fsdp", "tensor")),  # over every parameter axis (1/64 per chip on 16 x 4)
     ("vocab", "tensor"),
     ("bins", None),
     ("features", None),

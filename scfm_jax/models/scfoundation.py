@@ -21,7 +21,7 @@ from flax import nnx
 
 from scfm_jax.models import attention as attention_impls
 from scfm_jax.models import layers, performer
-from scfm_jax.models.layers import BATCH, BINS, EMBED, GENES, LENGTH
+from scfm_jax.models.layers import BATCH, BINS, EMBED, GENES, LENGTH, MLP, TABLE_EMBED
 
 __all__ = ["ScFoundation", "ScFoundationConfig", "EncoderConfig", "DecoderConfig",
            "pool_cell_embeddings"]
@@ -228,12 +228,13 @@ class ScFoundation(nnx.Module):
         # seq_len + 1 rows: the last one is the padding gene id of the original
         self.pos_emb = nnx.Embed(
             self.seq_len + 1, enc.width, dtype=dtype, rngs=rngs,
-            embedding_init=layers.with_axes(nnx.initializers.normal(1.0), (GENES, EMBED)))
+            embedding_init=layers.with_axes(nnx.initializers.normal(1.0), (GENES, TABLE_EMBED)))
         self.encoder_layers = layers.stack(
             lambda: EncoderLayer(enc, dtype=dtype, attention_impl=cfg.attention_impl, rngs=rngs),
             enc.depth)
         self.encoder_norm = layers.layer_norm(enc.width, dtype=dtype, rngs=rngs)
-        self.decoder_embed = layers.linear(enc.width, dec.width, (EMBED, None), dtype=dtype,
+        # [encoder width, decoder width]: split on both parameter axes, as a feed-forward kernel
+        self.decoder_embed = layers.linear(enc.width, dec.width, (EMBED, MLP), dtype=dtype,
                                            rngs=rngs)
         self.decoder_layers = layers.stack(
             lambda: PerformerLayer(dec, dtype=dtype, attention_impl=cfg.attention_impl, rngs=rngs),
