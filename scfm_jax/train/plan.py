@@ -11,7 +11,6 @@ abstract arguments and compiled by the real TPU compiler, whose memory and cost 
 chip. A program that does not fit fails to compile with the TPU's RESOURCE_EXHAUSTED message.
 `scfm-jax train --dry-run` prints the same table for the devices at hand.
 """
-import argparse
 import dataclasses
 import importlib.util
 import math
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
 
 from scfm_jax.train import config_checks, partitioning
 
