@@ -196,7 +196,7 @@ def encoder_attention_table(sizes, repeats: int, max_gb: float) -> None:
             forward_gb = forward.memory_analysis().temp_size_in_bytes / 1e9
             grad_gb = gradient.memory_analysis().temp_size_in_bytes / 1e9
             seconds = (timed(lambda: forward(state, values, ids, mask).block_until_ready(),
-                             repeats) if forward_gb <= max_gb else float("nan"))
+                             repeats)[0] if forward_gb <= max_gb else float("nan"))
             cells.append(f"{forward_gb:>14.2f}{grad_gb:>15.2f}{seconds:>10.2f}")
         print(f"{genes:>7}" + "".join(cells), flush=True)
 

@@ -186,6 +186,26 @@ def test_train_dry_run_prints_the_plan_for_the_devices_at_hand(tmp_path, capsys)
 
 
 @needs_libtpu
+def test_bfloat16_step_compiles_the_kernels_for_tpu():
+    """On a TPU mesh `auto` is the Pallas flash and FAVOR+ kernels, run per device (XLA cannot
+    partition a kernel) and in bfloat16, which the kernels' float32-precision matmuls once made
+    Mosaic refuse ("Bad lhs type"). The program holds both kernels as TPU custom calls."""
+    topology = plan.parse_topology("v5e-8")
+    devices = plan.topology_devices(topology)
+    config = tiny_plan_config()
+    config.model.dtype = "bfloat16"
+    config.mesh.update(data=1, fsdp=len(devices), tensor=1)
+    from scfm_jax.objectives import get_objective
+    from scfm_jax.train.state import Trainer
+
+    trainer = Trainer(config, get_objective("scfoundation"), plan.make_mesh(config.mesh, devices))
+    compiled, _ = plan.compile_step(trainer, "train", 64, 8)
+    text = compiled.as_text()
+    assert "favor_key_pass" in text and "flash" in text.lower()
+    assert "tpu_custom_call" in text
+
+
+@needs_libtpu
 def test_tpu_program_does_not_grow_with_depth(tiny_rows):
     """The layers run as one scan over stacked parameters, so a deeper model compiles to the same
     program. (Unrolled, each performer layer added ~11 MB of TPU code at 5,000 genes.)"""

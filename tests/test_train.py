@@ -4,6 +4,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,6 +112,27 @@ def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
     # the compiled loop-free step (plus the optimiser update) is what model_flops counts
     np.testing.assert_allclose(counted["loop-free"][0], counted["loop-free"][1], rtol=0.1)
     assert counted["looped"][1] < 0.7 * counted["looped"][0], counted  # bodies counted once
+
+
+def test_model_flops_count_every_attention_block():
+    """The blockwise attention (the CPU's `auto`) loops over key blocks of 512; the FLOP count
+    must not see one block only. 1,100 genes: three key blocks."""
+    config = scfoundation_tiny.get_config()
+    config.model.num_genes, config.model.bin_num = 1200, 8
+    config.model.encoder.update(width=16, depth=1, heads=2, mlp_dim=32)
+    config.model.decoder.update(width=16, depth=1, heads=2, head_dim=8, mlp_dim=32)
+    config.data.global_batch_size = 2
+    config.train.grad_accum_steps = 1
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    batch = {"gene_ids": jax.ShapeDtypeStruct((2, 1100), jnp.int32),
+             "counts": jax.ShapeDtypeStruct((2, 1100), jnp.float32),
+             "total_counts": jax.ShapeDtypeStruct((2,), jnp.float32),
+             "num_nonzero": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    flops = {}
+    for impl in ("blockwise", "xla"):
+        config.model.attention_impl = impl
+        flops[impl] = Trainer(config, get_objective("scfoundation"), mesh).model_flops(batch)
+    assert flops["blockwise"] == pytest.approx(flops["xla"], rel=1e-6)
 
 
 def _open(store):

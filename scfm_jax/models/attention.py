@@ -17,6 +17,7 @@ Implementations (`model.attention_impl`):
 
 Rows whose every key is masked average all L values (a finite mask value), as the reference did.
 """
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -207,33 +208,48 @@ def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpre
                                              sm_scale=scale, block_sizes=sizes)
 
     args = (to_heads(q, pad_q), to_heads(k, pad_k), to_heads(v, pad_k), segments)
-    out = _interpreted(call)(*args) if interpret else call(*args)
+    half = jnp.dtype(q.dtype).itemsize == 2
+    if not (interpret or half):
+        out = call(*args)
+    else:
+        out = _within(functools.partial(_kernel_context, interpret, half), call)(*args)
     return jnp.transpose(out, (0, 2, 1, 3))[:, :length]
 
 
-def _interpreted(fn):
-    """`fn(q, k, v, segments)` with its kernels, the backward ones included, in TPU interpret mode.
-
-    The kernel's backward is traced when the gradient is taken, outside any `with` around the
-    forward call, so the VJP re-enters interpret mode itself."""
+def _kernel_context(interpret: bool, half: bool) -> contextlib.ExitStack:
+    """TPU interpret mode (off TPU), and for 16-bit inputs the default matmul precision: the
+    kernel's dots take the config's precision, and Mosaic refuses bf16 operands at "highest"."""
     from jax.experimental.pallas import tpu as pltpu
 
+    stack = contextlib.ExitStack()
+    if interpret:
+        stack.enter_context(pltpu.force_tpu_interpret_mode())
+    if half:
+        stack.enter_context(jax.default_matmul_precision("default"))
+    return stack
+
+
+def _within(context, fn):
+    """`fn(q, k, v, segments)` with its kernels, the backward ones included, traced in `context()`.
+
+    The kernel's backward is traced when the gradient is taken, outside any `with` around the
+    forward call, so the VJP re-enters the context itself."""
     @jax.custom_vjp
-    def interpreted(q, k, v, segments):
-        with pltpu.force_tpu_interpret_mode():
+    def wrapped(q, k, v, segments):
+        with context():
             return fn(q, k, v, segments)
 
     def forward(q, k, v, segments):
-        with pltpu.force_tpu_interpret_mode():
+        with context():
             out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, segments), q, k, v)
         return out, pullback
 
     def backward(pullback, d_out):
-        with pltpu.force_tpu_interpret_mode():
+        with context():
             return (*pullback(d_out), None)
 
-    interpreted.defvjp(forward, backward)
-    return interpreted
+    wrapped.defvjp(forward, backward)
+    return wrapped
 
 
 # --------------------------------------------------------------------------------- blockwise

@@ -42,7 +42,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _dot(a, b, contract=((1,), (1,))):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=_HIGHEST,
+    """a . b accumulated in float32: float32 operands at full precision, 16-bit ones (bfloat16
+    values) on the matrix unit's native path (Mosaic has no fp32 contraction of bf16 operands)."""
+    full = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    precision = _HIGHEST if full else jax.lax.Precision.DEFAULT   # explicit: not the config's
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
 
 

@@ -262,10 +262,13 @@ def cached_trainer(config: ml_collections.ConfigDict, objective: Objective, mesh
 
 
 def loop_free_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same model with fewer loops: no remat, one attention chunk (the layer scan is unrolled
-    by `layers.unrolled_layers`)."""
+    """The same model with fewer loops: no remat, one attention chunk, exact attention as XLA ops
+    (the blockwise and flash paths loop over key blocks); the layer scan is unrolled by
+    `layers.unrolled_layers`."""
     config = ml_collections.ConfigDict(model_config.to_dict())
     config.remat_policy = "none"
+    if "attention_impl" in config:
+        config.attention_impl = "xla"
 
     def unchunk(node):
         for name in node.keys():
