@@ -37,6 +37,25 @@ def parse_flags(flag_values, argv: list[str], doc: str, program: str = "scfm-jax
         raise UsageError(" ".join(message.replace("\\n", " ").replace("'", "").split())) from None
 
 
+def parse_command(flag_values, argv: list[str], doc: str, program: str, required: tuple[str, ...],
+                  example: str):
+    """Define `--config` (a config file, with `--config.a.b=...` overrides), parse `argv` as
+    `parse_flags` does, and exit with `example` when a `required` flag is missing."""
+    from ml_collections import config_flags
+
+    # ml_collections finds the --config.a.b=... overrides in the argv it is given (default
+    # sys.argv, which is not ours when a command's `main` is called from Python).
+    config_flags.DEFINE_config_file("config", None,
+                                    "experiment config file (a Python file with get_config())",
+                                    flag_values=flag_values, lock_config=True,
+                                    sys_argv=[program, *argv])
+    parse_flags(flag_values, argv, doc, program=program)
+    if any(getattr(flag_values, name) is None for name in required):
+        raise SystemExit(f"{program}: {' and '.join('--' + n for n in required)} are required\n"
+                         f"  e.g. {example}")
+    return flag_values
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

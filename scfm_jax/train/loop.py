@@ -299,7 +299,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
 def _parse(argv):
     from absl import flags
-    from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard",
@@ -316,16 +315,10 @@ def _parse(argv):
     flags.DEFINE_bool("dry_run", False, "compile the train step for the devices at hand, print "
                       "the plan (per-device memory, FLOPs, roofline; see `scfm-jax plan`), exit",
                       flag_values=flag_values)
-    # ml_collections finds the --config.a.b=... overrides in the argv it is given (default sys.argv,
-    # which is not ours when `main` is called from Python).
-    config_flags.DEFINE_config_file("config", None, "experiment config file (a Python file with get_config())",
-                                    flag_values=flag_values, lock_config=True,
-                                    sys_argv=["scfm-jax train", *argv])
-    config_checks.parse_flags(flag_values, argv, __doc__)
-    if flag_values.config is None or flag_values.workdir is None:
-        raise SystemExit("scfm-jax train: --config and --workdir are required\n"
-                         "  e.g. scfm-jax train --config configs/scfoundation_tiny.py "
-                         "--workdir runs/tiny --config.data.store=runs/store")
+    config_checks.parse_command(
+        flag_values, argv, __doc__, "scfm-jax train", ("config", "workdir"),
+        "scfm-jax train --config configs/scfoundation_tiny.py --workdir runs/tiny "
+        "--config.data.store=runs/store")
     return flag_values
 
 

@@ -471,7 +471,6 @@ def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
 
 def _parse(argv):
     from absl import flags
-    from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
     flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v5p-8, v4-16, v6e-64 or v5e:2x4",
@@ -482,16 +481,10 @@ def _parse(argv):
                                flag_values=flag_values)
     flags.DEFINE_bool("sweep", False, "largest global batch that fits, per remat policy",
                       flag_values=flag_values)
-    config_flags.DEFINE_config_file("config", None,
-                                    "experiment config file (a Python file with get_config())",
-                                    flag_values=flag_values, lock_config=True,
-                                    sys_argv=["scfm-jax plan", *argv])
     # the train command's parser: --help, and one-line errors for a misspelt config field
-    config_checks.parse_flags(flag_values, argv, __doc__, program="scfm-jax plan")
-    if flag_values.config is None or flag_values.topology is None:
-        raise SystemExit("scfm-jax plan: --config and --topology are required\n"
-                         "  e.g. scfm-jax plan --config configs/scfoundation_100m.py "
-                         "--topology v5e-8")
+    config_checks.parse_command(
+        flag_values, argv, __doc__, "scfm-jax plan", ("config", "topology"),
+        "scfm-jax plan --config configs/scfoundation_100m.py --topology v5e-8")
     return flag_values
 
 
