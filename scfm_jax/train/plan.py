@@ -414,7 +414,8 @@ def _si(x, unit: str = "B") -> str:
     return f"{x:.3g}{unit}"
 
 
-COLUMNS = ("step", "bucket", "batch", "remat", "mesh d,f,t", "args", "outputs", "temp", "total",
+COLUMNS = ("step", "bucket", "batch", "remat", "mesh d,f,t", "args", "outputs", "temp", "program",
+           "total",
            "HBM", "fits", "headroom", "model FLOPs", "XLA FLOPs", "XLA bytes", "bytes est.",
            "roofline", "MFU", "compile", "collectives (ops x result bytes)")
 
@@ -433,7 +434,7 @@ def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
                                sorted(r.collectives.items())) or "none"
         table.append(head + (
             _si(r.argument_bytes), _si(r.output_bytes - r.alias_bytes), _si(r.temp_bytes),
-            _si(r.total_bytes), _si(r.hbm_bytes),
+            _si(r.code_bytes), _si(r.total_bytes), _si(r.hbm_bytes),
             "-" if r.fits is None else ("yes" if r.fits else "NO"),
             "-" if r.headroom is None else f"{r.headroom:.0%}",
             _si(r.model_flops, ""), _si(r.xla_flops, ""), _si(r.xla_bytes), _si(r.bytes_estimate),
@@ -447,8 +448,9 @@ def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
     notes = ["per chip. model FLOPs: the loop-free count of the step (MFU's numerator); XLA FLOPs "
              "and bytes: the compiler's cost analysis, which counts a loop body once; bytes est.: "
              "XLA bytes x model/XLA FLOPs (loop bodies scaled as their FLOPs); outputs exclude "
-             "those aliased to donated inputs; total = args + outputs + temp + program; "
-             "roofline = max(FLOPs / peak, bytes est. / HBM bandwidth), an upper bound on speed."]
+             "those aliased to donated inputs; program: the compiled code; total = args + outputs "
+             "+ temp + program; roofline = max(FLOPs / peak, bytes est. / HBM bandwidth), an upper "
+             "bound on speed."]
     if chip is not None:
         notes.append(f"{chip.name}: {chip.hbm_bytes / GiB:.0f} GiB HBM, "
                      f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
