@@ -1,6 +1,6 @@
 """scFoundation, ~1B parameters: the released architecture made wider and deeper, for TPU pods.
 
-The parameters and optimiser state (~16 GB in float32) do not fit one accelerator next to the
+The parameters and optimiser state (12.5 GB in float32) do not fit one accelerator next to the
 activations, so the config shards them over `fsdp` (embed dimension) and `tensor` (heads, MLP,
 vocabulary), with `fsdp` filling the slice: data=1, fsdp=8, tensor=4 on 32 chips (v5p-64, v4-64),
 fsdp=16 on 64 (v5e-64). A `data` axis would hold one copy of the state per data group (a first
