@@ -241,17 +241,18 @@ def test_1b_state_is_split_over_every_chip_of_v5e_64():
 @pytest.mark.slow
 @needs_libtpu
 def test_100m_train_step_compiles_for_v5e_8():
-    """The released-size model's step at its config's defaults (data=8, batch 128 in 8
-    micro-batches, remat dots, bf16), smallest bucket, default optimisation level, on v5e-8.
-    Measured on the project's shared 2-core machine under a load of ~14: 1,176 s wall (279 s of
-    CPU), 14.3 GB of the chip's 17.2 GB."""
+    """The released-size model's step at its config's defaults (data=8, batch 128 in 16
+    micro-batches, remat dots, bf16, the Pallas kernels per chip), smallest bucket, default
+    optimisation level, on v5e-8. Measured alone on the project's 2-core machine: 121 s to compile
+    (8 micro-batches; the layer-by-layer model of the first version took 1,176 s under load, and
+    did not finish in 900 s for the issue's probe); 8.05 of the chip's 17.2 GB."""
     config = scfoundation_100m.get_config()
     topology = plan.parse_topology("v5e-8")
     start = time.perf_counter()
     (row,) = plan.plan(config, plan.topology_devices(topology), topology.chip, buckets=(512,))
-    assert time.perf_counter() - start < 1800
+    assert time.perf_counter() - start < 600
     assert not row.error, row.error
-    assert row.fits and row.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert row.fits and row.headroom > 0.2 and row.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
     assert row.model_flops > row.xla_flops  # XLA counts the layer and micro-batch loops once
 
 
