@@ -7,8 +7,9 @@ the same input conventions (`pre_normalized` F/T/A, `input_type` singlecell/bulk
 Cells are grouped by their number of expressed genes into padded length buckets (see
 `host_ops.bucket_length`), so the model compiles once per bucket length whatever the cells; a short
 last batch of a bucket is filled with copies of its last cell (results dropped), which keeps one
-shape per bucket and leaves the batch-wide key stabiliser unchanged (a max is blind to duplicates). Normalisation and the T/S
-tokens are computed on the device by `objectives.scfoundation.inference_inputs`.
+shape per bucket and leaves the batch-wide key stabiliser unchanged (a max is blind to
+duplicates). Normalisation and the T/S tokens are computed on the device by
+`objectives.scfoundation.inference_inputs`.
 """
 import functools
 from collections.abc import Sequence

@@ -63,14 +63,15 @@ def _scan(source: Source, alignment: GeneAlignment, allow_non_integer: bool, pro
     for start in range(0, source.num_rows, step):
         block = source.rows(start, min(start + step, source.num_rows))
         data = block.data
-        invalid = first_non_count(block, tolerance=np.inf)   # negative, NaN or infinite
-        if invalid is not None:
+        # one pass for a block of counts; a second only to tell bad values from non-integers
+        first = first_non_count(block)
+        invalid = None if first is None else first_non_count(block, tolerance=np.inf)
+        if invalid is not None:   # negative, NaN or infinite: no --allow-non-integer accepts it
             row = invalid[0] + start
             raise InputError(f"{source.path}: {source.layer} row {row} "
                              f"(cell {source.obs.index[row]!r}) holds {data[invalid[1]]}; counts "
                              "must be finite and non-negative")
-        first = None if allow_non_integer else first_non_count(block)
-        if first is not None:
+        if first is not None and not allow_non_integer:
             row = first[0] + start
             raise InputError(
                 f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) "

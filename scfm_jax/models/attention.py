@@ -124,9 +124,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                             key_value_seq_lengths=key_lengths,
                                             implementation="cudnn")
     if impl == "pallas":
-        if key_lengths is None:
-            return per_device(lambda q, k, v: _pallas_attention(q, k, v, None, is_causal),
-                              (q, k, v), (ACTIVATION_AXES,) * 3)
+        if key_lengths is None:   # every key: the lengths the kernel would assume
+            key_lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
         return per_device(lambda q, k, v, n: _pallas_attention(q, k, v, n, is_causal),
                           (q, k, v, key_lengths), (ACTIVATION_AXES,) * 3 + (("batch",),))
     if block_size <= 0:
@@ -174,7 +173,8 @@ def _drop(weights, rate, key):
 
 def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpret=None):
     """The Pallas flash-attention kernel of the platform ("mosaic" on TPU and CPU, "triton" on GPU),
-    inputs padded to its block multiple; interpret mode off TPU and GPU."""
+    inputs padded to its block multiple, keys masked past `key_lengths` [B]; interpret mode off
+    TPU and GPU."""
     platform = target_platform()
     variant = variant or ("triton" if platform in ("gpu", "cuda", "rocm") else "mosaic")
     interpret = platform not in ("tpu", "gpu", "cuda", "rocm") if interpret is None else interpret
@@ -183,8 +183,7 @@ def _pallas_attention(q, k, v, key_lengths, is_causal, *, variant=None, interpre
     block = 128
     pad_q, pad_k = -length % block, -kv_length % block
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n), (0, 0), (0, 0)])
-    lengths = (jnp.full((batch,), kv_length, jnp.int32) if key_lengths is None else key_lengths)
-    kv_segment = (jnp.arange(kv_length + pad_k)[None] < lengths[:, None]).astype(jnp.int32)
+    kv_segment = (jnp.arange(kv_length + pad_k)[None] < key_lengths[:, None]).astype(jnp.int32)
     scale = head_dim ** -0.5
     if variant == "triton":
         from jax.experimental.pallas.ops.gpu import attention as gpu_attention
