@@ -231,6 +231,24 @@ def test_checkpoint_checksums_round_trip_and_catch_a_changed_value(tmp_path):
     checkpoints.close()
 
 
+
+def test_reads_finishing_after_a_failed_restore_are_not_reported(monkeypatch):
+    """TensorStore reads that finish after Orbax closed its loop (a damaged checkpoint) would print
+    a traceback each; only that RuntimeError is dropped, every other report still goes through."""
+    import types
+
+    from scfm_jax.train import checkpointing
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    checkpointing._ignore_reads_after_a_failed_restore()
+    checkpointing._ignore_reads_after_a_failed_restore()   # once: not wrapped twice
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert reported == [other]
+
+
 _RESTORE = """
 import jax, sys
 from scfm_jax.train.checkpointing import Checkpoints

@@ -15,7 +15,6 @@ shardings, so a checkpoint written on one mesh restores onto any other.
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -71,23 +70,25 @@ def tree_checksums(tree) -> dict[str, int]:
     return {_path_name(path): int(np.asarray(v)) for (path, _), v in zip(flat, values)}
 
 
-def _drain_reads(seconds: float = 2.0) -> None:
-    """After a failed restore, let the reads still in flight finish with stderr (the file
-    descriptor: TensorStore prints from its own threads) sent to /dev/null: Orbax has closed its
-    event loop, and each of their callbacks prints a traceback of that."""
+def _ignore_reads_after_a_failed_restore() -> None:
+    """After a failed restore, Orbax has closed its event loop while TensorStore reads are still in
+    flight; each read that finishes later hands its result to the closed loop, and Python reports
+    the RuntimeError as unraisable (a traceback on stderr, after the one-line error). Drop exactly
+    those reports (installed once, before the first restore); every other unraisable exception
+    goes to the previous hook."""
     import sys
-    import time
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        time.sleep(seconds)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+    previous = sys.unraisablehook
+    if getattr(previous, "scfm_ignores_closed_loop", False):
+        return
+
+    def hook(report):
+        if not (isinstance(report.exc_value, RuntimeError)
+                and str(report.exc_value) == "Event loop is closed"):
+            previous(report)
+
+    hook.scfm_ignores_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _json_digest(value) -> str:
@@ -133,10 +134,10 @@ class Checkpoints:
         ), metrics=metrics, force=True)
 
     def _restore(self, step: int, **items):
+        _ignore_reads_after_a_failed_restore()   # before: the loop closes before `except` runs
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:   # Orbax / TensorStore / JSON errors on damaged files
-            _drain_reads()
             raise self.damaged(step, ", ".join(items), f"cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:300] if str(error) else ''})") from None
 
