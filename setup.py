@@ -44,6 +44,8 @@ setup(
         "tpu": ["jax[tpu]"],
         # `scfm-jax convert --soma / --census`: TileDB-SOMA experiments and the CELLxGENE Census
         "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],
+        # checkpoints on a gs:// bucket (train.checkpoint_dir): Orbax reaches it through etils.epath
+        "gcs": ["gcsfs"],
         "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel"],
         "dev": [
             "pytest>=8",
@@ -55,6 +57,8 @@ setup(
             "tiledbsoma>=1.15",   # tests/test_data_soma.py
             "moto[server]>=5",    # tests/test_object_store.py: a local S3 server
             "boto3",
+            "gcsfs",                  # tests/test_object_store.py: checkpoints on gs://
+            "gcp-storage-emulator",   # ... against a local GCS server
             "scib-metrics>=0.5.10",
         ],
     },

@@ -23,6 +23,14 @@ compared with ours (max abs difference printed). Needs torch; without it the pee
 19,264 expressed genes, today's [L, L] softmax (`model.attention_impl="xla"`) against the
 memory-linear path (`"auto"`, blockwise on CPU), side by side: XLA temporaries of the forward and
 of its gradient (compiled only) and the forward's time where its temporaries fit in --max-gb.
+With `--official-code DIR` (the `model/` folder of a clone of biomap-research/scFoundation, with
+einops and local-attention installed) the table adds the official code's peak RSS: its own
+`select_model` builds the 100M architecture (random weights) and its modules embed one cell as
+`get_embedding.py --output_type cell` does (`load.gatherData`, `token_emb` + `pos_emb`, `encoder`,
+under `torch.no_grad`, on the CPU). Without it the PyTorch reference (`torch_reference`, the same
+`nn.TransformerEncoderLayer` encoder) stands in, and the header says so. Each size runs in a fresh
+process with its address space capped at --reference-max-gb; the column is the rise of peak RSS
+over the process with weights and input ready, or "out of memory".
 `--attention --train-step` adds the XLA memory plan of one full 100M train step (configs/
 scfoundation_100m.py: bfloat16, remat "dots") on one cell with every gene expressed, compiled only.
 """
@@ -31,6 +39,7 @@ import dataclasses
 import os
 import resource
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -155,8 +164,11 @@ def layer_memory(config, genes: int, attention: str) -> float:
 ATTENTION_SIZES = (1_000, 2_000, 5_000, 10_000, 19_264)
 
 
-def encoder_attention_table(sizes, repeats: int, max_gb: float) -> None:
-    """Encoder memory and time against expressed genes, today's softmax vs the linear path."""
+def encoder_attention_table(sizes, repeats: int, max_gb: float,
+                            reference: dict[int, str] | None = None,
+                            reference_name: str = "") -> None:
+    """Encoder memory and time against expressed genes, today's softmax vs the linear path, and
+    the PyTorch reference's peak RSS rise where measured (`reference_rss_column`)."""
     config = scfoundation_100m.get_config().model
     config.dtype = "float32"
     impls = ("xla", "auto")
@@ -178,6 +190,8 @@ def encoder_attention_table(sizes, repeats: int, max_gb: float) -> None:
           f"forward, best of {repeats}, where its temporaries are under {max_gb} GB")
     header = f"{'genes':>7}" + "".join(f"{impl + ' fwd GB':>14}{impl + ' grad GB':>15}"
                                        f"{impl + ' s':>10}" for impl in impls)
+    if reference:
+        header += f"   {reference_name}: peak RSS rise, time"
     print(header)
     print("-" * len(header))
     for genes in sizes:
@@ -198,7 +212,108 @@ def encoder_attention_table(sizes, repeats: int, max_gb: float) -> None:
             seconds = (timed(lambda: forward(state, values, ids, mask).block_until_ready(),
                              repeats)[0] if forward_gb <= max_gb else float("nan"))
             cells.append(f"{forward_gb:>14.2f}{grad_gb:>15.2f}{seconds:>10.2f}")
+        if reference:
+            cells.append("   " + reference.get(genes, "-"))
         print(f"{genes:>7}" + "".join(cells), flush=True)
+
+
+def _official_cell_embedding(code_dir: str, config):
+    """The official code's `get_embedding.py --output_type cell` steps for one raw count row, with
+    its own modules (`select_model`, `load.gatherData`) on the CPU: (embed(counts), model)."""
+    import sys
+
+    import torch
+    sys.path.insert(0, str(Path(code_dir).absolute()))
+    import load as official_load   # the official model/load.py
+    from pretrainmodels.select_model import select_model
+
+    enc, dec = config.encoder, config.decoder
+    model = select_model({
+        "model": "mae_autobin", "seq_len": config.num_genes + 2, "n_class": 104,
+        "bin_alpha": 1.0, "bin_num": config.bin_num, "pad_token_id": 103, "mask_token_id": 102,
+        "encoder": {"hidden_dim": enc.width, "depth": enc.depth, "heads": enc.heads,
+                    "dim_head": enc.width // enc.heads, "module_type": "transformer"},
+        "decoder": {"hidden_dim": dec.width, "depth": dec.depth, "heads": dec.heads,
+                    "dim_head": dec.head_dim, "module_type": "performer"}}).eval()
+
+    @torch.no_grad()
+    def embed(counts):
+        total = counts.sum()
+        row = np.log1p(counts / total * 1e4).tolist() + [4.0, np.log10(total)]   # tgthighres t4
+        x = torch.tensor(row).unsqueeze(0)
+        gene_ids = torch.arange(x.shape[1]).repeat(1, 1)
+        values, padding = official_load.gatherData(x, x > 0, 103)
+        positions, _ = official_load.gatherData(gene_ids, x > 0, 103)
+        h = model.token_emb(torch.unsqueeze(values, 2).float(), output_weight=0)
+        h += model.pos_emb(positions)
+        genes = model.encoder(h, padding)
+        return torch.cat([genes[:, -1], genes[:, -2], genes[:, :-2].max(1).values,
+                          genes[:, :-2].mean(1)], 1).numpy()
+
+    return embed, model
+
+
+def reference_encoder_rss(genes: int, official_code: str | None = None) -> dict:
+    """In this (fresh) process: one cell expressing `genes` genes embedded as `get_embedding.py
+    --output_type cell` does, by the official code (`official_code`) or the PyTorch reference,
+    100M architecture, random weights: peak RSS before and after the forward, and its time."""
+    import torch
+
+    config = scfoundation_100m.get_config().model
+    torch.manual_seed(0)
+    if official_code:
+        embed, _ = _official_cell_embedding(official_code, config)
+    else:
+        from torch_reference import scfoundation as reference
+        peer = reference.MaeAutobin(
+            num_genes=config.num_genes, bin_num=config.bin_num, bin_alpha=1.0, mask_value=102.0,
+            pad_value=103.0, encoder=dict(config.encoder),
+            decoder=dict(width=config.decoder.width, depth=config.decoder.depth,
+                         heads=config.decoder.heads, head_dim=config.decoder.head_dim,
+                         mlp_dim=config.decoder.mlp_dim,
+                         features=int(config.decoder.head_dim * np.log(config.decoder.head_dim))
+                         )).eval()
+
+        def embed(counts):
+            return reference.get_embedding(peer, counts[None], output_type="cell")
+    rng = np.random.default_rng(genes)
+    counts = np.zeros(config.num_genes, np.float64)
+    counts[rng.choice(config.num_genes, genes, replace=False)] = rng.integers(1, 30, genes)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    try:
+        out = embed(counts)
+    except (RuntimeError, MemoryError) as error:   # the address-space cap: torch cannot allocate
+        return {"before": before, "error": type(error).__name__}
+    seconds = time.perf_counter() - start
+    return {"before": before, "seconds": seconds, "width": int(out.shape[-1]),
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def reference_rss_column(sizes, max_gb: float, threads: int,
+                         official_code: str | None = None) -> dict[int, str]:
+    """genes -> the official code's (or the reference's) peak RSS rise (GB) and time, each size in
+    a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    cells = {}
+    for genes in sizes:
+        child = subprocess.run(
+            [sys.executable, __file__, "--reference-encoder-rss", str(genes),
+             "--reference-threads", str(threads), "--reference-max-gb", str(max_gb),
+             *(["--official-code", official_code] if official_code else [])],
+            capture_output=True, text=True)
+        if child.returncode != 0 or not child.stdout.strip():
+            tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            cells[genes] = f"failed (exit {child.returncode}: {tail[:60]})"
+            continue
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        cells[genes] = (f"out of memory (>{max_gb:g} GB)" if "error" in result else
+                        f"{(result['peak'] - result['before']) / 1e9:.2f} GB, "
+                        f"{result['seconds']:.2f} s")
+    return cells
 
 
 def train_step_memory(impls=("xla", "auto"), genes: int = 19_264) -> None:
@@ -247,9 +362,34 @@ def main():
                         help="--attention times a forward only when its temporaries fit in this")
     parser.add_argument("--train-step", action="store_true",
                         help="with --attention: also the 100M train step's memory at 19,264 genes")
+    parser.add_argument("--reference-max-gb", type=float, default=16.0,
+                        help="--attention: address-space cap of each PyTorch reference process")
+    parser.add_argument("--official-code", default=None,
+                        help="--attention: the model/ folder of a biomap-research/scFoundation "
+                             "clone, whose own code then gives the peak RSS column")
+    parser.add_argument("--reference-encoder-rss", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference_encoder_rss:   # the child of reference_rss_column
+        import json
+
+        import torch
+        torch.set_num_threads(args.reference_threads)
+        cap = int(args.reference_max_gb * 1e9)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        print(json.dumps(reference_encoder_rss(args.reference_encoder_rss, args.official_code)))
+        return
     if args.attention:
-        encoder_attention_table(args.sizes, args.repeats, args.max_gb)
+        reference, name = None, ""
+        if args.reference_repeats > 0:
+            try:
+                import torch  # noqa: F401
+                reference = reference_rss_column(args.sizes, args.reference_max_gb,
+                                                 args.reference_threads, args.official_code)
+                name = ("official code" if args.official_code else
+                        "PyTorch reference (standing in for the official code)")
+            except ImportError:
+                print("torch is not installed: no PyTorch column")
+        encoder_attention_table(args.sizes, args.repeats, args.max_gb, reference, name)
         if args.train_step:
             train_step_memory()
         return

@@ -87,6 +87,7 @@ def get_config():
     train.eval_every = 100
     train.checkpoint_every = 100
     train.keep_checkpoints = 3
+    train.checkpoint_dir = ""          # "": <workdir>/checkpoints; or a folder, or gs://bucket/path
     train.profile_steps = ()           # e.g. (10, 15): write a profiler trace for steps 10..14
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

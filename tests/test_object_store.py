@@ -1,7 +1,8 @@
-"""Stores on object storage, for real: a local S3 server (moto) on a loopback port, reached through
-TensorStore's s3 kvstore driver with the AWS SDK's endpoint override. Conversion, resume after a
-kill, the reader and the pipeline from one and two processes, and training, each checked against
-the same work on a local folder."""
+"""Stores and checkpoints on object storage, for real: a local S3 server (moto) on a loopback port,
+reached through TensorStore's s3 kvstore driver with the AWS SDK's endpoint override (conversion,
+resume after a kill, the reader and the pipeline from one and two processes, and training), and a
+GCS emulator for checkpoints on a gs:// bucket (Orbax: TensorStore's gcs driver and gcsfs), each
+checked against the same work on a local folder."""
 import json
 import os
 import re
@@ -14,20 +15,21 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from object_store_server import S3Server
+from object_store_server import GCSServer, S3Server
 from scfm_jax.data import convert as convert_lib
 from scfm_jax.data import store as store_lib
 from scfm_jax.data.pipeline import Pipeline
 from scfm_jax.data.store import CellStore
+from scfm_jax.errors import UsageError
 from scfm_jax.main import main as cli
 from scfm_jax.train import loop
 from train_helpers import synthetic_counts, tiny_config
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
+def _serving(server):
+    """The server with its environment set in this process (and so its subprocesses)."""
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     try:
@@ -39,6 +41,16 @@ def s3():
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    yield from _serving(S3Server())
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    yield from _serving(GCSServer("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +107,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from scfm_jax.data.pipeline import Pipeline
     from scfm_jax.data.store import CellStore
+from scfm_jax.errors import UsageError
     url, index, count, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     pipeline = Pipeline(CellStore.open(url), global_batch_size=32, seed=7, buckets=(64, 128),
                         max_nonzero=128, block_size=8, process_index=index, process_count=count)
@@ -159,3 +172,43 @@ def test_conversion_to_a_bucket_by_two_workers_resumes_after_sigkill(s3, h5ad, t
     assert "manifest.json" not in bucket_tree(bucket)
     subprocess.run(command, check=True, capture_output=True)
     assert bucket_tree(bucket) == local_tree(reference)
+
+
+def test_checkpoints_on_s3_are_refused_with_the_reason(stores, tmp_path):
+    config = tiny_config(str(stores[0]))
+    config.train.checkpoint_dir = "s3://cells/run/checkpoints"
+    with pytest.raises(UsageError, match=r"train.checkpoint_dir.*gs:// buckets only"):
+        loop.train(config, tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow   # three tiny training runs against the emulator (~1 min)
+def test_checkpoints_on_a_gcs_bucket_resume_and_load_as_on_a_folder(gcs, stores, tmp_path):
+    """The workdir (config, metrics) stays on disk; checkpoints go to gs://. Training there,
+    stopping, and resuming from the bucket gives the losses of one run on a folder, and the bucket's
+    checkpoints load (from the workdir or the URL) to the folder run's weights."""
+    from scfm_jax.analysis.loading import load
+    from scfm_jax.train.checkpointing import Checkpoints
+
+    local = str(stores[0])
+    device = jax.devices()[:1]
+    url = f"gs://{gcs.bucket}/run/checkpoints"
+    reference = loop.train(tiny_config(local, steps=6), tmp_path / "folder", progress=False,
+                           devices=device)
+    losses = {}
+    for steps in (3, 6):
+        config = tiny_config(local, steps=steps)
+        config.train.checkpoint_dir = url
+        losses.update(loop.train(config, tmp_path / "bucket", progress=False,
+                                 devices=device)["losses"])
+    assert losses == reference["losses"] and len(losses) == 6
+    assert not (tmp_path / "bucket" / "checkpoints").exists()
+    on_bucket = Checkpoints(None, directory=url, read_only=True)
+    assert on_bucket.all_steps() == [3, 6]
+    on_bucket.close()
+    expected = load(tmp_path / "folder")
+    for source in (tmp_path / "bucket", url):
+        loaded = load(source)
+        assert loaded.step == 6 and loaded.vocabulary == expected.vocabulary
+        for a, b in zip(jax.tree.leaves(nnx.state(loaded.model)),
+                        jax.tree.leaves(nnx.state(expected.model))):
+            np.testing.assert_array_equal(a, b)

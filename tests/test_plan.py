@@ -60,6 +60,27 @@ def test_collectives_are_read_from_the_compiled_program():
     assert collectives["all-reduce"] == (1, 1000 * 4)
 
 
+
+ASYNC_HLO = """
+  %all-gather-start.3 = (bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[1024,128]{1,0:T(8,128)(2,1)}) all-gather-start(bf16[64,128]{1,0:T(8,128)(2,1)} %p.1), channel_id=7, replica_groups=[1,16]<=[16], dimensions={0}, metadata={op_name="jit(step)/decoder/dot_general" source_file="x.py"}
+  %all-gather-done.3 = bf16[1024,128]{1,0:T(8,128)(2,1)} all-gather-done((bf16[64,128]{1,0}, bf16[1024,128]{1,0}) %all-gather-start.3)
+  %collective-permute-start.1 = (f32[8,16]{1,0}, f32[8,16]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(f32[8,16]{1,0} %x), channel_id=9, source_target_pairs={{0,1},{1,0}}
+  %all-reduce.2 = f32[1000]{0} all-reduce(f32[1000]{0} %y), channel_id=3, to_apply=%add
+"""
+
+
+def test_async_collectives_count_their_results_only():
+    """An async start's value holds its operands, its results and scalar contexts: only the
+    results count (an all-gather's is 16x its operand here), and the largest comes first with
+    the JAX op that asked for it."""
+    assert plan.collective_bytes(ASYNC_HLO) == {
+        "all-gather": (1, 1024 * 128 * 2), "collective-permute": (1, 8 * 16 * 4),
+        "all-reduce": (1, 1000 * 4)}
+    kind, size, shape, op_name = plan.largest_collectives(ASYNC_HLO, 1)[0]
+    assert (kind, size, op_name) == ("all-gather", 1024 * 128 * 2, "jit(step)/decoder/dot_general")
+    assert shape.startswith("(bf16[64,128]")
+
+
 def test_roofline_is_the_slower_of_compute_and_memory():
     chip = plan.CHIPS["v5e"]
     row = plan.PlanRow(step="train", bucket=8, global_batch=8, remat="none", mesh={},
@@ -144,6 +165,9 @@ def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
     # Eight chips of FSDP: the per-chip state falls, and parameters are gathered for the step.
     assert eight.argument_bytes < one.argument_bytes / 2
     assert "all-gather" in eight.collectives
+    sizes = [size for _, size, _, _ in eight.largest_collectives]
+    assert sizes == sorted(sizes, reverse=True) and 0 < sizes[0] <= max(
+        size for _, size in eight.collectives.values())
     assert eight.model_flops == pytest.approx(one.model_flops / 8)
 
 
@@ -164,6 +188,10 @@ def test_plan_cli_prints_a_row_per_bucket():
     assert [(r[1], r[2], r[4]) for r in rows] == [("32", "8", "1,4,1"), ("64", "8", "1,4,1")]
     assert all("yes" in r for r in rows)
     assert any("cloud.google.com/tpu/docs/v5e" in line for line in lines)
+    # each row's largest collectives follow, the biggest first, with the JAX op behind each
+    start = lines.index("largest collectives, train bucket 64 batch 8:")
+    listed = [line.split() for line in lines[start + 1:start + 4]]
+    assert len(listed) == 3 and all(line[0] in plan.COLLECTIVES for line in listed)
 
 
 def test_train_dry_run_prints_the_plan_for_the_devices_at_hand(tmp_path, capsys):

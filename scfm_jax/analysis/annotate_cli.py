@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     adata = read_h5ad(args.input)
     check_writable(adata, Path(args.output).absolute().parent)
-    if Path(args.checkpoint).is_dir():
+    if Path(args.checkpoint).is_dir() or "://" in args.checkpoint:   # a workdir / its bucket
         token_set, gene_list, model = _trained_model(args.checkpoint)
     else:
         token_set, gene_list, model = _official_model(args)

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", required=True,
-                   help="official models.ckpt (with --key), or a scfm-jax training workdir")
+                   help="official models.ckpt (with --key), a scfm-jax training workdir, or "
+                        "its checkpoints on a bucket (gs://bucket/run/checkpoints)")
     p.add_argument("--key", choices=("cell", "gene", "rde"), default=None,
                    help="weight set of an official checkpoint (default: cell for --output-type "
                         "cell, gene otherwise)")
@@ -68,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 def _load_model(args):
     """(model, vocabulary or None) from an official .ckpt or a training workdir."""
     path = Path(args.checkpoint)
-    if path.is_dir():
+    if path.is_dir() or "://" in args.checkpoint:   # a workdir, or its checkpoints on a bucket
         from scfm_jax.analysis.loading import load
-        loaded = load(path, step=args.step)
+        loaded = load(args.checkpoint, step=args.step)
         if loaded.kind != "scfoundation":
             raise ValueError(f"{path} holds a {loaded.kind!r} model, not scfoundation")
         return loaded.model, loaded.vocabulary

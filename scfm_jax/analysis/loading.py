@@ -1,7 +1,8 @@
 """`load(path)`: a ready model from any checkpoint, on whatever devices this machine has.
 
 Three sources:
-  * a scfm-jax training workdir (or its `checkpoints/` folder, or one `checkpoints/<step>/`), written
+  * a scfm-jax training workdir (or its `checkpoints/` folder, or one `checkpoints/<step>/`, or a
+    gs:// URL of the checkpoints folder when `train.checkpoint_dir` put them on a bucket), written
     on any mesh: only the parameters and buffers are read (an Orbax partial restore; the optimiser
     state, which is twice the parameters, stays on disk) onto a one-device mesh here;
   * an official scFoundation `models.ckpt` (weight set `key`: cell, gene or rde);
@@ -45,9 +46,20 @@ class LoadedModel:
         return f"LoadedModel({', '.join(parts)})"
 
 
+def _configured_checkpoint_dir(workdir: Path) -> str | None:
+    """`train.checkpoint_dir` of a workdir's config.json (checkpoints kept elsewhere, e.g. on a
+    gs:// bucket), or None."""
+    import json
+
+    path = workdir / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("train", {}).get("checkpoint_dir") or None
+
+
 def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, int | None] | None:
     """The training workdir a folder refers to (and a step it names), or None if it is not one."""
-    if (path / "checkpoints").is_dir():
+    if (path / "checkpoints").is_dir() or _configured_checkpoint_dir(path):
         return path, step
     if path.name == "checkpoints":
         return path.parent, step
@@ -68,22 +80,28 @@ def _restore_params_and_buffers(checkpoints, step: int, trainer):
     return restored["params"], restored["buffers"]
 
 
-def load_workdir(workdir: str | Path, step: int | None = None) -> LoadedModel:
-    """The model of a scfm-jax training workdir at `step` (default: the latest checkpoint)."""
+def load_workdir(workdir: str | Path | None, step: int | None = None, *,
+                 directory: str | None = None) -> LoadedModel:
+    """The model of a scfm-jax training workdir at `step` (default: the latest checkpoint); its
+    checkpoints are `directory` when given (e.g. gs://bucket/run/checkpoints, with or without a
+    workdir), else where the workdir's config.json says (`train.checkpoint_dir`)."""
     from scfm_jax.train import partitioning
     from scfm_jax.train.checkpointing import Checkpoints
     from scfm_jax.train.state import Trainer
     from scfm_jax.objectives import get_objective
 
-    workdir = Path(workdir)
-    checkpoints = Checkpoints(workdir, read_only=True)
+    workdir = None if workdir is None else Path(workdir)
+    if directory is None and workdir is not None:
+        directory = _configured_checkpoint_dir(workdir)
+    checkpoints = Checkpoints(workdir, directory=directory, read_only=True)
     try:
         steps = checkpoints.all_steps()
         if not steps:
-            raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no finished checkpoint yet "
+            raise FileNotFoundError(f"{checkpoints.directory} holds no finished checkpoint yet "
                                     "(training writes one every train.checkpoint_every steps)")
         if step is not None and step not in steps:
-            raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
+            raise ValueError(f"{checkpoints.directory} has no checkpoint at step {step}; it has "
+                             f"{sorted(steps)}")
         metadata = checkpoints.restore_metadata(step)
         config = ml_collections.ConfigDict(metadata["config"])
         mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -94,7 +112,8 @@ def load_workdir(workdir: str | Path, step: int | None = None) -> LoadedModel:
     saved = metadata["vocabulary"]
     vocabulary = Vocabulary(name=saved["name"], symbols=tuple(saved["symbols"]))
     return LoadedModel(kind=config.model.name, model=nnx.merge(trainer.graphdef, params, buffers),
-                       config=config, vocabulary=vocabulary, source=str(workdir),
+                       config=config, vocabulary=vocabulary,
+                       source=str(workdir if workdir is not None else checkpoints.directory),
                        step=int(metadata["step"]))
 
 
@@ -138,6 +157,11 @@ def load(path: str | Path, *, key: str = "cell", step: int | None = None,
     the default for the released 19,264-gene model, or a `gene_name<TAB>index` file); for scMulan
     the 42,117-symbol list its genes are aligned through. A workdir carries its own vocabulary.
     """
+    if "://" in str(path):   # a bucket: the checkpoints folder of a run (train.checkpoint_dir)
+        if vocabulary is not None:
+            raise ValueError(f"{path} holds training checkpoints, which carry their own "
+                             "vocabulary; drop vocabulary=")
+        return load_workdir(None, step, directory=str(path))
     path = Path(path).expanduser()
     if path.is_dir():
         found = _workdir_and_step(path, step)

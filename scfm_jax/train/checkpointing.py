@@ -10,7 +10,9 @@ One checkpoint step holds four items:
               file is an error naming the step, never NaN or wrong weights
 Saves are asynchronous and atomic (Orbax writes a temporary folder and renames it). The last K
 checkpoints are kept, plus the best by evaluation loss. Restoring takes an abstract target with
-shardings, so a checkpoint written on one mesh restores onto any other.
+shardings, so a checkpoint written on one mesh restores onto any other. They live in
+`<workdir>/checkpoints`, or where `train.checkpoint_dir` says: another folder or a gs:// bucket
+(Orbax 0.12 writes OCDBT checkpoints to gs:// only; s3:// is refused, see README).
 """
 import functools
 import hashlib
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 ITEMS = ("state", "config", "data", "vocabulary", "checksums")
@@ -103,12 +106,33 @@ def _preservation(keep: int):
     ])
 
 
-class Checkpoints:
-    """The checkpoints of one workdir (`<workdir>/checkpoints/<step>/...`)."""
+def is_url(path) -> bool:
+    return "://" in str(path)
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, asynchronous: bool = True,
-                 read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+
+def checkpoint_directory(workdir: str | Path | None, configured: str | None = None):
+    """Where a run's checkpoints are: `train.checkpoint_dir` when set (a folder, or a bucket URL
+    such as gs://bucket/run/checkpoints, which Orbax writes through TensorStore's gcs driver and
+    etils.epath), else `<workdir>/checkpoints`."""
+    if configured and is_url(configured):
+        import importlib.util
+        if configured.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+            raise ModuleNotFoundError(f"checkpoints on {configured} need gcsfs: "
+                                      'pip install -e ".[gcs]"')
+        return epath.Path(configured)
+    if configured:
+        return Path(configured).expanduser().absolute()
+    if workdir is None:
+        raise ValueError("name a workdir or a checkpoint directory")
+    return Path(workdir).absolute() / "checkpoints"
+
+
+class Checkpoints:
+    """The checkpoints of one run (`<directory>/<step>/...`; by default `<workdir>/checkpoints`)."""
+
+    def __init__(self, workdir: str | Path | None, *, directory: str | None = None,
+                 keep: int = 3, asynchronous: bool = True, read_only: bool = False):
+        self.directory = checkpoint_directory(workdir, directory)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=_preservation(keep), enable_async_checkpointing=asynchronous,
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)

@@ -110,6 +110,10 @@ def check(config, workdir) -> None:
                  "must be a positive integer or -1 (all remaining devices)")
     _require(sum(size == -1 for size in mesh.values()) <= 1, "mesh", mesh,
              "at most one axis may be -1")
+    checkpoint_dir = str(train.get("checkpoint_dir") or "")
+    _require("://" not in checkpoint_dir or checkpoint_dir.startswith("gs://"),
+             "train.checkpoint_dir", checkpoint_dir, "must be a folder or a gs:// URL (Orbax "
+             "writes checkpoints to gs:// buckets only; mount another bucket as a folder)")
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--workdir {workdir} is a file; name a folder for the run")

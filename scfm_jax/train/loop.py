@@ -206,7 +206,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                   "symbols": list(store.vocabulary.symbols)}
     train_pipeline, eval_pipeline = make_pipelines(config, store)
     peak_flops, peak_source = device_peak_flops(config.model.dtype)
-    checkpoints = Checkpoints(workdir, keep=train_config.keep_checkpoints)
+    checkpoints = Checkpoints(workdir, directory=train_config.get("checkpoint_dir") or None,
+                              keep=train_config.keep_checkpoints)
 
     # -- restore or init
     state, start_step = restore_or_init(trainer, checkpoints, config, vocabulary)

@@ -2,7 +2,7 @@
 and print what each chip needs (HBM, FLOPs, collectives) and the step time a roofline implies.
 
   scfm-jax plan --config configs/scfoundation_100m.py --topology v5e-8 [--step train|embed]
-      [--sweep] [--bucket 512] [--config.mesh.fsdp=8 ...]
+      [--sweep] [--bucket 512] [--largest_collectives 3] [--config.mesh.fsdp=8 ...]
 
 Deviceless ahead-of-time compilation, as MaxText's `train_compile.py`: with the `libtpu` wheel
 installed, `jax.experimental.topologies.get_topology_desc` gives compile-only devices of a named
@@ -164,6 +164,7 @@ class PlanRow:
     xla_flops: float = 0.0          # per chip, XLA's count (loop bodies once)
     xla_bytes: float = 0.0          # per chip, bytes accessed
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> (count, bytes)
+    largest_collectives: list = dataclasses.field(default_factory=list)  # collective_ops items
     hbm_bytes: float | None = None
     peak_flops: float | None = None
     hbm_bandwidth: float | None = None
@@ -211,26 +212,43 @@ class PlanRow:
         return None if not seconds else self.model_flops / seconds / self.peak_flops
 
 
-def collective_bytes(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """Collectives in an optimised HLO module: kind -> (ops, bytes of their results). Each op is
-    counted once, also inside loop bodies; async pairs are counted at their `-start`."""
-    totals: dict[str, list[int]] = {}
+def _bytes_of(dtype: str, dims: str) -> int:
+    itemsize = 1 if dtype == "pred" else max(int(re.sub(r"\D", "", dtype)[:2] or 8) // 8, 1)
+    return itemsize * math.prod(int(d) for d in dims.split(",") if d)
+
+
+def collective_ops(hlo_text: str):
+    """The collectives of an optimised HLO module, one (kind, result bytes, result shape, JAX
+    op_name) per op; async pairs at their `-start`, each op once (also inside loop bodies)."""
     pattern = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
     for line in hlo_text.splitlines():
         match = pattern.search(line)
         if not match or "-done(" in line:
             continue
         shapes = re.findall(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]", match.group(1))
-        size = 0
-        for dtype, dims in shapes:
-            itemsize = 1 if dtype == "pred" else max(int(re.sub(r"\D", "", dtype)[:2] or 8) // 8, 1)
-            size += itemsize * math.prod(int(d) for d in dims.split(",") if d)
-        if match.group(3):  # async start: (operand, result) tuple; count the result once
-            size //= 2
-        entry = totals.setdefault(match.group(2), [0, 0])
+        if match.group(3):
+            # an async start's value is (operands..., results..., [scalar contexts]): the results
+            arrays = [shape for shape in shapes if shape[1]]
+            shapes = arrays[len(arrays) // 2:] if len(arrays) >= 2 else arrays
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        yield (match.group(2), sum(_bytes_of(*shape) for shape in shapes),
+               match.group(1).strip(), op_name.group(1) if op_name else "")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """Collectives in an optimised HLO module: kind -> (ops, bytes of their results)."""
+    totals: dict[str, list[int]] = {}
+    for kind, size, _, _ in collective_ops(hlo_text):
+        entry = totals.setdefault(kind, [0, 0])
         entry[0] += 1
         entry[1] += size
     return {kind: (count, size) for kind, (count, size) in totals.items()}
+
+
+def largest_collectives(hlo_text: str, n: int = 5) -> list[tuple[str, int, str, str]]:
+    """The `n` collectives with the largest results: where a replicated tensor or a gathered
+    activation hides (op_name names the JAX code that asked for it)."""
+    return sorted(collective_ops(hlo_text), key=lambda op: -op[1])[:n]
 
 
 def analyse(compiled, row: PlanRow) -> PlanRow:
@@ -245,7 +263,9 @@ def analyse(compiled, row: PlanRow) -> PlanRow:
         cost = cost[0] if cost else {}
     row.xla_flops = float(cost.get("flops", 0.0))
     row.xla_bytes = float(cost.get("bytes accessed", 0.0))
-    row.collectives = collective_bytes(compiled.as_text())
+    text = compiled.as_text()
+    row.collectives = collective_bytes(text)
+    row.largest_collectives = largest_collectives(text)
     return row
 
 
@@ -458,6 +478,18 @@ def format_rows(rows: list[PlanRow], chip: Chip | None) -> str:
     return "\n".join(lines + notes)
 
 
+def format_largest_collectives(rows: list[PlanRow], n: int) -> str:
+    """Per row, its `n` largest collectives: result bytes, shape and the JAX op behind each."""
+    lines = []
+    for r in rows:
+        if r.error or not r.largest_collectives or n <= 0:
+            continue
+        lines.append(f"largest collectives, {r.step} bucket {r.bucket} batch {r.global_batch}:")
+        lines += [f"  {kind} {_si(size)} {shape[:120]}  {op_name or '(no op_name)'}"
+                  for kind, size, shape, op_name in r.largest_collectives[:n]]
+    return "\n".join(lines)
+
+
 def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
     """`scfm-jax train --dry-run`: the plan of the train loop's own Trainer (its mesh over the
     devices at hand), printed."""
@@ -483,6 +515,8 @@ def _parse(argv):
                                flag_values=flag_values)
     flags.DEFINE_bool("sweep", False, "largest global batch that fits, per remat policy",
                       flag_values=flag_values)
+    flags.DEFINE_integer("largest_collectives", 3, "list this many of each row's largest "
+                         "collectives, with the JAX op behind each", flag_values=flag_values)
     # the train command's parser: --help, and one-line errors for a misspelt config field
     config_checks.parse_command(
         flag_values, argv, __doc__, "scfm-jax plan", ("config", "topology"),
@@ -518,4 +552,7 @@ def main(argv) -> int:
         return 0
     rows = plan(config, devices, chip, step=flag_values.step, buckets=flag_values.bucket)
     print(format_rows(rows, chip))
+    largest = format_largest_collectives(rows, flag_values.largest_collectives)
+    if largest:
+        print(largest)
     return 0
