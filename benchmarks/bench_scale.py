@@ -163,8 +163,8 @@ def child_read(store_path: str, batches: int, seed: int):
     pipeline = Pipeline(store, global_batch_size=BATCH, seed=seed,
                         buckets=(1024, 2048, 3072, 4096, MAX_GENES), max_nonzero=MAX_GENES,
                         process_index=0, process_count=1)
-    steps = np.random.default_rng(seed).integers(0, 100 * max(1, int(pipeline.steps_per_epoch)),
-                                                 batches)
+    steps_per_epoch = max(1, len(pipeline.cells) // pipeline.global_batch_size)
+    steps = np.random.default_rng(seed).integers(0, 100 * steps_per_epoch, batches)
     rates = []
     for _ in ("cold", "warm"):
         t = time.perf_counter()
@@ -237,6 +237,8 @@ def main(argv=None):
     parser.add_argument("--accelerators", type=int, default=8)
     parser.add_argument("--annbatch-python", default="/work/venv-annbatch/bin/python",
                         help="a Python >= 3.12 with annbatch installed ('' to skip)")
+    parser.add_argument("--reconvert", action="store_true",
+                        help="convert again even where an earlier run left a store and its figures")
     parser.add_argument("--child-read", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_read:
@@ -248,7 +250,7 @@ def main(argv=None):
     per_cell = args.median_genes * 1.2 * 8   # float32 value + int32 index, log-normal mean
     stores = (2 if args.soma else 1) * 2 * (1.0 if args.compression == "none" else 0.3)
     copies = 1 + stores + (0.5 if args.soma else 0) + (1 if args.annbatch_python else 0)
-    needed = args.cells * per_cell * copies
+    needed = max(0.0, args.cells * per_cell * copies - folder_bytes(work))   # less what is there
     free = shutil.disk_usage(work).free
     print(f"about {needed / 1e9:,.0f} GB to write under {work} ({free / 1e9:,.0f} GB free)")
     if needed > 0.9 * free:
@@ -288,6 +290,14 @@ def main(argv=None):
     for kind, paths in inputs.items():
         for workers in (1, 2):
             store = work / f"store-{kind}-w{workers}-{tag}"
+            # each conversion's figures are kept beside its store, so a run that fails later
+            # (reading, annbatch) resumes with them instead of converting again (--reconvert does)
+            saved = store.with_name(store.name + ".json")
+            if saved.exists() and not args.reconvert:
+                conversions.append(json.loads(saved.read_text()))
+                print(f"converted {kind} with {workers} worker(s): {saved} (an earlier run)",
+                      flush=True)
+                continue
             command = [sys.executable, "-m", "scfm_jax.main", "convert", *paths, "--output", str(store),
                        "--vocabulary", "from-data", "--shard-size", str(args.shard_size),
                        "--compression", args.compression, "--workers", str(workers),
@@ -295,7 +305,8 @@ def main(argv=None):
             shutil.rmtree(store, ignore_errors=True)
             result = timed_convert(command)
             conversions.append({"kind": kind, "workers": workers, "store": str(store), **result,
-                                "bytes": folder_bytes(store)})
+                                "bytes": folder_bytes(store), "load_average": os.getloadavg()[0]})
+            saved.write_text(json.dumps(conversions[-1]))
             print(f"converted {kind} with {workers} worker(s) in {result['seconds']:.0f} s",
                   flush=True)
 

@@ -1,0 +1,37 @@
+"""The data benchmarks run end to end on small inputs (their figures are not checked, their
+tables and saved results are): a benchmark that fails after an hour of converting is a defect."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared_helpers import REPO_ROOT
+
+
+@pytest.mark.slow   # four converter processes and two reads (~30 s)
+def test_scale_benchmark_runs_and_resumes_without_converting_again(tmp_path):
+    command = [sys.executable, "benchmarks/bench_scale.py", "--workdir", str(tmp_path),
+               "--cells", "3000", "--sources", "2", "--median-genes", "600", "--shard-size",
+               "512", "--batches", "3", "--soma", "--annbatch-python", "", "--tasks", "1,8"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                           timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(("h5ad, ", "soma, "))]
+    assert [row.split()[:2] for row in rows] == [["h5ad,", "1"], ["h5ad,", "2"], ["soma,", "1"],
+                                                 ["soma,", "2"]]
+    assert any(line.startswith("pipeline, 3 batches of 256 at random steps: cold") for line in lines)
+    assert any(line.startswith("50M cells at") and "8 tasks" in line for line in lines)
+    results = json.loads((tmp_path / "results-3000x19264x600x2.json").read_text())
+    assert [c["bytes"] > 0 for c in results["conversions"]] == [True] * 4
+    assert results["read"]["cold"] > 0 and results["cells"] == 3000
+
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                           timeout=1500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("(an earlier run)") == 4
+    assert json.loads((tmp_path / "results-3000x19264x600x2.json").read_text())[
+        "conversions"] == results["conversions"]
