@@ -1,6 +1,7 @@
 """`scfm-jax plan`: TPU slice names, collective accounting, and the train step compiled for real
 TPU topologies by libtpu's compiler (deviceless; no TPU needed)."""
 import math
+import re
 import subprocess
 import sys
 import time
@@ -169,6 +170,31 @@ def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
     assert sizes == sorted(sizes, reverse=True) and 0 < sizes[0] <= max(
         size for _, size in eight.collectives.values())
     assert eight.model_flops == pytest.approx(one.model_flops / 8)
+
+
+def _activation_gathers(row, batch: int, lengths: set[int]) -> list:
+    """The all-gathers among a row's largest collectives whose result is a [batch, length, D]
+    activation (an async start's value also holds its operand, 1/chips of the batch)."""
+    found = []
+    for kind, _, shape, op_name in row.largest_collectives:
+        for dims in re.findall(r"\[([\d,]+)\]", shape):
+            dims = [int(d) for d in dims.split(",")]
+            if kind == "all-gather" and len(dims) == 3 and dims[0] == batch and dims[1] in lengths:
+                found.append((shape, op_name))
+    return found
+
+
+@needs_libtpu
+def test_fsdp_step_gathers_weights_not_activations(tiny_rows):
+    """Under FSDP on 8 chips each chip keeps its cells' activations; only weights travel. Before
+    the tables were gathered for their lookups, the lookup's output came out split on the embed
+    dimension and the step all-gathered whole [batch, 122, 16] activations (on the 1B config on
+    v5p-64: [64, 19266, 1536], 3.8 GB per chip and micro-batch)."""
+    config = tiny_plan_config()
+    lengths = {config.model.num_genes + 2, *(b + 2 for b in config.data.buckets),
+               *config.data.buckets}
+    assert tiny_rows["v5e-8"].largest_collectives
+    assert _activation_gathers(tiny_rows["v5e-8"], config.data.global_batch_size, lengths) == []
 
 
 @needs_libtpu

@@ -147,11 +147,12 @@ class AutoDiscretizationEmbedding(nnx.Module):
         hidden = jax.nn.leaky_relu(self.mlp(values[..., None]), negative_slope=0.1)
         weights = jax.nn.softmax(self.bin_alpha * hidden + self.mlp2(hidden), axis=-1)
         embedded = jnp.einsum("...k,kd->...d", weights.astype(self.dtype),
-                              self.emb.get_value().astype(self.dtype))
+                              layers.gathered(self.emb.get_value()).astype(self.dtype))
         embedded = jnp.where((values == self.mask_value)[..., None],
-                             self.emb_mask.get_value()[0].astype(self.dtype), embedded)
+                             layers.gathered(self.emb_mask.get_value())[0].astype(self.dtype),
+                             embedded)
         return jnp.where((values == self.pad_value)[..., None],
-                         self.emb_pad.get_value()[0].astype(self.dtype), embedded)
+                         layers.gathered(self.emb_pad.get_value())[0].astype(self.dtype), embedded)
 
 
 class EncoderLayer(nnx.Module):
@@ -243,6 +244,11 @@ class ScFoundation(nnx.Module):
         self.norm = layers.layer_norm(dec.width, dtype=dtype, rngs=rngs)
         self.to_final = layers.linear(dec.width, 1, (EMBED, None), dtype=dtype, rngs=rngs)
 
+    def positions(self, gene_ids: jax.Array) -> jax.Array:
+        """The gene (position) embeddings of `gene_ids`, looked up in the whole table."""
+        table = layers.gathered(self.pos_emb.embedding.get_value())
+        return jnp.take(table.astype(self.dtype), gene_ids, axis=0)
+
     def encode(self, values: jax.Array, gene_ids: jax.Array, padding_mask: jax.Array, *,
                dropout_key: jax.Array | None = None) -> jax.Array:
         """Encoder over left-aligned tokens: values/gene_ids [B, N], padding_mask True at pads.
@@ -253,7 +259,7 @@ class ScFoundation(nnx.Module):
         """
         lengths = jnp.sum(~padding_mask, axis=-1).astype(jnp.int32)
         gene_ids = jnp.where(padding_mask, self.seq_len, gene_ids)
-        x = self.token_emb(values) + self.pos_emb(gene_ids)
+        x = self.token_emb(values) + self.positions(gene_ids)
         x = layers.constrain(x, (BATCH, LENGTH, EMBED))
 
         def step(layer, x, index, _):
@@ -275,12 +281,12 @@ class ScFoundation(nnx.Module):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         batch = decoder_values.shape[0]
-        x = self.token_emb(decoder_values)
+        x = layers.constrain(self.token_emb(decoder_values), (BATCH, LENGTH, EMBED))
         targets = jnp.where(padding_mask, self.seq_len, gene_ids)  # out of range: dropped
         rows = jnp.arange(batch)[:, None]
         x = x.at[rows, targets].set(encoded.astype(x.dtype), mode="drop")
-        x = x + self.pos_emb(jnp.arange(self.seq_len))[None]
-        x = self.decoder_embed(x)
+        x = x + self.positions(jnp.arange(self.seq_len))[None]
+        x = self.decoder_embed(layers.constrain(x, (BATCH, LENGTH, EMBED)))
         x = layers.constrain(x, (BATCH, LENGTH, EMBED))
         x, _ = layers.scan(
             self.decoder_layers, x,
