@@ -20,11 +20,9 @@ def get_config():
     model.decoder.update(width=1024, depth=8, heads=16, head_dim=64, mlp_dim=4096)
     model.remat_policy = "full"
     config.data.global_batch_size = 512
-    # 8 micro-batches of 64 cells (8 per batch shard on a v5p-64, fsdp=8). On a v5e-64 the step at
-    # the 8,192-gene bucket does not fit a chip's 16 GiB (`scfm-jax plan`: 35.5 GB of temporaries
-    # at 2 micro-batches, 18.3 GB at 8, ~12.6 GB of it independent of the micro-batch); a v5e
-    # slice needs fewer genes per cell (data.max_nonzero, data.buckets) or more chips, planned
-    # with `scfm-jax plan` first.
+    # 8 micro-batches of 64 cells (8 per batch shard on a v5p-64, fsdp=8; 4 on a v5e-64, fsdp=16).
+    # `scfm-jax plan` at the 8,192-gene bucket: 21.0 of 102 GB per chip on v5p-64 (79% headroom),
+    # 9.92 of 17.2 GB on v5e-64 (42%); at 2 micro-batches a v5e-64 chip needed 35.5 GB.
     config.train.grad_accum_steps = 8
     config.mesh.update(data=1, fsdp=-1, tensor=4)
     return config
