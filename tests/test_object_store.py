@@ -107,7 +107,6 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from scfm_jax.data.pipeline import Pipeline
     from scfm_jax.data.store import CellStore
-from scfm_jax.errors import UsageError
     url, index, count, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     pipeline = Pipeline(CellStore.open(url), global_batch_size=32, seed=7, buckets=(64, 128),
                         max_nonzero=128, block_size=8, process_index=index, process_count=count)
