@@ -201,6 +201,22 @@ def test_checkpoints_keep_the_latest_and_the_best(store, tmp_path):
     assert Checkpoints(tmp_path, read_only=True).all_steps() == [2, 5]
 
 
+
+def test_checkpoints_in_another_folder_load_from_the_workdir(store, tmp_path, monkeypatch):
+    """train.checkpoint_dir (relative here) keeps the checkpoints out of the workdir; config.json
+    records the absolute folder, so the workdir loads from any current directory."""
+    from scfm_jax.analysis.loading import load
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(store, steps=3)
+    config.train.checkpoint_dir = "elsewhere/checkpoints"
+    loop.train(config, tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["checkpoint_dir"]
+    assert saved == str(tmp_path / "elsewhere" / "checkpoints")
+    monkeypatch.chdir("/")
+    assert load(tmp_path / "run").step == 3
+
+
 def test_same_seed_same_losses_and_resume_continues_exactly(store, tmp_path):
     config = tiny_config(store, steps=6)
     one_device = jax.devices()[:1]
