@@ -271,8 +271,8 @@ def reference_encoder_rss(genes: int, official_code: str | None = None) -> dict:
             decoder=dict(width=config.decoder.width, depth=config.decoder.depth,
                          heads=config.decoder.heads, head_dim=config.decoder.head_dim,
                          mlp_dim=config.decoder.mlp_dim,
-                         features=int(config.decoder.head_dim * np.log(config.decoder.head_dim))
-                         )).eval()
+                         features=performer.num_random_features(
+                             config.decoder.head_dim, config.decoder.num_features))).eval()
 
         def embed(counts):
             return reference.get_embedding(peer, counts[None], output_type="cell")

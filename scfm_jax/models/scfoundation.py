@@ -244,10 +244,9 @@ class ScFoundation(nnx.Module):
         self.norm = layers.layer_norm(dec.width, dtype=dtype, rngs=rngs)
         self.to_final = layers.linear(dec.width, 1, (EMBED, None), dtype=dtype, rngs=rngs)
 
-    def positions(self, gene_ids: jax.Array) -> jax.Array:
-        """The gene (position) embeddings of `gene_ids`, looked up in the whole table."""
-        table = layers.gathered(self.pos_emb.embedding.get_value())
-        return jnp.take(table.astype(self.dtype), gene_ids, axis=0)
+    def position_table(self) -> jax.Array:
+        """The gene (position) embedding table, whole on every device, in the compute dtype."""
+        return layers.gathered(self.pos_emb.embedding.get_value()).astype(self.dtype)
 
     def encode(self, values: jax.Array, gene_ids: jax.Array, padding_mask: jax.Array, *,
                dropout_key: jax.Array | None = None) -> jax.Array:
@@ -259,7 +258,7 @@ class ScFoundation(nnx.Module):
         """
         lengths = jnp.sum(~padding_mask, axis=-1).astype(jnp.int32)
         gene_ids = jnp.where(padding_mask, self.seq_len, gene_ids)
-        x = self.token_emb(values) + self.positions(gene_ids)
+        x = self.token_emb(values) + jnp.take(self.position_table(), gene_ids, axis=0)
         x = layers.constrain(x, (BATCH, LENGTH, EMBED))
 
         def step(layer, x, index, _):
@@ -285,7 +284,7 @@ class ScFoundation(nnx.Module):
         targets = jnp.where(padding_mask, self.seq_len, gene_ids)  # out of range: dropped
         rows = jnp.arange(batch)[:, None]
         x = x.at[rows, targets].set(encoded.astype(x.dtype), mode="drop")
-        x = x + self.positions(jnp.arange(self.seq_len))[None]
+        x = x + self.position_table()[None, :self.seq_len]   # every position, in order
         x = self.decoder_embed(layers.constrain(x, (BATCH, LENGTH, EMBED)))
         x = layers.constrain(x, (BATCH, LENGTH, EMBED))
         x, _ = layers.scan(

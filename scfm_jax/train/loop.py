@@ -206,11 +206,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                   "symbols": list(store.vocabulary.symbols)}
     train_pipeline, eval_pipeline = make_pipelines(config, store)
     peak_flops, peak_source = device_peak_flops(config.model.dtype)
-    if train_config.get("checkpoint_dir") and "://" not in train_config.checkpoint_dir:
-        # config.json records where they are, for `load(workdir)` from any current directory
-        train_config.checkpoint_dir = str(Path(train_config.checkpoint_dir).expanduser().absolute())
     checkpoints = Checkpoints(workdir, directory=train_config.get("checkpoint_dir") or None,
                               keep=train_config.keep_checkpoints)
+    if train_config.get("checkpoint_dir"):
+        # config.json records where they are (absolute), for `load(workdir)` from anywhere
+        train_config.checkpoint_dir = str(checkpoints.directory)
 
     # -- restore or init
     state, start_step = restore_or_init(trainer, checkpoints, config, vocabulary)
