@@ -98,6 +98,34 @@ def test_roofline_is_the_slower_of_compute_and_memory():
     assert row.roofline_seconds == pytest.approx(4e-3)
 
 
+@pytest.mark.parametrize("config_batch, largest_fitting, expected, compiled", [
+    (128, 512, 512, [128, 256, 512, 1024]),   # fits at the config's batch: doubles until it fails
+    (128, 32, 32, [32, 64, 128]),             # does not: halves until it fits
+    (128, 8, 0, [16, 32, 64, 128]),           # not even the smallest (16) fits
+    (100, 1 << 20, 4096, [128, 256, 512, 1024, 2048, 4096]),   # rounds to the grid; max_batch
+])
+def test_sweep_searches_from_the_config_batch(config_batch, largest_fitting, expected, compiled):
+    # The search on its own, with a stand-in for the compile: a step "fits" up to a batch.
+    config = tiny_plan_config()
+    config.data.global_batch_size = config_batch
+    config.train.grad_accum_steps = 2
+    config.mesh.update(data=1, fsdp=8, tensor=1)   # the smallest batch the mesh splits: 8 x 2
+    asked = []
+
+    def plan_row(trial, devices, chip, *, step, bucket, global_batch):
+        asked.append((trial.model.remat_policy, global_batch))
+        return plan.PlanRow(step=step, bucket=bucket, global_batch=global_batch, mesh={},
+                            remat=trial.model.remat_policy, compile_seconds=0.0, hbm_bytes=1e9,
+                            temp_bytes=1 if global_batch <= largest_fitting else 2e9)
+
+    results = plan.sweep(config, [None] * 8, None, policies=("dots", "full"), max_batch=4096,
+                         plan_row=plan_row)
+    assert {policy: best for policy, (best, _) in results.items()} == {"dots": expected,
+                                                                       "full": expected}
+    assert [r.global_batch for r in results["full"][1]] == compiled
+    assert sorted(b for policy, b in asked if policy == "dots") == compiled
+
+
 def test_scmulan_plans_without_a_store():
     """A token set of the config's size stands in for the store's; the train step traces on it."""
     from scfm_jax.configs import scmulan_tiny

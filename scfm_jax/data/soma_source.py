@@ -19,6 +19,8 @@ import scipy.sparse as sp
 
 from scfm_jax.data.readers import _READ_ELEMENTS, InputError, Source
 
+_PROBE_CELLS = 256   # cells read to estimate the values per cell of a query
+
 INSTALL_HINT = 'SOMA / Census inputs need tiledbsoma: pip install -e ".[census]"'
 
 
@@ -88,6 +90,7 @@ class SomaSource(Source):
         tiledbsoma = _tiledbsoma()
         super().__init__(str(spec.uri) if spec.census is None else spec.label, label)
         self.spec = spec
+        self._chunk_rows = None
         self._experiment, self._handle = _open_experiment(spec)
         try:
             self._setup(tiledbsoma, obs_columns)
@@ -146,7 +149,8 @@ class SomaSource(Source):
         hasher = hashlib.sha256()
         hasher.update(np.ascontiguousarray(self.joinids).tobytes())
         hasher.update("\0".join(self.var.index).encode())
-        hasher.update(repr((self.layer, tuple(self._x.shape), self._x.nnz)).encode())
+        # not `nnz`: on an experiment of many fragments tiledbsoma counts it by reading all of X
+        hasher.update(repr((self.layer, tuple(self._x.shape), self._x.non_empty_domain())).encode())
         return hasher.hexdigest()
 
     def source_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -175,10 +179,17 @@ class SomaSource(Source):
         return block
 
     def chunk_rows(self) -> int:
-        """Cells per X read so that one read holds about the converter's read budget of values."""
-        num_rows = max(int(self._x.shape[0]), 1)
-        per_row = max(1.0, self._x.nnz / num_rows)
-        return max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
+        """Cells per X read so that one read holds about the converter's read budget of values.
+
+        The values per cell are those of the query's first cells (one small read), not X's `nnz`:
+        tiledbsoma counts `nnz` by reading the whole layer when its fragments may overlap (as
+        `tiledbsoma.io.from_h5ad` writes them), which held 6 GB for a 250,000-cell experiment."""
+        if self._chunk_rows is None:
+            probe = self.joinids[:_PROBE_CELLS]
+            values = len(self._x.read(coords=(probe,)).tables().concat()) if len(probe) else 0
+            per_row = max(1.0, values / max(len(probe), 1))
+            self._chunk_rows = max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
+        return self._chunk_rows
 
     def close(self):
         if self._handle is not None:

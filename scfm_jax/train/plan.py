@@ -399,26 +399,43 @@ def plan(config, devices, chip: Chip | None, *, step: str = "train",
 
 
 def sweep(config, devices, chip: Chip, *, step: str = "train", bucket: int | None = None,
-          policies: tuple[str, ...] = REMAT_POLICIES, max_batch: int = 1 << 16) -> dict:
-    """Per remat policy, the largest global batch (doubling from the smallest the mesh can split)
-    whose step fits the chip at the largest bucket: policy -> (batch or 0, the rows compiled)."""
+          policies: tuple[str, ...] = REMAT_POLICIES, max_batch: int = 1 << 16,
+          plan_row=None) -> dict:
+    """Per remat policy, the largest global batch of the form smallest * 2^k (smallest: what the
+    mesh and the micro-batches split) whose step fits the chip at the largest bucket:
+    policy -> (batch or 0, the rows compiled).
+
+    The search starts at the grid point nearest the config's batch and doubles while it fits, or
+    halves until it fits: a 1B compile takes minutes, and the config's batch is usually close."""
     bucket = int(bucket or max(config.data.buckets))
     mesh_shape = dict(zip(partitioning.MESH_AXES,
                           partitioning.mesh_shape(config.mesh, len(devices))))
     accum = max(int(config.train.grad_accum_steps), 1) if step == "train" else 1
     smallest = mesh_shape["data"] * mesh_shape["fsdp"] * accum
+    start = max(0, round(math.log2(max(int(config.data.global_batch_size), 1) / smallest)))
+    plan_row = plan_row or plan_bucket
     results = {}
     for policy in policies:
         trial = ml_collections.ConfigDict(config.to_dict())
         trial.model.remat_policy = policy
-        best, rows, batch = 0, [], smallest
-        while batch <= max_batch:
-            row = plan_bucket(trial, devices, chip, step=step, bucket=bucket, global_batch=batch)
+        rows = []
+
+        def fits(k: int) -> bool:
+            row = plan_row(trial, devices, chip, step=step, bucket=bucket,
+                           global_batch=smallest << k)
             rows.append(row)
-            if not row.fits:
-                break
-            best, batch = batch, batch * 2
-        results[policy] = (best, rows)
+            return bool(row.fits)
+
+        k = min(start, int(math.log2(max(1, max_batch // smallest))))
+        if fits(k):
+            while (smallest << (k + 1)) <= max_batch and fits(k + 1):
+                k += 1
+            best = smallest << k
+        else:
+            while k > 0 and not fits(k - 1):
+                k -= 1
+            best = smallest << (k - 1) if k > 0 else 0
+        results[policy] = (best, sorted(rows, key=lambda r: r.global_batch))
     return results
 
 
