@@ -2,9 +2,10 @@
 
 Run by `bench_loader.py` as a subprocess (annbatch needs Python 3.12, the project 3.11):
 
-    /work/venv-annbatch/bin/python benchmarks/annbatch_rates.py H5AD COLLECTION CELLS RUNS
+    /work/venv-annbatch/bin/python benchmarks/annbatch_rates.py H5AD[,H5AD...] COLLECTION CELLS RUNS
 
-Builds annbatch's pre-shuffled zarr collection from the .h5ad once (with the zarrs codec pipeline),
+(`bench_scale.py` passes its several sources, comma-separated.) Builds annbatch's pre-shuffled zarr
+collection from the .h5ad files once (with the zarrs codec pipeline),
 then measures two setups on it, each at the batch sizes given:
 * recommended (annbatch's README): the zarrs codec pipeline and a `load_adata` that opens only `X`
   as a sparse dataset; `Loader(batch_size, chunk_size=32, preload_nchunks=256)`;
@@ -50,7 +51,7 @@ def rate(collection_path: str, batch_size: int, cells: int, seed: int, load_adat
 
 
 def main():
-    h5ad, collection_path = sys.argv[1:3]
+    h5ads, collection_path = sys.argv[1].split(","), sys.argv[2]
     cells, runs = int(sys.argv[3]), int(sys.argv[4])
     warnings.simplefilter("ignore")
     build = None
@@ -59,7 +60,7 @@ def main():
         with zarr.config.set(ZARRS):
             # 2 GB datasets bound the memory of the shuffle (annbatch holds a dataset in memory)
             DatasetCollection(collection_path).add_adatas(
-                [h5ad], dataset_size="2GB", shard_size="256MB", shuffle=True,
+                h5ads, dataset_size="2GB", shard_size="256MB", shuffle=True,
                 rng=np.random.default_rng(0))
         build = time.perf_counter() - start
     rows = []

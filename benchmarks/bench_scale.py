@@ -11,11 +11,15 @@ heavy-tailed negative-binomial counts; popular genes expressed more often) as --
   with zstd level 3 in the file's 1 Mi-element chunks (what a zstd-filtered h5ad holds);
 * reads 200 batches of 256 cells at random steps with the pipeline in a fresh process (cold: empty
   in-process caches; the OS page cache is dropped first only with --drop-caches, which needs root
-  and slows every other process on the machine), then the same steps again (warm);
+  and slows every other process on the machine), then the same steps again (warm); a random step's
+  batch is a quarter of a window no other batch read, the pipeline's worst case;
+* reads 200 consecutive steps from a random one as the train loop does (`Pipeline.iterate`, its
+  prefetch threads), on a freshly opened store: what a training run gets;
 * projects the wall time of converting 50M cells with N tasks from the 1-worker rate, and the
   cells/s an 8-accelerator host consumes for the 100M config (FLOPs per cell from bench_train,
-  the accelerator's peak) against the warm pipeline rate;
-* runs annbatch's Loader on the same .h5ad files in its own Python (>= 3.12, --annbatch-python).
+  the accelerator's peak) against the training-stream rate;
+* runs annbatch's Loader on the same .h5ad files in its own Python (>= 3.12, --annbatch-python),
+  with `annbatch_rates.py` (its recommended and default setups, as bench_loader.py).
 
     python benchmarks/bench_scale.py --workdir /tmp/scfm-scale              # 1,000,000 cells
     python benchmarks/bench_scale.py --workdir /tmp/scfm-scale-20k --cells 20000
@@ -28,7 +32,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -153,54 +156,38 @@ def timed_convert(command: list[str]) -> dict:
 
 
 def child_read(store_path: str, batches: int, seed: int):
-    """Pipeline batches at random steps, twice (cold, then warm); prints cells/s of each pass."""
+    """Pipeline batches at random steps, twice (cold, then warm), then the training stream: the
+    loop's own `Pipeline.iterate` (consecutive steps, its prefetch threads) from a random step, on
+    a freshly opened store; prints cells/s of each."""
     from scfm_jax.data.pipeline import Pipeline
     from scfm_jax.data.store import CellStore
 
-    t = time.perf_counter()
-    store = CellStore.open(store_path)
-    opened = time.perf_counter() - t
-    pipeline = Pipeline(store, global_batch_size=BATCH, seed=seed,
+    def open_pipeline():
+        store = CellStore.open(store_path)
+        return Pipeline(store, global_batch_size=BATCH, seed=seed,
                         buckets=(1024, 2048, 3072, 4096, MAX_GENES), max_nonzero=MAX_GENES,
                         process_index=0, process_count=1)
+
+    t = time.perf_counter()
+    pipeline = open_pipeline()
+    opened = time.perf_counter() - t
     steps_per_epoch = max(1, len(pipeline.cells) // pipeline.global_batch_size)
-    steps = np.random.default_rng(seed).integers(0, 100 * steps_per_epoch, batches)
+    steps = np.random.default_rng(seed).integers(0, 100 * steps_per_epoch, batches + 1)
     rates = []
     for _ in ("cold", "warm"):
         t = time.perf_counter()
-        cells = sum(pipeline.batch(int(s))["gene_ids"].shape[0] for s in steps)
+        cells = sum(pipeline.batch(int(s))["gene_ids"].shape[0] for s in steps[:batches])
         rates.append(cells / (time.perf_counter() - t))
-    print(json.dumps({"open_s": opened, "cold": rates[0], "warm": rates[1],
-                      "rss_mb": peak_rss_mb()}))
+    stream = open_pipeline()   # its own page cache: the stream starts cold in-process
+    t = time.perf_counter()
+    with stream.iterate(int(steps[-1]), batches) as batches_of_the_loop:
+        cells = sum(batch["gene_ids"].shape[0] for _, batch in batches_of_the_loop)
+    stream_rate = cells / (time.perf_counter() - t)
+    print(json.dumps({"open_s": opened, "cold": rates[0], "warm": rates[1], "stream": stream_rate,
+                      "prefetch": stream.prefetch, "rss_mb": peak_rss_mb()}))
 
 
-ANNBATCH_SCRIPT = textwrap.dedent("""
-    import json, sys, time, warnings
-    from pathlib import Path
-    warnings.simplefilter("ignore")
-    import numpy as np
-    from annbatch import DatasetCollection, Loader
-    h5ads, collection_path, batches, batch = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    build = None
-    if not Path(collection_path).exists():
-        t = time.perf_counter()
-        DatasetCollection(collection_path).add_adatas(h5ads, dataset_size="2GB", shard_size="256MB",
-                                                      rng=np.random.default_rng(0))
-        build = time.perf_counter() - t
-    rates = []
-    for run in range(2):
-        loader = Loader(batch_size=batch, chunk_size=32, preload_nchunks=256, shuffle=True,
-                        preload_to_gpu=False, rng=np.random.default_rng(run))
-        loader.use_collection(DatasetCollection(collection_path, mode="r"))
-        seen, t = 0, time.perf_counter()
-        for i, out in enumerate(loader):
-            x = out["X"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
-            seen += x.shape[0]
-            if i + 1 == batches:
-                break
-        rates.append(seen / (time.perf_counter() - t))
-    print(json.dumps({"cold": rates[0], "warm": rates[1], "build_s": build}))
-""")
+ANNBATCH_RATES = Path(__file__).with_name("annbatch_rates.py")
 
 
 def run_json(command: list[str], **kwargs) -> dict:
@@ -239,6 +226,9 @@ def main(argv=None):
                         help="a Python >= 3.12 with annbatch installed ('' to skip)")
     parser.add_argument("--reconvert", action="store_true",
                         help="convert again even where an earlier run left a store and its figures")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the sources (.h5ad, --soma experiments) and stop: the measured "
+                             "part can then run on a quiet machine")
     parser.add_argument("--child-read", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_read:
@@ -285,6 +275,8 @@ def main(argv=None):
                                         X_layer_name="raw")
             somas.append(str(uri))
         inputs["soma"] = somas
+    if args.prepare_only:
+        return None
 
     conversions = []
     for kind, paths in inputs.items():
@@ -319,8 +311,10 @@ def main(argv=None):
     if args.annbatch_python and Path(args.annbatch_python).exists():
         if args.drop_caches:
             drop_page_cache()
-        annbatch = run_json([args.annbatch_python, "-c", ANNBATCH_SCRIPT, json.dumps(inputs["h5ad"]),
-                             str(work / f"annbatch-{tag}.zarr"), str(args.batches), str(BATCH)])
+        annbatch = run_json([args.annbatch_python, str(ANNBATCH_RATES), ",".join(inputs["h5ad"]),
+                             str(work / f"annbatch-{tag}.zarr"), str(args.batches * BATCH), "3"])
+        annbatch = {f"{r['setup']} {r['batch_size']}": r["rate"] for r in annbatch["rows"]} | {
+            "build_s": annbatch["build_s"], "versions": annbatch["versions"]}
 
     raw = sum(folder_bytes(p) for p in h5ads)
     zstd = sum(zstd_bytes(p) for p in h5ads)
@@ -340,21 +334,27 @@ def main(argv=None):
     print(f"raw .h5ad: {raw / args.cells:,.0f} bytes/cell; its X arrays with zstd-3: "
           f"{zstd / args.cells:,.0f} bytes/cell; store / zstd h5ad = "
           f"{conversions[0]['bytes'] / zstd:.2f}")
-    print(f"pipeline, {args.batches} batches of {BATCH} at random steps: cold "
-          f"{read['cold']:,.0f} cells/s, warm {read['warm']:,.0f} cells/s (open {read['open_s']:.1f} s, "
-          f"peak RSS {read['rss_mb']:,.0f} MB)"
+    print(f"pipeline, {args.batches} batches of {BATCH} at random steps (each from a window no "
+          f"other batch read): cold {read['cold']:,.0f} cells/s, warm {read['warm']:,.0f} cells/s "
+          f"(open {read['open_s']:.1f} s, peak RSS {read['rss_mb']:,.0f} MB)"
           + ("" if args.drop_caches else "; OS page cache not dropped (--drop-caches)"))
+    print(f"pipeline, the training stream ({args.batches} consecutive steps from a random one, "
+          f"Pipeline.iterate with {read['prefetch']} prefetch threads, as `scfm-jax train` reads): "
+          f"{read['stream']:,.0f} cells/s")
     if annbatch:
-        print(f"annbatch Loader, same .h5ad cells, {args.batches} batches of {BATCH}: first pass "
-              f"{annbatch['cold']:,.0f}, second {annbatch['warm']:,.0f} cells/s"
+        recommended, default = annbatch["recommended 256"], annbatch["default 256"]
+        print(f"annbatch {annbatch['versions']['annbatch']} Loader on the same .h5ad cells, batches "
+              f"of {BATCH} (median of 3 runs of {args.batches} batches): recommended setup (zarrs, "
+              f"X-only load_adata) {recommended:,.0f} cells/s, default setup {default:,.0f} cells/s"
               + (f" (collection built in {annbatch['build_s']:.0f} s)" if annbatch["build_s"] else "")
-              + f"; pipeline / annbatch: cold {read['cold'] / annbatch['cold']:.2f}x, warm "
-                f"{read['warm'] / annbatch['warm']:.2f}x")
+              + f"; pipeline training stream / annbatch recommended: "
+                f"{read['stream'] / recommended:.2f}x, / annbatch default: {read['stream'] / default:.2f}x")
     consumed = args.accelerators * args.accelerator_tflops * 1e12 / args.flops_per_cell
     print(f"an {args.accelerators}-accelerator host at 100% MFU of {args.accelerator_tflops:g} "
           f"TFLOP/s, {args.flops_per_cell / 1e12:.2f} TFLOP per cell (100M config): "
-          f"{consumed:,.0f} cells/s; the warm pipeline (one process) feeds "
-          f"{read['warm'] / consumed:.1f}x that (target >= 10x)")
+          f"{consumed:,.0f} cells/s; the pipeline (one process) feeds {read['stream'] / consumed:.1f}x "
+          f"that in the training stream (target >= 10x), {read['cold'] / consumed:.1f}x at cold "
+          f"random steps")
     per_worker = args.cells / conversions[0]["seconds"]
     projection = ", ".join(f"{n} tasks {50e6 / (per_worker * n) / 3600:,.1f} h"
                            for n in (int(x) for x in args.tasks.split(",")))

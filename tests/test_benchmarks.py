@@ -23,11 +23,13 @@ def test_scale_benchmark_runs_and_resumes_without_converting_again(tmp_path):
     rows = [line for line in lines if line.startswith(("h5ad, ", "soma, "))]
     assert [row.split()[:2] for row in rows] == [["h5ad,", "1"], ["h5ad,", "2"], ["soma,", "1"],
                                                  ["soma,", "2"]]
-    assert any(line.startswith("pipeline, 3 batches of 256 at random steps: cold") for line in lines)
+    assert any(line.startswith("pipeline, 3 batches of 256 at random steps") for line in lines)
+    assert any(line.startswith("pipeline, the training stream (3 consecutive steps") for line in lines)
     assert any(line.startswith("50M cells at") and "8 tasks" in line for line in lines)
     results = json.loads((tmp_path / "results-3000x19264x600x2.json").read_text())
     assert [c["bytes"] > 0 for c in results["conversions"]] == [True] * 4
-    assert results["read"]["cold"] > 0 and results["cells"] == 3000
+    assert results["read"]["cold"] > 0 and results["read"]["stream"] > 0
+    assert results["cells"] == 3000
 
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env,
                            timeout=1500)
