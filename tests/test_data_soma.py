@@ -129,6 +129,38 @@ def test_pbmc_soma_store_equals_the_anndata_store(pbmc, tmp_path):
     np.testing.assert_array_equal(source_rows(tmp_path / "soma"), cells)   # soma_joinid
 
 
+def test_x_is_read_in_bounded_ranges_and_never_counted_whole(pbmc, tmp_path, monkeypatch):
+    # tiledbsoma counts `nnz` by reading the whole layer when fragments may overlap (6 GB at
+    # 250,000 cells), so the converter must not ask for it, and every X read covers one range.
+    from scfm_jax.data import soma_source
+
+    adata, uri = pbmc
+    monkeypatch.setattr(soma_source, "_READ_ELEMENTS", 20_000)   # ~60 cells a read
+    reads = []
+    original_read = tiledbsoma.SparseNDArray.read
+
+    def read(self, coords=(), **kwargs):
+        rows = coords[0] if coords else slice(None)
+        reads.append(rows.stop - rows.start + 1 if isinstance(rows, slice) and rows.stop is not None
+                     else len(rows) if not isinstance(rows, slice) else None)
+        return original_read(self, coords, **kwargs)
+
+    def nnz(self):
+        raise AssertionError("the converter asked tiledbsoma for X's nnz")
+
+    monkeypatch.setattr(tiledbsoma.SparseNDArray, "read", read)
+    monkeypatch.setattr(tiledbsoma.SparseNDArray, "nnz", property(nnz))
+    convert([SomaInput(uri)], tmp_path / "soma", vocabulary="from-data", shard_size=256)
+    per_cell = adata.X.nnz / adata.n_obs
+    assert None not in reads and len(reads) > adata.n_obs / 256   # no read of the whole layer
+    # each opening of the source probes the query's first cells for the values per cell; every
+    # other read holds the budget, from their average
+    budget = 20_000 / per_cell * 2
+    assert all(r <= budget or r == soma_source._PROBE_CELLS for r in reads)
+    assert sum(r <= budget for r in reads) >= adata.n_obs / budget
+    assert CellStore.open(tmp_path / "soma").num_cells == adata.n_obs
+
+
 def test_census_like_filter_selects_exactly_the_matching_cells(census, tmp_path):
     adata, uri = census
     flt = "is_primary_data == True and tissue_general == 'blood'"
