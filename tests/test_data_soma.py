@@ -136,6 +136,7 @@ def test_x_is_read_in_bounded_ranges_and_never_counted_whole(pbmc, tmp_path, mon
 
     adata, uri = pbmc
     monkeypatch.setattr(soma_source, "_READ_ELEMENTS", 20_000)   # ~60 cells a read
+    monkeypatch.setattr(convert_lib, "_OPEN_SOURCES", {})   # not the sources earlier tests opened
     reads = []
     original_read = tiledbsoma.SparseNDArray.read
 
