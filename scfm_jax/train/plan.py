@@ -2,7 +2,7 @@
 and print what each chip needs (HBM, FLOPs, collectives) and the step time a roofline implies.
 
   scfm-jax plan --config configs/scfoundation_100m.py --topology v5e-8 [--step train|embed]
-      [--sweep] [--bucket 512] [--largest_collectives 3] [--config.mesh.fsdp=8 ...]
+      [--sweep [--remat full]] [--bucket 512] [--largest_collectives 3] [--config.mesh.fsdp=8 ...]
 
 Deviceless ahead-of-time compilation, as MaxText's `train_compile.py`: with the `libtpu` wheel
 installed, `jax.experimental.topologies.get_topology_desc` gives compile-only devices of a named
@@ -530,6 +530,9 @@ def _parse(argv):
                       flag_values=flag_values)
     flags.DEFINE_multi_integer("bucket", None, "only these expressed-gene buckets (default: all)",
                                flag_values=flag_values)
+    flags.DEFINE_multi_enum("remat", None, list(REMAT_POLICIES),
+                            "with --sweep: only these remat policies (default: all)",
+                            flag_values=flag_values)
     flags.DEFINE_bool("sweep", False, "largest global batch that fits, per remat policy",
                       flag_values=flag_values)
     flags.DEFINE_integer("largest_collectives", 3, "list this many of each row's largest "
@@ -560,7 +563,8 @@ def main(argv) -> int:
           f"({devices[0].device_kind})", flush=True)
     if flag_values.sweep:
         bucket = (flag_values.bucket or [None])[-1]
-        results = sweep(config, devices, chip, step=flag_values.step, bucket=bucket)
+        results = sweep(config, devices, chip, step=flag_values.step, bucket=bucket,
+                        policies=tuple(flag_values.remat or REMAT_POLICIES))
         all_rows = [row for _, rows in results.values() for row in rows]
         print(format_rows(all_rows, chip))
         for policy, (best, _) in results.items():
