@@ -303,6 +303,8 @@ def main(argv=None):
                   flush=True)
 
     store = conversions[0]["store"]
+    # the conversions leave gigabytes of dirty pages: the reads must not compete with their writeback
+    os.sync()
     if args.drop_caches:
         drop_page_cache()
     read = run_json([sys.executable, __file__, "--child-read", store, "--batches",

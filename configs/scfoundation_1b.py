@@ -23,6 +23,8 @@ def get_config():
     # 8 micro-batches of 64 cells (8 per batch shard on a v5p-64, fsdp=8; 4 on a v5e-64, fsdp=16).
     # `scfm-jax plan` at the 8,192-gene bucket: 21.0 of 102 GB per chip on v5p-64 (79% headroom),
     # 9.92 of 17.2 GB on v5e-64 (42%); at 2 micro-batches a v5e-64 chip needed 35.5 GB.
+    # `--sweep`, largest batch that fits (8 micro-batches): v5e-64 full 512 (the default), dots
+    # 256 (11%), none not even 128; v5p-64 full 2,048 (21%; 1,024 at 60%).
     config.train.grad_accum_steps = 8
     config.mesh.update(data=1, fsdp=-1, tensor=4)
     return config
