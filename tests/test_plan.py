@@ -118,12 +118,14 @@ def test_sweep_searches_from_the_config_batch(config_batch, largest_fitting, exp
                             remat=trial.model.remat_policy, compile_seconds=0.0, hbm_bytes=1e9,
                             temp_bytes=1 if global_batch <= largest_fitting else 2e9)
 
+    reported = []
     results = plan.sweep(config, [None] * 8, None, policies=("dots", "full"), max_batch=4096,
-                         plan_row=plan_row)
+                         plan_row=plan_row, on_row=lambda row: reported.append(row.global_batch))
     assert {policy: best for policy, (best, _) in results.items()} == {"dots": expected,
                                                                        "full": expected}
     assert [r.global_batch for r in results["full"][1]] == compiled
     assert sorted(b for policy, b in asked if policy == "dots") == compiled
+    assert reported == [b for _, b in asked]   # progress after each compile, in order
 
 
 def test_scmulan_plans_without_a_store():

@@ -400,13 +400,14 @@ def plan(config, devices, chip: Chip | None, *, step: str = "train",
 
 def sweep(config, devices, chip: Chip, *, step: str = "train", bucket: int | None = None,
           policies: tuple[str, ...] = REMAT_POLICIES, max_batch: int = 1 << 16,
-          plan_row=None) -> dict:
+          plan_row=None, on_row=None) -> dict:
     """Per remat policy, the largest global batch of the form smallest * 2^k (smallest: what the
     mesh and the micro-batches split) whose step fits the chip at the largest bucket:
     policy -> (batch or 0, the rows compiled).
 
     The search starts at the grid point nearest the config's batch and doubles while it fits, or
-    halves until it fits: a 1B compile takes minutes, and the config's batch is usually close."""
+    halves until it fits: a 1B compile takes minutes, and the config's batch is usually close.
+    `on_row(row)` is called after each compile (the CLI prints progress with it)."""
     bucket = int(bucket or max(config.data.buckets))
     mesh_shape = dict(zip(partitioning.MESH_AXES,
                           partitioning.mesh_shape(config.mesh, len(devices))))
@@ -424,6 +425,8 @@ def sweep(config, devices, chip: Chip, *, step: str = "train", bucket: int | Non
             row = plan_row(trial, devices, chip, step=step, bucket=bucket,
                            global_batch=smallest << k)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             return bool(row.fits)
 
         k = min(start, int(math.log2(max(1, max_batch // smallest))))
@@ -564,7 +567,11 @@ def main(argv) -> int:
     if flag_values.sweep:
         bucket = (flag_values.bucket or [None])[-1]
         results = sweep(config, devices, chip, step=flag_values.step, bucket=bucket,
-                        policies=tuple(flag_values.remat or REMAT_POLICIES))
+                        policies=tuple(flag_values.remat or REMAT_POLICIES),
+                        on_row=lambda row: print(
+                            f"  remat={row.remat} batch {row.global_batch}: "
+                            f"{'fits' if row.fits else 'does not fit'} "
+                            f"({row.compile_seconds:.0f} s to compile)", file=sys.stderr, flush=True))
         all_rows = [row for _, rows in results.values() for row in rows]
         print(format_rows(all_rows, chip))
         for policy, (best, _) in results.items():
