@@ -30,7 +30,9 @@ def get_config():
     # 16 micro-batches of 8 cells: one cell per chip per micro-step on a v5e-8 (data=8). At the
     # largest bucket (8,192 genes) `scfm-jax plan` compiles this to 8.7 of the chip's 17.2 GB (49%
     # headroom); 8 micro-batches needed 14.7 GB (14%), under the 20% wanted. On more chips lower
-    # it: 128 / grad_accum_steps must divide by the batch shards (data x fsdp).
+    # it: 128 / grad_accum_steps must divide by the batch shards (data x fsdp). On a v5p-8 (data=4)
+    # this batch takes 14.6 of 102 GB (86%); `--sweep` there fits dots up to 1,024 (5%; 512 at
+    # 51%) and full up to 4,096 (27%).
     train.grad_accum_steps = 16
     train.checkpoint_every = 1_000
     train.eval_every = 1_000
