@@ -4,7 +4,7 @@
 #
 #   launch/local_processes.sh N [DEVICES_PER_PROCESS] -- scfm-jax train --config ... --workdir ...
 #
-# Every process runs the same command with --coordinator_address/--num_processes/--process_id
+# Every process runs the same command with --coordinator-address/--num-processes/--process-id
 # appended; process 0's output goes to the terminal, the others' to <workdir-less> logs in $LOG_DIR.
 set -euo pipefail
 if [ $# -lt 3 ]; then
@@ -20,8 +20,8 @@ log_dir=${LOG_DIR:-$(mktemp -d)}
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT INT TERM
 for ((i = 0; i < num_processes; i++)); do
-  args=("$@" --coordinator_address="127.0.0.1:$port" --num_processes="$num_processes"
-        --process_id="$i" --num_cpu_devices="$devices")
+  args=("$@" --coordinator-address="127.0.0.1:$port" --num-processes="$num_processes"
+        --process-id="$i" --num-cpu-devices="$devices")
   if [ "$i" -eq 0 ]; then
     JAX_PLATFORMS=cpu "${args[@]}" &
   else

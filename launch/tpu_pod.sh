@@ -97,8 +97,9 @@ for ((restarts = 0; ; restarts++)); do
   status=0
   on_all_workers "$train" || status=$?
   state=$(slice_state)
-  # On a healthy slice the run's own status stands (finished, or a real failure).
-  [ "$state" = READY ] && exit "$status"
+  # On a healthy slice the run's own status stands (finished, or a real failure), except 75:
+  # the run was stopped by SIGTERM (a maintenance event) after saving a checkpoint; resume it.
+  [ "$state" = READY ] && [ "$status" -ne 75 ] && exit "$status"
   if [ "$restarts" -ge "$max_restarts" ]; then
     echo "tpu_pod.sh: slice $TPU_NAME is $state after $restarts restarts; giving up" >&2
     exit 1

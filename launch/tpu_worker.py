@@ -36,8 +36,8 @@ def main() -> None:
     port = os.environ.get("JAX_COORDINATOR_PORT", "8482")
     os.execv(sys.executable, [
         sys.executable, "-m", "scfm_jax.main", "train", *sys.argv[1:],
-        f"--coordinator_address={workers[0]}:{port}", f"--num_processes={len(workers)}",
-        f"--process_id={index}"])
+        f"--coordinator-address={workers[0]}:{port}", f"--num-processes={len(workers)}",
+        f"--process-id={index}"])
 
 
 if __name__ == "__main__":

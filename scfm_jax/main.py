@@ -2,16 +2,16 @@
 
 Each subcommand lives in the module that does the work and exposes `main(argv)`; this file only
 dispatches, so `scfm-jax --help` stays cheap (nothing heavy is imported until a command runs), and
-is the one place where errors become one line (see `errors.py`).
+is the one place where errors become one line (see `errors.py` for which, and the exit codes).
 """
 import importlib
 import os
 import sys
+import traceback
 
-from scfm_jax.errors import UsageError, one_line
-
-# What a user's input, file or config can raise; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, LookupError, OSError, ImportError, RuntimeError)
+from scfm_jax import __version__
+from scfm_jax.errors import (EXIT_BUG, EXIT_INTERRUPTED, EXIT_USAGE, exit_code, is_user_error,
+                             one_line)
 
 COMMANDS = {
     "convert": ("scfm_jax.data.convert", "AnnData / 10x / TileDB-SOMA -> sharded zarr cell store"),
@@ -27,30 +27,43 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: scfm-jax COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "scfm-jax COMMAND --help shows the options of a command."]
+    lines += ["", "scfm-jax COMMAND --help shows the options of a command; scfm-jax --version the "
+              "version."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"scfm-jax {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"scfm-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return module.main(rest) or 0
     except KeyboardInterrupt:
         print(f"scfm-jax {name}: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as error:
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 -- the one place that reports every failure
+        if not is_user_error(error):
+            traceback.print_exc()
+            print(f"scfm-jax {name}: internal error ({type(error).__name__}: {one_line(error)}). "
+                  "This is a bug in scfm-jax: please report it with the command line and the "
+                  "traceback above", file=sys.stderr)
+            return EXIT_BUG
         if os.environ.get("SCFM_TRACEBACK"):
-            raise
+            traceback.print_exc()
         print(f"scfm-jax {name}: error: {one_line(error)}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        return exit_code(error)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def reference(store, tmp_path_factory):
     """One process with 4 CPU devices: what 2 workers x 2 devices must reproduce."""
     workdir = tmp_path_factory.mktemp("reference")
     subprocess.run(TRAIN + ["--config", "configs/scfoundation_tiny.py", "--workdir", str(workdir),
-                            "--num_cpu_devices", "4"] + _overrides(_config(store)),
+                            "--num-cpu-devices", "4"] + _overrides(_config(store)),
                    cwd=REPO_ROOT, env=_env(), check=True, capture_output=True, timeout=900)
     return workdir
 
@@ -186,7 +186,7 @@ def test_slurm_job_joins_by_slurm_detection_and_time_limit_signal_checkpoints(
     workdir = tmp_path / "run"
     command = ["sbatch", "--ntasks-per-node=2", "launch/slurm.sbatch",
                "configs/scfoundation_tiny.py", str(workdir), *_overrides(_config(store)),
-               "--num_cpu_devices=2"]
+               "--num-cpu-devices=2"]
     # the time limit is "300 s away" once the first checkpoint is written: --signal=TERM@300 fires
     returncode, output = _run(
         command, _env(FAKE_SLURM_TIME_LIMIT_NEAR=workdir / "checkpoints" / "3"))

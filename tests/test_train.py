@@ -305,7 +305,7 @@ def _cli(store, workdir, *extra):
     import sys
 
     command = [sys.executable, "-m", "scfm_jax.main", "train", "--config",
-               "configs/scfoundation_tiny.py", "--num_cpu_devices", "1", "--workdir", str(workdir),
+               "configs/scfoundation_tiny.py", "--num-cpu-devices", "1", "--workdir", str(workdir),
                *_overrides(tiny_config(store, steps=CLI_STEPS)), *extra]
     return dict(args=command, cwd=os.path.dirname(os.path.dirname(__file__)),
                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -409,7 +409,7 @@ def test_two_processes_match_one_process_and_a_single_process_restores(store, tm
     command = [sys.executable, "-m", "scfm_jax.main", "train", "--config",
                "configs/scfoundation_tiny.py"] + overrides
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run(command + ["--workdir", str(tmp_path / "one"), "--num_cpu_devices", "4"],
+    subprocess.run(command + ["--workdir", str(tmp_path / "one"), "--num-cpu-devices", "4"],
                    cwd=root, env=env, check=True, capture_output=True, timeout=600)
     result = subprocess.run(
         ["bash", "launch/local_processes.sh", "2", "2", "--"] + command +

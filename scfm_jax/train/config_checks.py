@@ -1,59 +1,141 @@
-"""Checks of an experiment config before anything is compiled or written: one clear line each.
+"""The experiment-config command line of `train` and `plan`, and the checks of a config's values
+before anything is compiled or written: one clear line each.
 
-`parse_flags` turns absl / ml_collections parse failures (an unknown flag, a misspelt config field,
-a value of the wrong type) and `--help` into one line; `check` validates the values that would
-otherwise fail deep inside the pipeline or after compilation (batch, buckets, mesh, learning rate,
-steps, paths).
+`parse_command` parses a command's argparse flags plus `--config FILE[:ARG]` (a Python file with
+`get_config()`, loaded here) and any number of `--config.a.b=VALUE` overrides, each set through
+ml_collections' `ConfigDict`, which checks the type; a syntax error in the file, a misspelt field
+or a value of the wrong type is one line. `check` validates the values that would otherwise fail
+deep inside the pipeline or after compilation (batch, buckets, mesh, learning rate, steps, paths).
 """
 from __future__ import annotations
 
+import argparse
+import ast
+import difflib
+import importlib.util
 import math
-import re
+import traceback
 from pathlib import Path
 
 from scfm_jax.errors import UsageError
 
-HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
+OVERRIDE_PREFIX = "--config."
+OVERRIDES_HELP = ("--config.FIELD=VALUE overrides any field of the config file, e.g. "
+                  "--config.train.steps=1000 --config.data.buckets='(128,256)'")
 
 
-def parse_flags(flag_values, argv: list[str], doc: str, program: str = "scfm-jax train"):
-    """Parse `argv` into `flag_values`; `--help` prints the usage and exits 0."""
-    from absl import flags
+def parse_command(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv` with `parser` plus `--config FILE[:ARG]` and its `--config.a.b=VALUE`
+    overrides; `args.config` is the loaded config with the overrides set, locked."""
+    parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                        help="experiment config (a Python file with get_config([ARG])), e.g. "
+                             "configs/scfoundation_tiny.py. " + OVERRIDES_HELP)
+    overrides, rest = split_overrides(argv)
+    args = parser.parse_args(rest)
+    config = load_config(args.config)
+    for field, value in overrides:
+        set_field(config, field, value)
+    config.lock()
+    args.config = config
+    return args
 
-    if any(a in HELP_FLAGS for a in argv):
-        print(f"{doc.strip()}\n\nflags:\n{flag_values.get_help()}\n  --config.FIELD=VALUE: "
-              "override any field of the config file")
-        raise SystemExit(0)
+
+def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(field, value text)] of the `--config.a.b=VALUE` / `--config.a.b VALUE` arguments, the
+    other arguments)."""
+    overrides, rest, position = [], [], 0
+    while position < len(argv):
+        argument = argv[position]
+        position += 1
+        if not argument.startswith(OVERRIDE_PREFIX):
+            rest.append(argument)
+            continue
+        field, equals, value = argument[len(OVERRIDE_PREFIX):].partition("=")
+        if not equals:
+            if position >= len(argv):
+                raise UsageError(f"{argument}: give a value ({argument}=VALUE)")
+            value = argv[position]
+            position += 1
+        overrides.append((field, value))
+    return overrides, rest
+
+
+def load_config(spec: str):
+    """The ConfigDict of `FILE[:ARG]`: `get_config(ARG)` (or `get_config()`) of the Python file."""
+    path_text, _, argument = str(spec).partition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--config {path_text}: no such file (name a config file, e.g. "
+                         "configs/scfoundation_tiny.py)")
+    module_spec = importlib.util.spec_from_file_location(f"scfm_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
     try:
-        flag_values([program, *argv])
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        message = str(error.args[0] if error.args else error)
-        misspelt = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', message)
-        if misspelt:
-            good, bad = misspelt.groups()
-            given = next((a.split("=")[0] for a in argv if f".{bad}" in a), bad)
-            raise UsageError(f"{given}: the config has no field {bad!r}; did you mean "
-                             f"{given.replace(bad, good)}?") from None
-        raise UsageError(" ".join(message.replace("\\n", " ").replace("'", "").split())) from None
+        module_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if get_config is None:
+            raise UsageError(f"--config {path_text}: defines no get_config() function")
+        return get_config(argument) if argument else get_config()
+    except UsageError:
+        raise
+    except SyntaxError as error:
+        raise UsageError(f"--config {path_text}: line {error.lineno}: {error.msg}; fix the "
+                         "file") from None
+    except Exception as error:
+        frames = [f for f in traceback.extract_tb(error.__traceback__)
+                  if Path(f.filename).resolve() == path.resolve()]
+        where = f" line {frames[-1].lineno}" if frames else ""
+        raise UsageError(f"--config {path_text}:{where}: {type(error).__name__}: {error}; fix "
+                         "the file") from None
 
 
-def parse_command(flag_values, argv: list[str], doc: str, program: str, required: tuple[str, ...],
-                  example: str):
-    """Define `--config` (a config file, with `--config.a.b=...` overrides), parse `argv` as
-    `parse_flags` does, and exit with `example` when a `required` flag is missing."""
-    from ml_collections import config_flags
+def _parse_value(text: str, current):
+    """The Python value of an override's text, read as the current value's type reads it."""
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        return text   # refused by the type check
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
-    # ml_collections finds the --config.a.b=... overrides in the argv it is given (default
-    # sys.argv, which is not ours when a command's `main` is called from Python).
-    config_flags.DEFINE_config_file("config", None,
-                                    "experiment config file (a Python file with get_config())",
-                                    flag_values=flag_values, lock_config=True,
-                                    sys_argv=[program, *argv])
-    parse_flags(flag_values, argv, doc, program=program)
-    if any(getattr(flag_values, name) is None for name in required):
-        raise SystemExit(f"{program}: {' and '.join('--' + n for n in required)} are required\n"
-                         f"  e.g. {example}")
-    return flag_values
+
+def set_field(config, field: str, text: str) -> None:
+    """Set `config.<field>` (dotted) from an override's text; a misspelt field or a value of the
+    wrong type is a UsageError naming the override."""
+    import ml_collections
+
+    node, parts = config, field.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            given = OVERRIDE_PREFIX + ".".join(parts[:depth + 1])
+            hint = (f"; did you mean {OVERRIDE_PREFIX}{'.'.join(parts[:depth] + close)}?"
+                    if close else f" (fields there: {', '.join(known)})" if known else "")
+            raise UsageError(f"{given}: the config has no field {part!r}{hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise UsageError(f"{OVERRIDE_PREFIX}{field} is a group of fields; set one of them "
+                         f"({', '.join(OVERRIDE_PREFIX + field + '.' + k for k in current)})")
+    value = _parse_value(text, current)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as error:
+        expected = type(current).__name__
+        raise UsageError(f"{OVERRIDE_PREFIX}{field}={text}: expected a value of type {expected} "
+                         f"({' '.join(str(error).split())})") from None
 
 
 def _is_int(value) -> bool:
@@ -102,8 +184,6 @@ def check(config, workdir) -> None:
         _require(0 <= train[field] < 1, f"train.{field}", train[field], "must be in [0, 1)")
     for field in ("weight_decay", "grad_clip_norm"):
         _require(train[field] >= 0, f"train.{field}", train[field], "must be >= 0")
-    _require(train.warmup_steps <= train.steps, "train.warmup_steps", train.warmup_steps,
-             f"must not exceed train.steps={train.steps}")
     mesh = dict(config.mesh)
     for axis, size in mesh.items():
         _require(_is_int(size) and (size == -1 or size >= 1), f"mesh.{axis}", size,

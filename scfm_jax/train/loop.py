@@ -9,9 +9,12 @@ metrics kept on the device until a log or checkpoint step, evaluation, checkpoin
 → final checkpoint. A workdir that has checkpoints resumes from the latest; batches are a pure
 function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
+import argparse
 import contextlib
 import math
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from scfm_jax.data.pipeline import Pipeline, split_cells
 from scfm_jax.data.store import CellStore
+from scfm_jax.errors import EXIT_PREEMPTED, ModelError
 from scfm_jax.objectives import get_objective
 from scfm_jax.train import config_checks, partitioning
 from scfm_jax.train import workdir as workdir_lib
@@ -33,8 +37,8 @@ from scfm_jax.train.state import Trainer, cached_trainer
 HOST_ONLY_FIELDS = ("cell_index",)  # pipeline fields that stay on the host (int64 bookkeeping)
 
 
-class TrainingDiverged(FloatingPointError):
-    pass
+class TrainingDiverged(ModelError, FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def resolve_config(config: ml_collections.ConfigDict, store: CellStore) -> ml_collections.ConfigDict:
@@ -200,6 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         from scfm_jax.train import plan
         rows = plan.print_trainer_plan(trainer, config.data.buckets, config.data.global_batch_size)
         return {"dry_run": True, "plan": rows}
+    created_workdir = not workdir.exists()
     if lead:
         workdir_lib.acquire(workdir)
     vocabulary = {"name": store.vocabulary.name, "digest": store.vocabulary.digest,
@@ -289,7 +294,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                                      eval_loss=last_eval if evaluate_now else None)
                 if stop:
                     summary["stopped_early"] = True
+                    summary["preempted"] = step != stop_after
                     break
+    except BaseException:
+        if lead and created_workdir and checkpoints.latest_step() is None:
+            # nothing of this run is worth keeping: the next attempt starts from a clean slate
+            bar.close()
+            writer.close()
+            workdir_lib.release(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     finally:
         bar.close()
         checkpoints.close()
@@ -302,42 +316,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
 
 def _parse(argv):
-    from absl import flags
-
-    flag_values = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard",
-                        flag_values=flag_values)
-    flags.DEFINE_string("coordinator_address", None,
-                        "host:port of process 0 for multi-process runs", flag_values=flag_values)
-    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=flag_values)
-    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=flag_values)
-    flags.DEFINE_bool("auto_distributed", False,
-                      "call jax.distributed.initialize() with no arguments (TPU pods, SLURM)",
-                      flag_values=flag_values)
-    flags.DEFINE_integer("num_cpu_devices", None, "simulated CPU devices in this process",
-                         flag_values=flag_values)
-    flags.DEFINE_bool("dry_run", False, "compile the train step for the devices at hand, print "
-                      "the plan (per-device memory, FLOPs, roofline; see `scfm-jax plan`), exit",
-                      flag_values=flag_values)
-    config_checks.parse_command(
-        flag_values, argv, __doc__, "scfm-jax train", ("config", "workdir"),
-        "scfm-jax train --config configs/scfoundation_tiny.py --workdir runs/tiny "
-        "--config.data.store=runs/store")
-    return flag_values
+    parser = argparse.ArgumentParser(
+        prog="scfm-jax train", description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 finished, 1 error, 2 usage error, 75 preempted (SIGTERM; rerun the "
+               "same command to resume). " + config_checks.OVERRIDES_HELP)
+    parser.add_argument("--workdir", required=True,
+                        help="run folder: checkpoints, metrics, TensorBoard")
+    parser.add_argument("--coordinator-address", help="host:port of process 0 (multi-process)")
+    parser.add_argument("--num-processes", type=int, help="number of processes")
+    parser.add_argument("--process-id", type=int, help="this process's index")
+    parser.add_argument("--auto-distributed", action="store_true",
+                        help="call jax.distributed.initialize() with no arguments (TPU pods, SLURM)")
+    parser.add_argument("--num-cpu-devices", type=int, help="simulated CPU devices in this process")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile the train step for the devices at hand, print the plan "
+                             "(per-device memory, FLOPs, roofline; see `scfm-jax plan`), exit")
+    return config_checks.parse_command(parser, argv)
 
 
 def main(argv) -> int:
-    flag_values = _parse(argv)
-    if flag_values.num_cpu_devices:
-        jax.config.update("jax_num_cpu_devices", flag_values.num_cpu_devices)
-    if flag_values.coordinator_address:
-        jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
-                                   flag_values.process_id)
-    elif flag_values.auto_distributed:
+    args = _parse(argv)
+    if args.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.auto_distributed:
         jax.distributed.initialize()
-    summary = train(flag_values.config, flag_values.workdir, dry_run=flag_values.dry_run)
+    summary = train(args.config, args.workdir, dry_run=args.dry_run)
     if summary.get("dry_run"):
         return 0
+    if summary.get("preempted"):
+        if jax.process_index() == 0:
+            print(f"preempted at step {summary['final_step']}; rerun to resume (its checkpoint "
+                  "is saved)", file=sys.stderr)
+        return EXIT_PREEMPTED
     if jax.process_index() == 0:
         print(f"finished at step {summary['final_step']}; held-out loss {summary['eval_loss']:.5f}")
     return 0

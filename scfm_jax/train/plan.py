@@ -2,7 +2,7 @@
 and print what each chip needs (HBM, FLOPs, collectives) and the step time a roofline implies.
 
   scfm-jax plan --config configs/scfoundation_100m.py --topology v5e-8 [--step train|embed]
-      [--sweep [--remat full]] [--bucket 512] [--largest_collectives 3] [--config.mesh.fsdp=8 ...]
+      [--sweep [--remat full]] [--bucket 512] [--largest-collectives 3] [--config.mesh.fsdp=8 ...]
 
 Deviceless ahead-of-time compilation, as MaxText's `train_compile.py`: with the `libtpu` wheel
 installed, `jax.experimental.topologies.get_topology_desc` gives compile-only devices of a named
@@ -524,31 +524,28 @@ def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
 # ------------------------------------------------------------------------------------------ CLI
 
 def _parse(argv):
-    from absl import flags
+    import argparse
 
-    flag_values = flags.FlagValues()
-    flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v5p-8, v4-16, v6e-64 or v5e:2x4",
-                        flag_values=flag_values)
-    flags.DEFINE_enum("step", "train", ["train", "embed"], "which step to compile",
-                      flag_values=flag_values)
-    flags.DEFINE_multi_integer("bucket", None, "only these expressed-gene buckets (default: all)",
-                               flag_values=flag_values)
-    flags.DEFINE_multi_enum("remat", None, list(REMAT_POLICIES),
-                            "with --sweep: only these remat policies (default: all)",
-                            flag_values=flag_values)
-    flags.DEFINE_bool("sweep", False, "largest global batch that fits, per remat policy",
-                      flag_values=flag_values)
-    flags.DEFINE_integer("largest_collectives", 3, "list this many of each row's largest "
-                         "collectives, with the JAX op behind each", flag_values=flag_values)
-    # the train command's parser: --help, and one-line errors for a misspelt config field
-    config_checks.parse_command(
-        flag_values, argv, __doc__, "scfm-jax plan", ("config", "topology"),
-        "scfm-jax plan --config configs/scfoundation_100m.py --topology v5e-8")
-    return flag_values
+    parser = argparse.ArgumentParser(prog="scfm-jax plan", description=__doc__.split("\n\n")[0],
+                                     epilog=config_checks.OVERRIDES_HELP)
+    parser.add_argument("--topology", required=True,
+                        help="TPU slice: v5e-8, v5p-8, v4-16, v6e-64 or v5e:2x4")
+    parser.add_argument("--step", choices=("train", "embed"), default="train",
+                        help="which step to compile (default: %(default)s)")
+    parser.add_argument("--bucket", type=int, action="append",
+                        help="only this expressed-gene bucket (repeatable; default: all)")
+    parser.add_argument("--remat", choices=list(REMAT_POLICIES), action="append",
+                        help="with --sweep: only this remat policy (repeatable; default: all)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="largest global batch that fits, per remat policy")
+    parser.add_argument("--largest-collectives", type=int, default=3,
+                        help="list this many of each row's largest collectives, with the JAX op "
+                             "behind each (default: %(default)s)")
+    return config_checks.parse_command(parser, argv)
 
 
 def main(argv) -> int:
-    flag_values = _parse(argv)
+    flag_values = _parse(argv)   # an argparse namespace
     # The host's own devices only trace and lower; on a TPU VM they stay free for training.
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
     try:

@@ -11,71 +11,50 @@
 """
 from __future__ import annotations
 
-import datetime
-import fcntl
 import json
 import os
-import socket
-import sys
 from pathlib import Path
 
-LOCK = ".lock"
+from scfm_jax.errors import WorkdirError
+from scfm_jax.output_safety import LOCK, FolderLock, check_output
+
 # Fields that may change between a run and its resume: they do not change the parameters.
 RESUMABLE_MODEL_FIELDS = ("model.remat_policy", "model.decoder.chunk_size")
+# What a run writes into its workdir; a workdir holding anything else is not a run's.
+RUN_FILES = (LOCK, "config.json", "metrics.jsonl", ".config.json.tmp", ".metrics.jsonl.tmp")
+RUN_FOLDERS = ("checkpoints", "profile", "tensorboard")
 
-_held: dict[Path, int] = {}   # workdir -> file descriptor of the lock this process holds
 
-
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(WorkdirError):
     """Another run holds the workdir."""
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(WorkdirError, ValueError):
     """The config does not match the checkpoint the workdir would resume from."""
 
 
+def _lock(workdir) -> FolderLock:
+    return FolderLock(workdir, command="train", busy=WorkdirBusy, what="training run",
+                      advice="wait for it to finish, stop it, or choose another --workdir")
+
+
+def is_run_folder(workdir: Path) -> bool:
+    """Whether every entry of an existing folder is something a training run writes."""
+    return all(p.name in RUN_FILES or p.name in RUN_FOLDERS or p.name.startswith("events.out.")
+               for p in Path(workdir).iterdir())
+
+
 def acquire(workdir: str | Path) -> None:
-    """Create the workdir and take its lock (a no-op if this process holds it already)."""
-    workdir = Path(workdir).absolute()
-    if workdir in _held:
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read(fd)
-        os.close(fd)
-        raise WorkdirBusy(
-            f"{workdir} is in use by another training run (PID {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to "
-            "finish, stop it, or choose another --workdir") from None
-    previous = _read(fd)
-    if previous.get("pid"):
-        print(f"scfm-jax train: {workdir}: the previous run (PID {previous['pid']} on "
-              f"{previous.get('host', '?')}) ended without releasing the workdir (killed?); "
-              "resuming from its last checkpoint", file=sys.stderr)
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
-    _held[workdir] = fd
+    """Create the workdir and take its lock (a no-op if this process holds it already); a folder
+    holding files that are not a run's is refused (`output_safety.check_output`)."""
+    check_output(workdir, command="train", flag="--workdir",
+                 ours=lambda path: path.is_dir() and is_run_folder(path))
+    _lock(workdir).acquire()
 
 
 def release(workdir: str | Path) -> None:
     """Empty the lock file and drop the lock (if this process holds it)."""
-    fd = _held.pop(Path(workdir).absolute(), None)
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _read(fd: int) -> dict:
-    try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except ValueError:
-        return {}
+    _lock(workdir).release()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
