@@ -54,6 +54,27 @@ class ModelError(ScfmError, ValueError):
     """A model produced unusable values (a diverged run, NaN outputs)."""
 
 
+# The same errors for the places that raised a built-in lookup error before (callers catch those).
+class MissingInput(InputError, FileNotFoundError):
+    """A file or folder named as an input does not exist (or cannot be fetched)."""
+
+
+class UnknownName(InputError, KeyError):
+    """A named gene, column, layer, token or key is not in the input."""
+
+
+class MissingCheckpoint(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was named."""
+
+
+class UnknownCheckpointKey(CheckpointError, KeyError):
+    """A checkpoint lacks the named weight set or item."""
+
+
+class MissingDependency(ScfmError, ModuleNotFoundError):
+    """An optional package this use needs is not installed; the message says what to install."""
+
+
 # OSErrors that are about the user's files or machine, reported in one line.
 NAMED_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                    NotADirectoryError)

@@ -96,7 +96,7 @@ def test_two_h5ad_inputs_round_trip_through_anndata_read_zarr(tmp_path):
 
     store = CellStore.open(tmp_path / "store")
     assert store.num_cells == 78 and store.vocabulary == VOCAB
-    assert set(store.obs_columns) == {"cell_type", "batch", "source"}   # categorical columns only
+    assert set(store.obs_columns) == {"cell_type", "batch", "scfm_source"}   # categorical columns only
     assert store.obs_categories("batch") == ["b0", "shared", "b1"]
     codes = store.read_obs("batch", np.arange(78))
     labels = np.array(store.obs_categories("batch"))[codes]
@@ -166,7 +166,7 @@ def test_in_memory_anndata_from_data_vocabulary_and_selected_obs(tmp_path):
     assert store.vocabulary.name == "from-data"
     assert list(store.vocabulary.symbols) == list(a.var_names[:-1])
     assert summary.sources[0]["label"] == "<AnnData 0>"
-    assert store.obs_columns == ["cell_type", "score", "source"]
+    assert store.obs_columns == ["cell_type", "scfm_source", "score"]  # sorted
     assert len(store.obs_categories("score")) == 25     # non-categorical columns become categories
     rows = store.read(np.arange(25)).to_csr(len(store.vocabulary)).toarray()
     dense = a.X.toarray()

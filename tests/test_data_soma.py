@@ -76,7 +76,7 @@ def aligned_by_hand(adata):
 
 
 def source_rows(store_path):
-    return np.concatenate([anndata.read_zarr(s).obs["source_row"].to_numpy()
+    return np.concatenate([anndata.read_zarr(s).obs["scfm_source_row"].to_numpy()
                            for s in sorted((store_path / "shards").iterdir())])
 
 
@@ -182,7 +182,7 @@ def test_census_like_filter_selects_exactly_the_matching_cells(census, tmp_path)
     labels = np.array(store.obs_categories("donor_id"))[store.read_obs("donor_id",
                                                                        np.arange(len(expected)))]
     np.testing.assert_array_equal(labels, adata.obs["donor_id"].astype(str).to_numpy()[expected])
-    assert set(store.obs_columns) == {"cell_type", "donor_id", "source"}
+    assert set(store.obs_columns) == {"cell_type", "donor_id", "scfm_source"}
 
 
 def test_tasks_split_by_joinid_ranges_and_the_cli(census, tmp_path):
@@ -205,7 +205,7 @@ def test_tasks_split_by_joinid_ranges_and_the_cli(census, tmp_path):
     keep[::5] = False
     np.testing.assert_array_equal(rows, np.flatnonzero(keep))
     for k, shard in enumerate(sorted((tmp_path / "two" / "shards").iterdir())):
-        joinids = anndata.read_zarr(shard).obs["source_row"].to_numpy()   # one joinid range each
+        joinids = anndata.read_zarr(shard).obs["scfm_source_row"].to_numpy()   # one joinid range each
         window = np.flatnonzero((adata.obs["tissue_general"] != "brain").to_numpy())[50 * k:50 * k + 50]
         assert joinids.min() >= window[0] and joinids.max() <= window[-1]
 
@@ -239,7 +239,7 @@ def test_census_opened_through_cellxgene_census(census, tmp_path, monkeypatch, c
     np.testing.assert_array_equal(source_rows(tmp_path / "store"), np.flatnonzero(keep))
     shard = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
     assert list(shard.obs_names) == [str(j) for j in np.flatnonzero(keep)]
-    assert CellStore.open(tmp_path / "store").obs_categories("source") == \
+    assert CellStore.open(tmp_path / "store").obs_categories("scfm_source") == \
         ["census-2025-01-30-homo_sapiens"]
     assert cli(["convert", "--census", "2025-01-30", "--census-uri", str(root), "--organism",
                 "mus_musculus", "--output", str(tmp_path / "mouse"),

@@ -16,13 +16,15 @@ with `obs["cell_type_scmulan"]`, `obs["cell_type_scmulan_coarse"]` and `obsm["X_
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import anndata
 import numpy as np
 import pandas as pd
+
+from scfm_jax.errors import (CheckpointError, InputError, MissingCheckpoint, UnknownName,
+                             UsageError)
 
 GENE_LIST_FILE = "total_gene_list_42117.txt"
 
@@ -49,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--smooth", type=int, default=0, metavar="K",
                    help="also write a kNN-smoothed type over K neighbours of the embedding")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file (never the input)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -76,12 +80,12 @@ def _official_model(args):
     from scfm_jax.interop.scmulan_torch import load_official_checkpoint
 
     if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or training workdir")
+        raise MissingCheckpoint(f"--checkpoint {args.checkpoint}: no such file or training workdir")
     if _checkpoint_kind(Path(args.checkpoint)) != "scmulan":
-        raise ValueError(f"--checkpoint {args.checkpoint} is a scFoundation checkpoint; "
-                         "`scfm-jax annotate` runs scMulan models (use `scfm-jax embed` for it)")
+        raise CheckpointError(f"--checkpoint {args.checkpoint} is a scFoundation checkpoint; "
+                              "`scfm-jax annotate` runs scMulan models (use `scfm-jax embed` for it)")
     if args.vocabulary is None:
-        raise ValueError("an official .pt checkpoint needs --vocabulary: the folder with "
+        raise UsageError("an official .pt checkpoint needs --vocabulary: the folder with "
                          "token_set.tsv, gene_set.txt and meta_categories.json")
     token_set = TokenSet.from_folder(args.vocabulary)
     gene_list_spec = args.gene_list
@@ -92,12 +96,12 @@ def _official_model(args):
     symbols = set(gene_list.symbols)
     missing = [g for g in token_set.genes if g not in symbols]
     if missing:
-        raise ValueError(f"{len(missing)} scMulan genes are not in the gene list {gene_list_spec} "
+        raise InputError(f"{len(missing)} scMulan genes are not in the gene list {gene_list_spec} "
                          f"(e.g. {missing[:5]}); use the 42,117-symbol list of scMulan")
     _, model = load_official_checkpoint(args.checkpoint)
     if model.cfg.vocab_size != len(token_set):
-        raise ValueError(f"the checkpoint has {model.cfg.vocab_size} tokens but the vocabulary "
-                         f"folder {args.vocabulary} has {len(token_set)}; they do not belong together")
+        raise CheckpointError(f"the checkpoint has {model.cfg.vocab_size} tokens but the vocabulary "
+                              f"folder {args.vocabulary} has {len(token_set)}; they do not belong together")
     return token_set, gene_list, model
 
 
@@ -107,7 +111,7 @@ def _trained_model(workdir):
 
     loaded = load(workdir)
     if loaded.kind != "scmulan":
-        raise ValueError(f"{workdir} holds a {loaded.kind} model, not scMulan")
+        raise CheckpointError(f"{workdir} holds a {loaded.kind} model, not scMulan")
     return token_set_from_config(loaded.config), loaded.vocabulary, loaded.model
 
 
@@ -117,7 +121,10 @@ def main(argv=None) -> int:
     from scfm_jax.analysis import scmulan_tasks
     from scfm_jax.analysis.output_checks import require_finite
     from scfm_jax.data.anndata_io import check_writable, read_h5ad, write_h5ad
+    from scfm_jax.output_safety import (OWNER_KEY, check_output, owner_record, publish,
+                                        temporary_path)
 
+    check_output(args.output, command="annotate", inputs=[args.input], overwrite=args.overwrite)
     adata = read_h5ad(args.input)
     check_writable(adata, Path(args.output).absolute().parent)
     if Path(args.checkpoint).is_dir() or "://" in args.checkpoint:   # a workdir / its bucket
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
     else:
         token_set, gene_list, model = _official_model(args)
     if args.layer is not None and args.layer not in adata.layers:
-        raise KeyError(f"{args.input} has no layer {args.layer!r} (layers: {list(adata.layers)})")
+        raise UnknownName(f"{args.input} has no layer {args.layer!r} (layers: {list(adata.layers)})")
     expression, report = gene_set_expression(
         adata, token_set, gene_list, layer=args.layer, counts=args.counts,
         gene_column=args.gene_column, min_coverage=args.min_coverage)
@@ -140,9 +147,10 @@ def main(argv=None) -> int:
     adata.obsm["X_scmulan"] = work.obsm["X_scmulan"]
     if args.smooth:
         scmulan_tasks.smooth_cell_types(adata, n_neighbors=args.smooth)
-    tmp = f"{args.output}.tmp.h5ad"
+    adata.uns[OWNER_KEY] = owner_record("annotate")
+    tmp = temporary_path(args.output)
     write_h5ad(adata, tmp)
-    os.replace(tmp, args.output)
+    publish(tmp, args.output)
     counts = adata.obs["cell_type_scmulan"].value_counts()
     print(f"wrote {args.output}: {adata.n_obs} cells; types: "
           + ", ".join(f"{k} {v}" for k, v in counts.head(10).items()), file=sys.stderr)

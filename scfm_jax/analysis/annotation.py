@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.embedding import model_and_vocabulary, aligned_matrix
 from scfm_jax.data.host_ops import bucket_length, padded_csr_rows
+from scfm_jax.errors import InputError, UnknownName, UsageError
 from scfm_jax.models import layers
 from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
 from scfm_jax.objectives.scfoundation import inference_inputs
@@ -85,8 +86,8 @@ class Classifier:
     def embeddings(self, adata: anndata.AnnData, progress: bool = False) -> np.ndarray:
         if self.encoder is None:
             if self.embedding_key not in adata.obsm:
-                raise KeyError(f"adata.obsm has no {self.embedding_key!r}; embed the cells first "
-                               "(embed_cells) with the model the classifier was trained on")
+                raise UnknownName(f"adata.obsm has no {self.embedding_key!r}; embed the cells first "
+                                  "(embed_cells) with the model the classifier was trained on")
             return np.asarray(adata.obsm[self.embedding_key], np.float32)
         options = dict(self.embed_options)
         matrix, _ = aligned_matrix(adata, self.vocabulary, layer=options.pop("layer"),
@@ -115,12 +116,12 @@ def scores(true_labels, predicted_labels) -> dict:
 
 def labelled_codes(adata: anndata.AnnData, label_key: str):
     if label_key not in adata.obs:
-        raise KeyError(f"adata.obs has no {label_key!r} (columns: {list(adata.obs.columns)})")
+        raise UnknownName(f"adata.obs has no {label_key!r} (columns: {list(adata.obs.columns)})")
     labels = adata.obs[label_key]
     labelled = np.flatnonzero(labels.notna().to_numpy())
     classes, codes = np.unique(labels.iloc[labelled].astype(str).to_numpy(), return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"obs[{label_key!r}] has {len(classes)} class among the labelled cells; "
+        raise InputError(f"obs[{label_key!r}] has {len(classes)} class among the labelled cells; "
                          "a classifier needs at least 2")
     return labelled, classes, codes
 
@@ -128,7 +129,7 @@ def labelled_codes(adata: anndata.AnnData, label_key: str):
 def split_cells(codes: np.ndarray, test_fraction: float, seed: int):
     """(train, test) positions; stratified by label when every class has two cells or more."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise UsageError(f"test_fraction must be in (0, 1), got {test_fraction}")
     positions = np.arange(len(codes))
     stratify = codes if np.bincount(codes).min() >= 2 else None
     train, test = train_test_split(positions, test_size=test_fraction, random_state=seed,
@@ -159,8 +160,8 @@ def fit_classifier(adata: anndata.AnnData, label_key: str,
     Held-out accuracy and macro-F1 are in `classifier.report`.
     """
     if embedding_key not in adata.obsm:
-        raise KeyError(f"adata.obsm has no {embedding_key!r} (keys: {list(adata.obsm)}); run "
-                       "embed_cells first")
+        raise UnknownName(f"adata.obsm has no {embedding_key!r} (keys: {list(adata.obsm)}); run "
+                          "embed_cells first")
     labelled, classes, codes = labelled_codes(adata, label_key)
     train, test = split_cells(codes, test_fraction, seed)
     x = np.asarray(adata.obsm[embedding_key], np.float32)[labelled]

@@ -13,13 +13,14 @@ vocabulary (missing genes as zeros, columns reordered, extra genes dropped). Out
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from scfm_jax.errors import (CheckpointError, InputError, MissingCheckpoint, MissingInput,
+                             UnknownName, UsageError)
 
 OUTPUT_TYPES = ("cell", "gene", "gene_batch", "gene_expression")
 # get_embedding.py's --version: cell embeddings come from `cell`, gene modes from `gene`.
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-coverage", type=float, default=0.5,
                    help="refuse inputs of which less than this fraction of the expression maps "
                         "onto the vocabulary (default 0.5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file (never a folder of other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -73,15 +76,15 @@ def _load_model(args):
         from scfm_jax.analysis.loading import load
         loaded = load(args.checkpoint, step=args.step)
         if loaded.kind != "scfoundation":
-            raise ValueError(f"{path} holds a {loaded.kind!r} model, not scfoundation")
+            raise CheckpointError(f"{path} holds a {loaded.kind!r} model, not scfoundation")
         return loaded.model, loaded.vocabulary
     if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file or training workdir")
+        raise MissingCheckpoint(f"--checkpoint {path}: no such file or training workdir")
     from scfm_jax.analysis.loading import _checkpoint_kind
     if _checkpoint_kind(path) == "scmulan":
-        raise ValueError(f"--checkpoint {path} is an scMulan checkpoint; `scfm-jax embed` runs "
-                         f"scFoundation models. Use `scfm-jax annotate --checkpoint {path}` for "
-                         "scMulan embeddings and cell types")
+        raise CheckpointError(f"--checkpoint {path} is an scMulan checkpoint; `scfm-jax embed` runs "
+                              f"scFoundation models. Use `scfm-jax annotate --checkpoint {path}` for "
+                              "scMulan embeddings and cell types")
     from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
     _, model = load_official_checkpoint(path, args.key or DEFAULT_KEY[args.output_type])
     return model, None
@@ -93,30 +96,27 @@ def _read_input(path: Path, layer: str | None, pre_normalized: str):
     import pandas as pd
     import scipy.sparse as sp
 
-    from scfm_jax.data.anndata_io import read_h5ad
+    from scfm_jax.data.anndata_io import read_csv_matrix, read_h5ad
 
     if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: no such file")
+        raise MissingInput(f"--input {path}: no such file")
     if path.suffix == ".h5ad":
         adata = read_h5ad(path)
         if layer == "raw":
             if adata.raw is None:
-                raise ValueError(f"{path} has no .raw; drop --layer raw")
+                raise InputError(f"{path} has no .raw; drop --layer raw")
             adata = anndata.AnnData(adata.raw.X, obs=adata.obs, var=adata.raw.var,
                                     obsm=dict(adata.obsm), uns=dict(adata.uns))
         elif layer is not None:
             if layer not in adata.layers:
-                raise KeyError(f"{path} has no layer {layer!r} (layers: {list(adata.layers)})")
+                raise UnknownName(f"{path} has no layer {layer!r} (layers: {list(adata.layers)})")
             adata.X = adata.layers[layer]
     elif path.suffix == ".csv":
-        frame = pd.read_csv(path, index_col=0)
-        adata = anndata.AnnData(frame.to_numpy(np.float32),
-                                obs=pd.DataFrame(index=frame.index.astype(str)),
-                                var=pd.DataFrame(index=frame.columns.astype(str)))
+        adata = read_csv_matrix(path)
     else:
-        raise ValueError(f"--input {path}: expected a .h5ad or .csv file")
+        raise InputError(f"--input {path}: expected a .h5ad or .csv file")
     if adata.n_obs == 0:
-        raise ValueError(f"--input {path} has no cells")
+        raise InputError(f"--input {path} has no cells")
     totals = None
     if pre_normalized == "A":
         matrix = adata.X
@@ -139,18 +139,6 @@ def _aligned_matrix(adata, vocabulary, gene_column, min_coverage, totals):
     return aligned
 
 
-def _atomic_target(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.")) / output.name
-
-
-def _publish(temporary: Path, output: Path) -> None:
-    if output.is_dir():
-        shutil.rmtree(output)
-    os.replace(temporary, output)
-    shutil.rmtree(temporary.parent, ignore_errors=True)
-
-
 def run(args) -> None:
     import anndata
     import pandas as pd
@@ -160,13 +148,16 @@ def run(args) -> None:
     from scfm_jax.analysis.output_checks import require_finite, require_finite_array
     from scfm_jax.data.anndata_io import check_writable, write_h5ad
     from scfm_jax.data.vocabulary import load_vocabulary
+    from scfm_jax.output_safety import (OWNER_KEY, check_output, owner_record, publish,
+                                        temporary_path)
 
     output = Path(args.output)
     if args.output_type in ("gene", "gene_batch") and output.suffix != ".zarr":
-        raise ValueError(f"--output-type {args.output_type} writes a zarr array; name the output "
+        raise UsageError(f"--output-type {args.output_type} writes a zarr array; name the output "
                          f"*.zarr (got {output})")
     if args.output_type in ("cell", "gene_expression") and output.suffix != ".h5ad":
-        raise ValueError(f"--output-type {args.output_type} writes an h5ad file (got {output})")
+        raise UsageError(f"--output-type {args.output_type} writes an h5ad file (got {output})")
+    check_output(output, command="embed", inputs=[args.input], overwrite=args.overwrite)
     adata, totals = _read_input(Path(args.input), args.layer, args.pre_normalized)
     if output.suffix == ".h5ad":
         check_writable(adata, output.absolute().parent)
@@ -174,7 +165,7 @@ def run(args) -> None:
     vocabulary = (load_vocabulary(args.vocabulary) if args.vocabulary
                   else own_vocabulary or load_vocabulary("scfoundation"))
     if len(vocabulary) != model.num_genes:
-        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
+        raise UsageError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
                          f"checkpoint's model has {model.num_genes}; pass the --vocabulary the "
                          "checkpoint was trained with (a gene_name<TAB>index file)")
     matrix = _aligned_matrix(adata, vocabulary, args.gene_column, args.min_coverage, totals)
@@ -185,7 +176,7 @@ def run(args) -> None:
                 "output_type": args.output_type, "tgthighres": args.tgthighres,
                 "pre_normalized": args.pre_normalized, "input_type": args.input_type,
                 "vocabulary": vocabulary.name}
-    temporary = _atomic_target(output)
+    temporary = temporary_path(output)
     try:
         if args.output_type == "cell":
             embeddings = inference.cell_embeddings(
@@ -193,6 +184,7 @@ def run(args) -> None:
             require_finite(embeddings, adata.obs_names, f"{OBSM_KEY} of {args.checkpoint}")
             adata.obsm[OBSM_KEY] = embeddings
             adata.uns["scfoundation"] = dict(settings, pool=args.pool)
+            adata.uns[OWNER_KEY] = owner_record("embed")
             write_h5ad(adata, temporary)
         elif args.output_type == "gene_expression":
             predicted = inference.predicted_expression(model, matrix,
@@ -202,6 +194,7 @@ def run(args) -> None:
                                      var=pd.DataFrame(index=pd.Index(vocabulary.symbols,
                                                                      name="gene_name")))
             result.uns["scfoundation"] = settings
+            result.uns[OWNER_KEY] = owner_record("embed")
             write_h5ad(result, temporary)
         else:
             width = model.decoder_norm.num_features
@@ -209,7 +202,8 @@ def run(args) -> None:
                                     shape=(adata.n_obs, model.num_genes, width),
                                     chunks=(1, model.num_genes, width))
             array.attrs.update(dict(settings, cells=list(map(str, adata.obs_names)),
-                                    genes=list(vocabulary.symbols)))
+                                    genes=list(vocabulary.symbols),
+                                    **{OWNER_KEY: owner_record("embed")}))
             if args.output_type == "gene_batch":
                 inference.gene_embeddings(model, matrix, batch_size=adata.n_obs,
                                           stabilizer_scope="batch", out=array, **options)
@@ -217,7 +211,7 @@ def run(args) -> None:
                 inference.gene_embeddings(model, matrix, batch_size=args.batch_size or 4,
                                           stabilizer_scope="cell", out=array, **options)
             require_finite_array(array, adata.obs_names, f"gene embeddings of {args.checkpoint}")
-        _publish(temporary, output)
+        publish(temporary, output)
     finally:
         shutil.rmtree(temporary.parent, ignore_errors=True)
     print(f"wrote {output}", file=sys.stderr)

@@ -25,20 +25,21 @@ from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data.host_ops import (COUNT_TOLERANCE, bucket_length, non_count_positions,
                                    padded_csr_rows)
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
+from scfm_jax.errors import InputError, UnknownName, UsageError
 from scfm_jax.objectives.scfoundation import inference_inputs
 
 def model_and_vocabulary(model, vocabulary: Vocabulary | None):
     if isinstance(model, LoadedModel):
         if model.kind != "scfoundation":
-            raise ValueError(f"this function runs scFoundation models; {model.source} holds a "
+            raise UsageError(f"this function runs scFoundation models; {model.source} holds a "
                              f"{model.kind} model")
         vocabulary = vocabulary or model.vocabulary
         model = model.model
     if vocabulary is None:
-        raise ValueError("no gene vocabulary: pass a model from scfm_jax.analysis.load (it carries "
+        raise UsageError("no gene vocabulary: pass a model from scfm_jax.analysis.load (it carries "
                          "one) or vocabulary=")
     if len(vocabulary) != model.num_genes:
-        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the model "
+        raise UsageError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the model "
                          f"has {model.num_genes}")
     return model, vocabulary
 
@@ -49,11 +50,11 @@ def matrix_source(adata: anndata.AnnData, layer: str | None):
         return adata.X, adata.var, "adata.X"
     if layer == "raw":
         if adata.raw is None:
-            raise ValueError("layer='raw' but adata.raw is None")
+            raise InputError("layer='raw' but adata.raw is None")
         return adata.raw.X, adata.raw.var, "adata.raw.X"
     if layer not in adata.layers:
-        raise KeyError(f"adata has no layer {layer!r} (layers: {list(adata.layers)}; "
-                       "'raw' reads adata.raw)")
+        raise UnknownName(f"adata has no layer {layer!r} (layers: {list(adata.layers)}; "
+                          "'raw' reads adata.raw)")
     return adata.layers[layer], adata.var, f"adata.layers[{layer!r}]"
 
 
@@ -83,7 +84,7 @@ def require_counts(adata: anndata.AnnData, layer: str | None, matrix, where: str
     advice = (f"pass {' or '.join(found)} (it holds integer counts)" if found else
               "keep the raw counts before normalising (adata.layers['counts'] = adata.X.copy()) and "
               "pass layer='counts'")
-    raise ValueError(
+    raise InputError(
         f"{where} does not hold raw counts (e.g. {bad[:3].tolist()}; it looks log-normalised), but "
         f"scFoundation normalises counts itself: {advice}. If these values are log1p(counts / "
         "total * 1e4), pass pre_normalized='T' instead.")
@@ -126,7 +127,7 @@ def embed_cells(model, adata: anndata.AnnData, *, layer: str | None = None,
     """
     model_, vocabulary = model_and_vocabulary(model, vocabulary)
     if pre_normalized == "A":
-        raise ValueError("pre_normalized='A' reads the raw totals from an extra last column, which "
+        raise UsageError("pre_normalized='A' reads the raw totals from an extra last column, which "
                          "an AnnData's genes do not have; use `scfm-jax embed --pre-normalized A` "
                          "or scfoundation_inference.cell_embeddings on the aligned matrix")
     counts_expected = pre_normalized == "F" and input_type == "singlecell"
@@ -285,7 +286,7 @@ def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
                                        min_coverage=min_coverage, verbose=progress)
     if masked:
         if folds < 2:
-            raise ValueError(f"folds must be >= 2 (each pass masks 1/folds of the genes), got {folds}")
+            raise UsageError(f"folds must be >= 2 (each pass masks 1/folds of the genes), got {folds}")
         predicted = _masked_expression(model_, matrix, tgthighres=target, folds=folds,
                                        batch_size=batch_size, cell_names=list(adata.obs_names),
                                        progress=progress)

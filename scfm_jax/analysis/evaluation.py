@@ -19,6 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from scfm_jax.analysis.annotation import labelled_codes, scores, split_cells
 from scfm_jax.data.host_ops import log_normalise, non_count_positions
+from scfm_jax.errors import InputError, UnknownName
 
 MODEL_EMBEDDINGS = ("X_scfoundation", "X_scmulan")
 # Up to this many cells the neighbour graphs are exact (scikit-learn, seconds); above it they are
@@ -32,7 +33,7 @@ BIO_CONSERVATION = dict(isolated_labels=True, nmi_ari_cluster_labels_leiden=True
 
 def _embedding(adata: anndata.AnnData, key: str) -> np.ndarray:
     if key not in adata.obsm:
-        raise KeyError(f"adata.obsm has no {key!r} (keys: {list(adata.obsm)})")
+        raise UnknownName(f"adata.obsm has no {key!r} (keys: {list(adata.obsm)})")
     return np.asarray(adata.obsm[key], np.float64)
 
 
@@ -72,8 +73,8 @@ def _keys_with_baseline(adata, embedding_keys, baseline_key, layer) -> list[str]
     if embedding_keys is None:
         embedding_keys = [key for key in MODEL_EMBEDDINGS if key in adata.obsm]
         if not embedding_keys:
-            raise KeyError(f"adata.obsm has none of {MODEL_EMBEDDINGS} (keys: {list(adata.obsm)}); "
-                           "run analysis.embed_cells first or name the keys to compare")
+            raise UnknownName(f"adata.obsm has none of {MODEL_EMBEDDINGS} (keys: {list(adata.obsm)}); "
+                              "run analysis.embed_cells first or name the keys to compare")
     keys = [key for key in embedding_keys if key != baseline_key]
     for key in keys:
         _embedding(adata, key)
@@ -111,18 +112,18 @@ def compare_embeddings(adata: anndata.AnnData, label_key: str, embedding_keys=No
     keys = _keys_with_baseline(adata, embedding_keys, baseline_key, layer)
     labelled, classes, codes = labelled_codes(adata, label_key)
     if len(labelled) < MIN_CELLS:
-        raise ValueError(f"scib-metrics needs at least {MIN_CELLS} labelled cells (its cLISI and "
+        raise InputError(f"scib-metrics needs at least {MIN_CELLS} labelled cells (its cLISI and "
                          f"iLISI use 90 neighbours); obs[{label_key!r}] labels {len(labelled)}")
     obs = pd.DataFrame({"label": classes[codes]}, index=adata.obs_names[labelled])
     if batch_key is None:
         obs["batch"] = "one batch"  # isolated labels then means the rarest labels
     else:
         if batch_key not in adata.obs:
-            raise KeyError(f"adata.obs has no batch column {batch_key!r} (columns: "
-                           f"{list(adata.obs.columns)})")
+            raise UnknownName(f"adata.obs has no batch column {batch_key!r} (columns: "
+                              f"{list(adata.obs.columns)})")
         batches = adata.obs[batch_key].iloc[labelled]
         if batches.isna().any() or batches.nunique() < 2:
-            raise ValueError(f"obs[{batch_key!r}] must name a batch for every labelled cell and "
+            raise InputError(f"obs[{batch_key!r}] must name a batch for every labelled cell and "
                              f"hold at least 2 batches, found {batches.nunique()}")
         obs["batch"] = batches.astype(str).to_numpy()
     scored = anndata.AnnData(obs=obs, obsm={key: np.asarray(adata.obsm[key], np.float32)[labelled]
@@ -166,7 +167,7 @@ def thin_counts(counts, rate: float, seed: int = 0) -> sp.csr_matrix:
         raise ValueError(f"rate must be in (0, 1], got {rate}")
     thinned = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     if len(non_count_positions(thinned.data)):
-        raise ValueError("thin_counts needs non-negative integer counts")
+        raise InputError("thin_counts needs non-negative integer counts")
     thinned.data = np.random.default_rng(seed).binomial(
         thinned.data.astype(np.int64), rate).astype(np.float32)
     thinned.eliminate_zeros()

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from scfm_jax.data.vocabulary import Vocabulary, load_vocabulary
+from scfm_jax.errors import CheckpointError, MissingCheckpoint, UsageError
 
 OFFICIAL_SCFOUNDATION_GENES = 19264
 
@@ -65,7 +66,7 @@ def _workdir_and_step(path: Path, step: int | None) -> tuple[Path, int | None] |
         return path.parent, step
     if path.name.isdigit() and path.parent.name == "checkpoints":
         if step is not None and step != int(path.name):
-            raise ValueError(f"{path} is step {path.name} but step={step} was asked for")
+            raise CheckpointError(f"{path} is step {path.name} but step={step} was asked for")
         return path.parent.parent, int(path.name)
     if (path / "train" / "checkpoints").is_dir():  # `scfm-jax demo --workdir` puts training in train/
         return path / "train", step
@@ -97,11 +98,11 @@ def load_workdir(workdir: str | Path | None, step: int | None = None, *,
     try:
         steps = checkpoints.all_steps()
         if not steps:
-            raise FileNotFoundError(f"{checkpoints.directory} holds no finished checkpoint yet "
+            raise MissingCheckpoint(f"{checkpoints.directory} holds no finished checkpoint yet "
                                     "(training writes one every train.checkpoint_every steps)")
         if step is not None and step not in steps:
-            raise ValueError(f"{checkpoints.directory} has no checkpoint at step {step}; it has "
-                             f"{sorted(steps)}")
+            raise CheckpointError(f"{checkpoints.directory} has no checkpoint at step {step}; it has "
+                                  f"{sorted(steps)}")
         metadata = checkpoints.restore_metadata(step)
         config = ml_collections.ConfigDict(metadata["config"])
         mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -127,23 +128,23 @@ def _checkpoint_kind(path: Path) -> str:
         return "scmulan"
     if keys & {"gene", "cell", "rde"} or {"config", "state_dict"} <= keys:
         return "scfoundation"
-    raise ValueError(f"{path} is neither an official scFoundation checkpoint (keys gene/cell/rde) "
-                     f"nor an scMulan one (keys model_args/model); its top-level keys are "
-                     f"{sorted(map(str, keys))}")
+    raise CheckpointError(f"{path} is neither an official scFoundation checkpoint (keys gene/cell/rde) "
+                          f"nor an scMulan one (keys model_args/model); its top-level keys are "
+                          f"{sorted(map(str, keys))}")
 
 
 def _scfoundation_vocabulary(vocabulary, num_genes: int, path: Path) -> Vocabulary:
     if vocabulary is None:
         if num_genes != OFFICIAL_SCFOUNDATION_GENES:
-            raise ValueError(f"{path} has {num_genes} genes, not the released "
-                             f"{OFFICIAL_SCFOUNDATION_GENES}; pass the vocabulary it was trained "
-                             "with: load(path, vocabulary='genes.tsv')")
+            raise CheckpointError(f"{path} has {num_genes} genes, not the released "
+                                  f"{OFFICIAL_SCFOUNDATION_GENES}; pass the vocabulary it was trained "
+                                  "with: load(path, vocabulary='genes.tsv')")
         vocabulary = "scfoundation"
     if not isinstance(vocabulary, Vocabulary):
         vocabulary = load_vocabulary(vocabulary)
     if len(vocabulary) != num_genes:
-        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but {path} "
-                         f"has {num_genes}; pass the vocabulary the checkpoint was trained with")
+        raise CheckpointError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but {path} "
+                              f"has {num_genes}; pass the vocabulary the checkpoint was trained with")
     return vocabulary
 
 
@@ -159,22 +160,22 @@ def load(path: str | Path, *, key: str = "cell", step: int | None = None,
     """
     if "://" in str(path):   # a bucket: the checkpoints folder of a run (train.checkpoint_dir)
         if vocabulary is not None:
-            raise ValueError(f"{path} holds training checkpoints, which carry their own "
+            raise UsageError(f"{path} holds training checkpoints, which carry their own "
                              "vocabulary; drop vocabulary=")
         return load_workdir(None, step, directory=str(path))
     path = Path(path).expanduser()
     if path.is_dir():
         found = _workdir_and_step(path, step)
         if found is None:
-            raise FileNotFoundError(f"{path} is a folder without checkpoints/: give a scfm-jax "
+            raise MissingCheckpoint(f"{path} is a folder without checkpoints/: give a scfm-jax "
                                     "training workdir (scfm-jax train/demo --workdir) or a "
                                     "checkpoint file")
         if vocabulary is not None:
-            raise ValueError(f"{path} is a training workdir, which carries its own vocabulary; "
+            raise UsageError(f"{path} is a training workdir, which carries its own vocabulary; "
                              "drop vocabulary=")
         return load_workdir(*found)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or training workdir")
+        raise MissingCheckpoint(f"{path}: no such checkpoint file or training workdir")
     kind = _checkpoint_kind(path)
     if kind == "scmulan":
         from scfm_jax.interop.scmulan_torch import load_official_checkpoint

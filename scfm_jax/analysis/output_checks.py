@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from scfm_jax.errors import ModelError
 
-class NonFiniteOutput(ValueError):
+
+class NonFiniteOutput(ModelError):
     """A model produced NaN / infinite values; the message names the cells."""
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import anndata
 
+from scfm_jax.errors import MissingInput, UnknownName
+
 
 def umap(adata: anndata.AnnData, embedding_key: str = "X_scfoundation", color=None, *,
          n_neighbors: int = 15, seed: int = 0, save: str | Path | None = None, **plot_kwargs):
@@ -17,7 +19,7 @@ def umap(adata: anndata.AnnData, embedding_key: str = "X_scfoundation", color=No
     import scanpy as sc
 
     if embedding_key not in adata.obsm:
-        raise KeyError(f"adata.obsm has no {embedding_key!r} (keys: {list(adata.obsm)})")
+        raise UnknownName(f"adata.obsm has no {embedding_key!r} (keys: {list(adata.obsm)})")
     name = embedding_key.removeprefix("X_")
     neighbors_key = f"neighbors_{name}"
     sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep=embedding_key,
@@ -45,6 +47,6 @@ def training_curves(workdir: str | Path, output: str | Path | None = None,
     if not (workdir / "metrics.jsonl").is_file() and (workdir / "train" / "metrics.jsonl").is_file():
         workdir = workdir / "train"
     if not (workdir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{workdir} has no metrics.jsonl; give the --workdir of a "
-                                "scfm-jax train or demo run")
+        raise MissingInput(f"{workdir} has no metrics.jsonl; give the --workdir of a "
+                           "scfm-jax train or demo run")
     return plot_loss_curves(workdir, output or workdir / "loss_curves.png", baseline=baseline)

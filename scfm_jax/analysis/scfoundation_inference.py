@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from scfm_jax.data.host_ops import (COUNT_TOLERANCE, bucket_length, first_non_count,
                                    non_count_positions, padded_csr_rows)
+from scfm_jax.errors import InputError, UsageError
 from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
 from scfm_jax.objectives.scfoundation import inference_inputs
 
@@ -46,7 +47,7 @@ def _check_counts(csr: sp.csr_matrix, cell_names) -> None:
     first = first_non_count(csr, COUNT_TOLERANCE)
     if first is not None:
         row, position = first
-        raise ValueError(
+        raise InputError(
             f"pre_normalized='F' expects raw counts, but {_cell_name(cell_names, row)} has "
             f"{csr.data[position]!r} at vocabulary gene {int(csr.indices[position])} "
             f"({len(non_count_positions(csr.data, COUNT_TOLERANCE))} non-count values in all). Give "
@@ -62,14 +63,14 @@ def prepare(counts, num_genes: int, *, pre_normalized: str = "F", input_type: st
     come from and which total feeds S (and T); normalisation itself happens on the device.
     """
     if pre_normalized not in PRE_NORMALIZED:
-        raise ValueError(f"pre_normalized must be one of {PRE_NORMALIZED}, got {pre_normalized!r}")
+        raise UsageError(f"pre_normalized must be one of {PRE_NORMALIZED}, got {pre_normalized!r}")
     if input_type not in INPUT_TYPES:
-        raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+        raise UsageError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
     csr = _as_csr(counts)
     expected = num_genes + (1 if pre_normalized == "A" else 0)
     if csr.shape[1] != expected:
         extra = " plus the total-count column of pre_normalized='A'" if pre_normalized == "A" else ""
-        raise ValueError(f"the matrix has {csr.shape[1]} gene columns but the model's vocabulary "
+        raise InputError(f"the matrix has {csr.shape[1]} gene columns but the model's vocabulary "
                          f"has {num_genes}{extra}; align the genes to the vocabulary first "
                          "(scfm_jax.data.vocabulary.align_genes)")
     if pre_normalized == "A":
@@ -84,7 +85,7 @@ def prepare(counts, num_genes: int, *, pre_normalized: str = "F", input_type: st
             options["normalize"] = True
     elif pre_normalized == "F":
         if np.any(csr.data < 0):
-            raise ValueError("input_type='bulk' with pre_normalized='F' expects non-negative "
+            raise InputError("input_type='bulk' with pre_normalized='F' expects non-negative "
                              "expression (counts or TPM-like values); found negative values")
         # scanpy's normalize_total default: scale every cell to the median total, then log1p;
         # T = S = log10 of the sum of the log-normalised row.
@@ -99,11 +100,11 @@ def prepare(counts, num_genes: int, *, pre_normalized: str = "F", input_type: st
         options.update(log_total=False, tgthighres="t0")  # T = S = the row sum, no log
     empty = np.flatnonzero(np.diff(csr.indptr) == 0)
     if len(empty):
-        raise ValueError(f"{_cell_name(cell_names, int(empty[0]))} has no expressed vocabulary "
+        raise InputError(f"{_cell_name(cell_names, int(empty[0]))} has no expressed vocabulary "
                          f"gene ({len(empty)} such cells); remove them before embedding")
     if input_type == "singlecell" and np.any(totals <= 0):
         bad = int(np.flatnonzero(totals <= 0)[0])
-        raise ValueError(f"{_cell_name(cell_names, bad)} has total {totals[bad]} <= 0; S = "
+        raise InputError(f"{_cell_name(cell_names, bad)} has total {totals[bad]} <= 0; S = "
                          "log10(total) needs a positive total")
     return csr, totals, options
 
@@ -154,7 +155,7 @@ def _run(model: ScFoundation, counts, *, output: str, tgthighres: str, pool: str
          pre_normalized: str, input_type: str, batch_size: int, stabilizer_scope=None, out=None,
          cell_names=None, progress: bool = True, description: str = ""):
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     num_genes = model.num_genes
     csr, totals, options = prepare(counts, num_genes, pre_normalized=pre_normalized,
                                    input_type=input_type, cell_names=cell_names)
@@ -188,7 +189,7 @@ def cell_embeddings(model: ScFoundation, counts, *, tgthighres: str = "t4", pool
     `counts`: scipy sparse or dense [cells, num_genes] on the model's vocabulary.
     """
     if pool not in ("all", "max"):
-        raise ValueError(f"pool must be 'all' or 'max', got {pool!r}")
+        raise UsageError(f"pool must be 'all' or 'max', got {pool!r}")
     return _run(model, counts, output="cell", tgthighres=tgthighres, pool=pool,
                 pre_normalized=pre_normalized, input_type=input_type, batch_size=batch_size,
                 cell_names=cell_names, progress=progress, description="cell embeddings")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data import cell_sentence, host_ops
 from scfm_jax.data.cell_sentence import TokenSet
+from scfm_jax.errors import InputError, UsageError
 from scfm_jax.models import generation
 from scfm_jax.models.scmulan import ScMulan
 
@@ -32,7 +33,7 @@ def _gene_set_matrix(adata: anndata.AnnData, token_set: TokenSet, layer: str | N
     positions = pd.Index(adata.var_names).get_indexer(list(token_set.genes))
     missing = [g for g, p in zip(token_set.genes, positions) if p < 0]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} of the {len(token_set.genes)} scMulan genes are not in var_names "
             f"(e.g. {missing[:5]}); map the genes first with scfm_jax.data.vocabulary.align_genes "
             "(or `scfm-jax annotate`, which does it), so absent genes become zero columns")
@@ -43,7 +44,7 @@ def _gene_set_matrix(adata: anndata.AnnData, token_set: TokenSet, layer: str | N
 def _check_log_normalised(matrix, what: str):
     values = matrix.data if scipy.sparse.issparse(matrix) else matrix
     if values.size and (np.max(values) >= 10 or np.min(values) < 0):
-        raise ValueError(
+        raise InputError(
             f"{what} has values in [{np.min(values):.3g}, {np.max(values):.3g}]; scMulan expects "
             "log1p of counts normalised to 1e4 per cell (max < 10). Normalise first "
             "(scanpy.pp.normalize_total(target_sum=1e4) then scanpy.pp.log1p), or pass raw counts "
@@ -96,7 +97,7 @@ def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
     in `var_names`; `counts=True` normalises raw counts first (1e4 per cell, over all genes).
     """
     if adata.n_obs == 0:
-        raise ValueError("the AnnData has no cells")
+        raise InputError("the AnnData has no cells")
     if counts:
         matrix = adata.layers[layer] if layer is not None else adata.X
         source = anndata.AnnData(host_ops.log_normalise(matrix), var=adata.var[[]].copy())
@@ -127,7 +128,7 @@ def generate_cells(model: ScMulan, token_set: TokenSet, conditions: Sequence[Seq
     'Cardiomyocyte cell', '50 year', 'M']`), sampled until `<E>`: an AnnData of expression levels
     (cells x the model's gene set; 0 for genes not generated) with the terms in `obs`."""
     if not conditions:
-        raise ValueError("no conditions given")
+        raise UsageError("no conditions given")
     prompts = [cell_sentence.condition_prompt(terms, token_set) for terms in conditions]
     gene_column = {int(t): j for j, t in enumerate(token_set.gene_ids)}
     size = min(batch_size, len(prompts))
@@ -166,9 +167,9 @@ def smooth_cell_types(adata: anndata.AnnData, *, type_key: str = "cell_type_scmu
     from sklearn.neighbors import NearestNeighbors
 
     if use_rep not in adata.obsm or type_key not in adata.obs:
-        raise ValueError(f"run annotate first: need obsm[{use_rep!r}] and obs[{type_key!r}]")
+        raise InputError(f"run annotate first: need obsm[{use_rep!r}] and obs[{type_key!r}]")
     if adata.n_obs < 2:
-        raise ValueError("smoothing needs at least two cells")
+        raise InputError("smoothing needs at least two cells")
     k = min(n_neighbors, adata.n_obs)
     distances, neighbours = NearestNeighbors(n_neighbors=k).fit(adata.obsm[use_rep]).kneighbors()
     labels = np.asarray(adata.obs[type_key].astype(str))

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 
+from scfm_jax.errors import InputError, MissingInput, UnknownName, UsageError
+
 END_TOKEN = "<E>"
 CELL_TYPE_TASK = "<PCT>"
 GENERATE_TASK = "<SPToken1>"
@@ -54,11 +56,11 @@ class TokenSet:
         object.__setattr__(self, "_index", index)
         missing = [g for g in self.genes if g not in index]
         if missing:
-            raise ValueError(f"{len(missing)} genes of the gene set are not tokens, e.g. "
+            raise InputError(f"{len(missing)} genes of the gene set are not tokens, e.g. "
                              f"{missing[:5]}; the token set and gene set do not belong together")
         for token in (END_TOKEN, CELL_TYPE_TASK):
             if token not in index:
-                raise ValueError(f"the token set has no {token!r} token")
+                raise InputError(f"the token set has no {token!r} token")
 
     def __len__(self):
         return len(self.tokens)
@@ -70,8 +72,8 @@ class TokenSet:
         try:
             return self._index[token]
         except KeyError:
-            raise KeyError(f"{token!r} is not in the scMulan token set ({len(self)} tokens); "
-                           "metadata terms must be spelled as in meta_categories.json") from None
+            raise UnknownName(f"{token!r} is not in the scMulan token set ({len(self)} tokens); "
+                              "metadata terms must be spelled as in meta_categories.json") from None
 
     def encode(self, tokens: Sequence[str]) -> np.ndarray:
         return np.array([self.id(t) for t in tokens], np.int32)
@@ -95,18 +97,18 @@ class TokenSet:
         paths = [folder / name for name in (TOKEN_FILE, GENE_FILE, CATEGORY_FILE)]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{folder} is not an scMulan vocabulary folder: {', '.join(missing)} missing "
                 f"(it needs {TOKEN_FILE}, {GENE_FILE} and {CATEGORY_FILE}, as exported from "
                 "scMulan's utils/meta_info.pt)")
         with open(paths[0], newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f, delimiter="\t"))
         if not rows or rows[0] != ["token_id", "token"]:
-            raise ValueError(f"{paths[0]}: expected a header 'token_id<TAB>token'")
+            raise InputError(f"{paths[0]}: expected a header 'token_id<TAB>token'")
         tokens = []
         for line, row in enumerate(rows[1:], start=2):
             if len(row) != 2 or not row[0].isdigit() or int(row[0]) != len(tokens):
-                raise ValueError(f"{paths[0]} line {line}: expected '{len(tokens)}<TAB>token', "
+                raise InputError(f"{paths[0]} line {line}: expected '{len(tokens)}<TAB>token', "
                                  f"got {row!r}")
             tokens.append(row[1])
         genes = [g for g in paths[1].read_text(encoding="utf-8").splitlines() if g]
@@ -121,7 +123,7 @@ class TokenSet:
         (category by category), `<PCT>`, `<SPToken1..15>`."""
         genes = tuple(str(g) for g in genes)
         if len(set(genes)) != len(genes):
-            raise ValueError("the gene list for a new scMulan token set has duplicate symbols")
+            raise InputError("the gene list for a new scMulan token set has duplicate symbols")
         reserved = {END_TOKEN, CELL_TYPE_TASK} | set(genes)
         terms: list[str] = []
         for values in categories.values():
@@ -184,7 +186,7 @@ def annotation_prompts(expression, token_set: TokenSet, task_token: str = CELL_T
         ids, levels = gene_tokens(row, token_set, num_levels)
         if ids.size == 0:
             name = cell_names[i] if cell_names is not None else f"row {i}"
-            raise ValueError(f"cell {name} expresses none of the {len(token_set.genes)} genes of "
+            raise InputError(f"cell {name} expresses none of the {len(token_set.genes)} genes of "
                              "the scMulan gene set; remove it or check the gene alignment")
         prompts.append((np.append(ids, task).astype(np.int32),
                         np.append(levels, 0).astype(np.int32)))
@@ -246,11 +248,11 @@ class SentenceTables:
         gene_positions = tuple(positions.get(g, positions.get(g.upper(), -1))
                                for g in token_set.genes)
         if max(gene_positions, default=-1) < 0:
-            raise ValueError("none of the token set's genes is in the store's vocabulary")
+            raise UsageError("none of the token set's genes is in the store's vocabulary")
         columns = dict.fromkeys([*metadata_columns, *cell_type_columns, *organ_columns])
         missing = [c for c in columns if c not in obs_categories]
         if missing:
-            raise ValueError(f"obs columns {missing} are not in the store (it has "
+            raise UsageError(f"obs columns {missing} are not in the store (it has "
                              f"{sorted(obs_categories)}); set objective.*_columns accordingly")
         obs_tokens = {c: obs_token_table(token_set, obs_categories[c]) for c in columns}
         return cls(token_set, gene_positions, obs_tokens, tuple(metadata_columns),

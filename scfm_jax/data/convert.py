@@ -46,11 +46,14 @@ from scfm_jax.data.readers import READERS, InputError, Source, open_source
 from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
                                       load_vocabulary)
-from scfm_jax.errors import UsageError
+from scfm_jax.data import verify as verify_lib
+from scfm_jax.errors import OutputError, UsageError
+from scfm_jax.output_safety import LOCK, FolderLock, check_output
 
 PLAN = "plan.json"
 DEFAULT_SHARD_SIZE = 65_536
 DEFAULT_CHUNK_ELEMENTS = 1 << 17   # zarr chunk of the CSR arrays: 512 KiB of float32
+FLOAT32_EXACT_INTEGERS = 1 << 24   # every integer up to this is exact in float32 (the counts' type)
 
 # ------------------------------------------------------------------------------------------- plan
 
@@ -77,6 +80,14 @@ def _scan(source: Source, alignment: GeneAlignment, allow_non_integer: bool, pro
                 f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) "
                 f"holds the non-integer value {data[first[1]]}; the converter expects raw counts. "
                 "Point --layer at the raw counts, or pass --allow-non-integer")
+        if len(data) and data.max() > FLOAT32_EXACT_INTEGERS:
+            where = int(np.argmax(data))
+            row = int(np.searchsorted(block.indptr, where, side="right") - 1) + start
+            raise InputError(
+                f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) holds "
+                f"{data[where]:.0f}, above 2^24 = {FLOAT32_EXACT_INTEGERS:,}, the largest count the "
+                "store's float32 keeps exactly (it would be rounded). No gene has that many reads "
+                "in one cell: check that --layer names raw counts of single cells")
         values = data.astype(np.float64)
         gene_totals += np.bincount(block.indices, weights=values, minlength=len(gene_totals))
         on_vocabulary = segment_sums(values * mapped[block.indices], block.indptr)
@@ -98,9 +109,10 @@ def _obs_plan(sources: list[Source], obs: list[str] | None) -> tuple[list[str], 
             if missing:
                 raise InputError(f"{s.path}: obs has no column {missing[0]!r} (columns: "
                                  f"{list(s.obs.columns)}); drop it from --obs")
-    for reserved in ("source", "source_row"):
+    for reserved in store_lib.SOURCE_COLUMNS:
         if reserved in columns:
-            raise InputError(f"obs column {reserved!r} is reserved for the cell's origin; rename it")
+            raise InputError(f"obs column {reserved!r} is the store's record of each cell's origin; "
+                             "rename it in the input")
     categories = {}
     for c in columns:
         seen: dict[str, None] = {}
@@ -112,7 +124,7 @@ def _obs_plan(sources: list[Source], obs: list[str] | None) -> tuple[list[str], 
             if values.isna().any():
                 seen["nan"] = None
         categories[c] = list(seen)
-    categories["source"] = [s.label for s in sources]
+    categories[store_lib.SOURCE] = [s.label for s in sources]
     return columns, categories
 
 
@@ -205,7 +217,7 @@ def _codecs(compression: str | None) -> list[dict]:
         codecs.append({"name": "blosc", "configuration": {"cname": "zstd", "clevel": 3,
                                                           "shuffle": "shuffle"}})
     elif compression is not None:
-        raise ValueError(f"unknown compression {compression!r}; use 'zstd', 'blosc' or none")
+        raise UsageError(f"unknown compression {compression!r}; use 'zstd', 'blosc' or none")
     return codecs + [{"name": "crc32c"}]   # every chunk read is checked
 
 
@@ -376,9 +388,9 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
             indices.append(aligned.indices.astype(np.int32))
             lengths.append(np.diff(aligned.indptr))
             kept_rows = np.arange(start, end)[keep]
-            part = {"source": pd.Categorical.from_codes(
-                        np.full(len(kept_rows), source_index), plan["obs"]["source"]),
-                    "source_row": source.source_rows(kept_rows).astype(np.int64)}
+            part = {store_lib.SOURCE: pd.Categorical.from_codes(
+                        np.full(len(kept_rows), source_index), plan["obs"][store_lib.SOURCE]),
+                    store_lib.SOURCE_ROW: source.source_rows(kept_rows).astype(np.int64)}
             for column in plan["obs_columns"]:
                 values = source.obs[column].iloc[kept_rows]
                 values = values.astype(str).where(values.notna(), "nan")
@@ -395,7 +407,7 @@ def write_shard(url: str, plan: dict, index: int, progress_queue=None) -> dict:
     _create_array(target / "X/indptr/", "int64", len(indptr), len(indptr),
                   plan["compression"]).write(indptr).result()
     obs = pd.concat(obs_parts) if obs_parts else pd.DataFrame()
-    obs = obs[["source", "source_row"] + list(plan["obs_columns"])]
+    obs = obs[list(store_lib.SOURCE_COLUMNS) + list(plan["obs_columns"])]
     chunks = -(-nnz // plan["chunk_elements"])
     stats = {"index": index, "num_cells": int(len(row_lengths)), "nnz": int(nnz),
              "skipped_empty": skipped, "chunks": {"data": chunks, "indices": chunks, "indptr": 1},
@@ -527,7 +539,7 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
     url = str(output)
     local = store_lib.local_path(url)
     if workers > 1 and local is None and not url.startswith(("gs://", "s3://", "http")):
-        raise ValueError(f"--workers {workers} cannot share the in-process store {url}; use 1")
+        raise UsageError(f"--workers {workers} cannot share the in-process store {url}; use 1")
     with _materialised(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]) as (paths, labels):
         kvstore = store_lib.open_kvstore(url)
         _check_output(url, local, kvstore, paths)
@@ -537,40 +549,67 @@ def convert(inputs, output, *, vocabulary="scfoundation", gene_column=None, laye
             min_coverage=min_coverage, allow_non_integer=allow_non_integer,
             chunk_elements=chunk_elements, compression=compression,
             labels=labels if any(labels) else None, progress=progress)
-        existing = store_lib.read_json(kvstore, PLAN)
-        if existing is not None and _plan_for_compare(existing) != _plan_for_compare(plan):
-            if not overwrite:
-                raise InputError(f"{url} already holds a conversion of different inputs or options; "
-                                 "choose another --output, or pass --overwrite to replace it")
-            existing = None
-        if existing is None:
-            if overwrite:
-                _delete_store(kvstore, local)
-            kvstore.write(store_lib.GENES, vocab.tsv_text().encode()).result()
-            kvstore.write(PLAN, json.dumps(plan, sort_keys=True).encode()).result()
-        mine = [k for k in range(plan["num_shards"]) if k % num_tasks == task_index]
-        if local is not None:
-            _remove_stale_temporaries(local, mine)
-        todo = [k for k in mine if store_lib.shard_stats(kvstore, k) is None]
-        total_rows = sum(_shard_rows_count(plan, k) for k in todo)
-        bar = _progress_bar(total_rows, "convert", progress)
-        try:
-            if workers > 1 and len(todo) > 1:
-                ctx = multiprocessing.get_context("spawn")
-                with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                    futures = {pool.submit(write_shard, url, plan, k): k for k in todo}
-                    for future in concurrent.futures.as_completed(futures):
-                        future.result()
-                        if bar is not None:
-                            bar.update(_shard_rows_count(plan, futures[future]))
-            else:
-                for k in todo:
-                    write_shard(url, plan, k, progress_queue=bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
-        finalized = num_tasks == 1
-        manifest = finalize(url) if finalized else None
+        with _output_lock(local, num_tasks):
+            return _write_store(url, local, kvstore, plan, vocab, overwrite=overwrite,
+                                workers=workers, task_index=task_index, num_tasks=num_tasks,
+                                progress=progress, started=started)
+
+
+def _output_lock(local: Path | None, num_tasks: int):
+    """The lock of a local --output (parallel --num-tasks jobs share the output by design)."""
+    if local is None or num_tasks > 1:
+        return contextlib.nullcontext()
+    return FolderLock(local, command="convert", busy=OutputError, what="conversion",
+                      advice="wait for it to finish, stop it, or choose another --output")
+
+
+def _write_store(url, local, kvstore, plan, vocab, *, overwrite, workers, task_index, num_tasks,
+                 progress, started) -> "ConversionSummary":
+    """Write the shards of `plan` that are missing or damaged (all of this task's with
+    `overwrite`), then the manifest."""
+    existing = store_lib.read_json(kvstore, PLAN)
+    if existing is not None and _plan_for_compare(existing) != _plan_for_compare(plan):
+        if not overwrite:
+            raise InputError(f"{url} already holds a conversion of different inputs or options; "
+                             "choose another --output, or pass --overwrite to replace it")
+        existing = None
+    mine = [k for k in range(plan["num_shards"]) if k % num_tasks == task_index]
+    if existing is None:
+        if overwrite:
+            _delete_store(kvstore, local)
+        kvstore.write(store_lib.GENES, vocab.tsv_text().encode()).result()
+        kvstore.write(PLAN, json.dumps(plan, sort_keys=True).encode()).result()
+    elif overwrite:   # the same plan: this task's shards are written again
+        for k in mine:
+            _delete_prefix(kvstore, local, store_lib.shard_key(k))
+    if local is not None:
+        _remove_stale_temporaries(local, mine)
+    done = [k for k in mine if store_lib.shard_stats(kvstore, k) is not None]
+    for k, problem in verify_lib.shard_problems(url, kvstore, done,
+                                                len(vocab)).items():
+        print(f"scfm-jax convert: {store_lib.shard_key(k).rstrip('/')} is damaged ({problem}); "
+              "writing it again", file=sys.stderr)
+        _delete_prefix(kvstore, local, store_lib.shard_key(k))
+    todo = [k for k in mine if store_lib.shard_stats(kvstore, k) is None]
+    total_rows = sum(_shard_rows_count(plan, k) for k in todo)
+    bar = _progress_bar(total_rows, "convert", progress)
+    try:
+        if workers > 1 and len(todo) > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = {pool.submit(write_shard, url, plan, k): k for k in todo}
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    if bar is not None:
+                        bar.update(_shard_rows_count(plan, futures[future]))
+        else:
+            for k in todo:
+                write_shard(url, plan, k, progress_queue=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    finalized = num_tasks == 1
+    manifest = finalize(url) if finalized else None
     cells = manifest["num_cells"] if manifest else sum(
         _shard_rows_count(plan, k) for k in mine)
     return ConversionSummary(
@@ -603,33 +642,24 @@ _OWN_SHARD = re.compile(r"shards/(\d{5}|\.tmp-\d{5}-[0-9a-f]{32})\.zarr/")
 def _foreign_keys(kvstore: ts.KvStore) -> list[str]:
     """Keys of the output that a conversion did not write (what --overwrite must never delete)."""
     keys = [k.decode() for k in kvstore.list().result()]
-    return sorted(k for k in keys if k not in _OWN_FILES and not _OWN_SHARD.match(k))
+    return sorted(k for k in keys if k not in _OWN_FILES + (LOCK,) and not _OWN_SHARD.match(k))
 
 
 def _check_output(url: str, local: Path | None, kvstore: ts.KvStore, inputs: list[str]):
     """Refuse an --output that holds an input, sits inside one, or holds files not of a store."""
     if local is not None:
         if local.exists() and not local.is_dir():
-            raise InputError(f"--output {url} is a file; name a folder for the store")
-        for path in inputs:
-            if isinstance(path, SomaInput):
-                if path.uri is None or "://" in path.uri:
-                    continue
-                path = path.uri
-            source = Path(path).resolve()
-            if source == local or local in source.parents:
-                raise InputError(f"--output {url} contains the input {path}; choose an --output "
-                                 "folder outside the inputs")
-            if source in local.parents:
-                raise InputError(f"--output {url} is inside the input {path}; choose an --output "
-                                 "folder outside the inputs")
+            raise OutputError(f"--output {url} is a file; name a folder for the store")
+        sources = [p.uri if isinstance(p, SomaInput) else p for p in inputs]
+        # the inputs and the parents; what the folder holds is checked below, key by key
+        check_output(local, command="convert", inputs=sources, ours=lambda path: True)
         if not local.exists():
             return
     foreign = _foreign_keys(kvstore)
     if foreign:
-        raise InputError(f"--output {url} holds {len(foreign)} files that are not part of a cell "
-                         f"store (e.g. {foreign[0]!r}); nothing was changed. Choose a new or empty "
-                         "--output folder")
+        raise OutputError(f"--output {url} holds {len(foreign)} files that are not part of a cell "
+                          f"store (e.g. {foreign[0]!r}); nothing was changed. Choose a new or "
+                          "empty --output folder")
 
 
 def _delete_store(kvstore: ts.KvStore, local: Path | None):
@@ -639,12 +669,17 @@ def _delete_store(kvstore: ts.KvStore, local: Path | None):
     shards = {m.group(0) for k in kvstore.list(range=ts.KvStore.KeyRange("shards/", "shards0"))
               .result() if (m := _OWN_SHARD.match(k.decode()))}
     for prefix in sorted(shards):
-        kvstore.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
-        if local is not None:   # the file kvstore leaves the emptied folders behind
-            folder = local / prefix
-            for empty in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
+        _delete_prefix(kvstore, local, prefix)
+
+
+def _delete_prefix(kvstore: ts.KvStore, local: Path | None, prefix: str):
+    """Delete every key under `prefix` (a shard this conversion wrote)."""
+    kvstore.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+    if local is not None:   # the file kvstore leaves the emptied folders behind
+        folder = local / prefix
+        for empty in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+            with contextlib.suppress(OSError):
+                empty.rmdir()
 
 
 def finalize(output) -> dict:
@@ -674,7 +709,7 @@ def finalize(output) -> dict:
         "format": store_lib.FORMAT_NAME, "format_version": store_lib.FORMAT_VERSION,
         "vocabulary": plan["vocabulary"], "num_cells": sum(s["num_cells"] for s in shards),
         "nnz": sum(s["nnz"] for s in shards), "cells_per_shard": plan["shard_size"],
-        "shards": shards, "obs": {c: plan["obs"][c] for c in plan["obs_columns"] + ["source"]},
+        "shards": shards, "obs": {c: plan["obs"][c] for c in plan["obs_columns"] + [store_lib.SOURCE]},
         "sources": sources, "chunk_elements": plan["chunk_elements"],
         "compression": plan["compression"],
     }

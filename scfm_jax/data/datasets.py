@@ -6,6 +6,8 @@ genes. Inverting that recovers the integer UMI counts exactly up to float32 roun
 """
 from __future__ import annotations
 
+from scfm_jax.errors import InputError
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -24,7 +26,7 @@ def pbmc68k_reduced_counts():
 
     source = sc.datasets.pbmc68k_reduced()
     if source.raw is None or "n_counts" not in source.obs:
-        raise ValueError("scanpy's pbmc68k_reduced has no raw / obs.n_counts; cannot recover counts")
+        raise InputError("scanpy's pbmc68k_reduced has no raw / obs.n_counts; cannot recover counts")
     log_values = source.raw.X
     log_values = log_values.toarray() if sp.issparse(log_values) else np.asarray(log_values)
     scale = source.obs["n_counts"].to_numpy(np.float64)[:, None] / 1e4
@@ -33,7 +35,7 @@ def pbmc68k_reduced_counts():
     deviation = np.abs(values - counts)
     if deviation.max() > INTEGER_TOLERANCE:
         row, column = np.unravel_index(int(np.argmax(deviation)), deviation.shape)
-        raise ValueError(
+        raise InputError(
             f"pbmc68k_reduced: cell {source.obs_names[row]!r}, gene {source.raw.var_names[column]!r} "
             f"gives {values[row, column]:.3f} counts, not an integer (tolerance "
             f"{INTEGER_TOLERANCE}); scanpy's bundled file differs from the expected "

@@ -22,6 +22,7 @@ import numpy as np
 
 from scfm_jax.data.host_ops import smallest_bucket
 from scfm_jax.data.store import CellStore
+from scfm_jax.errors import InputError, UsageError
 
 _EPOCH, _WINDOW, _SUBSAMPLE = 0x45504F43, 0x57494E44, 0x53554253   # rng stream tags
 
@@ -29,7 +30,7 @@ _EPOCH, _WINDOW, _SUBSAMPLE = 0x45504F43, 0x57494E44, 0x53554253   # rng stream 
 def split_cells(num_cells: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic disjoint (train, eval) cell indices, both sorted."""
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise UsageError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     num_eval = int(round(num_cells * eval_fraction))
     if eval_fraction > 0 and num_cells > 1:
         num_eval = min(max(num_eval, 1), num_cells - 1)
@@ -64,15 +65,15 @@ class Pipeline:
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+            raise UsageError(f"global_batch_size {global_batch_size} is not divisible by the "
                              f"{process_count} processes")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.buckets = tuple(sorted(int(b) for b in buckets))
         if max_nonzero < 1 or (self.buckets and self.buckets[-1] > max_nonzero):
-            raise ValueError(f"buckets {self.buckets} must not exceed max_nonzero {max_nonzero}")
+            raise UsageError(f"buckets {self.buckets} must not exceed max_nonzero {max_nonzero}")
         if block_size < 1 or window_blocks < 1:
-            raise ValueError("block_size and window_blocks must be positive")
+            raise UsageError("block_size and window_blocks must be positive")
         for key in obs_keys:
             store.obs_categories(key)   # fails early, naming the store's columns
         self.store = store
@@ -88,7 +89,7 @@ class Pipeline:
         cells = np.arange(store.num_cells, dtype=np.int64) if cell_indices is None else \
             np.unique(np.asarray(cell_indices, np.int64))
         if len(cells) == 0:
-            raise ValueError("the pipeline has no cells (empty cell_indices)")
+            raise InputError("the pipeline has no cells (empty cell_indices)")
         if cells[0] < 0 or cells[-1] >= store.num_cells:
             raise IndexError(f"cell_indices out of range for a store of {store.num_cells} cells")
         self.cells = cells

@@ -19,13 +19,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfm_jax.data.host_ops import first_non_count
+from scfm_jax.errors import InputError  # noqa: F401 (the readers' error; convert imports it here)
 
 _READ_ELEMENTS = 1 << 22            # values read from an input at a time (bounds memory)
 _COUNT_SOURCES = ("layers/counts", "raw/X", "X")
-
-
-class InputError(ValueError):
-    """The input cannot be converted; the message names the file, the row or gene and the fix."""
 
 
 class Source:

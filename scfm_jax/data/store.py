@@ -6,7 +6,7 @@ A store is a folder or any TensorStore kvstore URL (`gs://bucket/x/`, `memory://
     genes.tsv                the vocabulary (`gene_name<TAB>index`)
     shards/00000.zarr/ ...   anndata-compatible zarr v3 groups of up to `cells_per_shard` cells:
                              X (CSR: data float32 counts, indices int32 sorted vocabulary positions,
-                             indptr int64), obs (categorical columns, source, source_row), var
+                             indptr int64), obs (categorical columns, scfm_source, scfm_source_row), var
 
 `anndata.read_zarr(shard)` opens a shard as an ordinary AnnData.
 
@@ -35,6 +35,7 @@ import numpy as np
 import tensorstore as ts
 
 from scfm_jax.data.host_ops import segment_sums
+from scfm_jax.errors import StoreError
 from scfm_jax.data.vocabulary import Vocabulary
 
 FORMAT_NAME = "scfm-cell-store"
@@ -44,6 +45,11 @@ GENES = "genes.tsv"
 # A shard's root `zarr.json` is written last and carries its stats under this attribute: its presence
 # marks the shard complete (object stores have no atomic rename of a folder).
 SHARD_ATTRIBUTE = "scfm_shard"
+# Each cell's origin, as obs columns of the shards: the input's label (categorical) and row. Named
+# so that no study's own obs column collides; stores written before were "source" / "source_row".
+SOURCE, SOURCE_ROW = "scfm_source", "scfm_source_row"
+SOURCE_COLUMNS = (SOURCE, SOURCE_ROW)
+LEGACY_SOURCE_COLUMNS = {SOURCE: "source", SOURCE_ROW: "source_row"}
 
 _CONTEXT = None
 _CONTEXT_LOCK = threading.Lock()
@@ -95,10 +101,25 @@ def open_kvstore(url: str | os.PathLike) -> ts.KvStore:
 
 def read_json(kvstore: ts.KvStore, key: str) -> dict | None:
     result = kvstore.read(key).result()
-    return json.loads(result.value) if result.state == "value" else None
+    if result.state != "value":
+        return None
+    try:
+        return json.loads(result.value)
+    except ValueError as error:   # UnicodeDecodeError included
+        where = f"{kvstore.url}{key}" if hasattr(kvstore, "url") else key
+        raise StoreError(f"{where} is not valid JSON ({error}); the file is damaged: convert the "
+                         "inputs again (with --overwrite) to rewrite it") from None
 
 
-class StoreDamaged(ValueError):
+class NotAStore(StoreError, FileNotFoundError):
+    """The path holds no finished cell store (no manifest)."""
+
+
+class MissingObsColumn(StoreError, KeyError):
+    """An obs column the store does not hold."""
+
+
+class StoreDamaged(StoreError):
     """Data of a store is missing or damaged; the message names the shard and the file."""
 
     def __init__(self, url, shard: str, name: str, problem):
@@ -294,24 +315,28 @@ class CellStore:
     def open(cls, url: str | os.PathLike, *, page_cells: int = 64,
              cache_bytes: int = 512 << 20) -> "CellStore":
         """Open a store; rows are read in pages of `page_cells` cells, `cache_bytes` of them kept."""
+        local = local_path(url)
+        if local is not None and local.exists() and not local.is_dir():
+            raise NotAStore(f"{url} is a file, not a cell store (a folder written by `scfm-jax "
+                             "convert`); create one with `scfm-jax convert INPUT --output STORE`")
         kvstore = open_kvstore(url)
         manifest = read_json(kvstore, MANIFEST)
         if manifest is None:
             hint = (" The conversion is unfinished: run `scfm-jax convert` again to resume it, or "
                     "`scfm-jax convert --finalize` after parallel tasks.")
             if kvstore.list(range=ts.KvStore.KeyRange("shards/", "shards0")).result():
-                raise FileNotFoundError(f"{url}: no {MANIFEST}.{hint}")
-            raise FileNotFoundError(f"{url}: not a cell store (no {MANIFEST}); create one with "
-                                    "`scfm-jax convert INPUT --output STORE`")
+                raise NotAStore(f"{url}: no {MANIFEST}.{hint}")
+            raise NotAStore(f"{url}: not a cell store (no {MANIFEST}); create one with "
+                             "`scfm-jax convert INPUT --output STORE`")
         if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{url}: format {manifest.get('format')!r} version "
+            raise StoreError(f"{url}: format {manifest.get('format')!r} version "
                              f"{manifest.get('format_version')!r}; this reader reads {FORMAT_NAME} "
                              f"version {FORMAT_VERSION} (convert the inputs again)")
         genes = kvstore.read(GENES).result()
         vocabulary = Vocabulary.from_text(genes.value.decode(), manifest["vocabulary"]["name"],
                                           source=f"{url}/{GENES}")
         if vocabulary.digest != manifest["vocabulary"]["digest"]:
-            raise ValueError(f"{url}: {GENES} (digest {vocabulary.digest[:12]}) does not match the "
+            raise StoreError(f"{url}: {GENES} (digest {vocabulary.digest[:12]}) does not match the "
                              f"manifest's vocabulary digest {manifest['vocabulary']['digest'][:12]}; "
                              "the store is corrupt, convert it again")
         missing = missing_files(kvstore, manifest["shards"])
@@ -332,13 +357,22 @@ class CellStore:
 
     @property
     def obs_columns(self) -> list[str]:
-        return list(self.manifest["obs"])
+        """The obs columns, the store's `SOURCE` included (under that name for older stores too)."""
+        legacy = {old: new for new, old in LEGACY_SOURCE_COLUMNS.items()}
+        renamed = SOURCE not in self.manifest["obs"]
+        return [legacy.get(c, c) if renamed else c for c in self.manifest["obs"]]
+
+    def _stored_name(self, column: str) -> str:
+        """The name a column has in the files: stores written before `SOURCE` hold "source"."""
+        if column in LEGACY_SOURCE_COLUMNS and SOURCE not in self.manifest["obs"]:
+            return LEGACY_SOURCE_COLUMNS[column]
+        return column
 
     def obs_categories(self, column: str) -> list[str]:
-        if column not in self.manifest["obs"]:
-            raise KeyError(f"obs column {column!r} is not in store {self.url} "
-                           f"(columns: {self.obs_columns}); convert with --obs {column}")
-        return list(self.manifest["obs"][column])
+        if self._stored_name(column) not in self.manifest["obs"]:
+            raise MissingObsColumn(f"obs column {column!r} is not in store {self.url} "
+                                   f"(columns: {self.obs_columns}); convert with --obs {column}")
+        return list(self.manifest["obs"][self._stored_name(column)])
 
     def _locate(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if cells.size and (cells.min() < 0 or cells.max() >= self.num_cells):
@@ -427,7 +461,7 @@ class CellStore:
         codes = np.empty(len(cells), np.int32)
         for s in np.unique(shard):
             where = shard == s
-            codes[where] = self._shards[s].obs_codes(column)[local[where]]
+            codes[where] = self._shards[s].obs_codes(self._stored_name(column))[local[where]]
         return codes
 
     def to_anndata(self, cell_indices=None):

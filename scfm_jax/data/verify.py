@@ -51,6 +51,36 @@ def _shard_problem(url: str, kvstore, entry: dict, num_genes: int) -> str | None
     return None
 
 
+def _problems(url: str, kvstore, entries: list[dict], num_genes: int) -> dict[str, str]:
+    """{shard key: its first problem} of the shards described by `entries` (manifest entries)."""
+    missing = store_lib.missing_files(kvstore, entries)
+    problems = {}
+    for entry in entries:
+        key = entry["key"].rstrip("/")
+        if entry["key"] in missing:
+            names = missing[entry["key"]]
+            problems[key] = f"{names[0]}: missing" + (f" (and {len(names) - 1} more files)"
+                                                      if len(names) > 1 else "")
+            continue
+        problem = _shard_problem(url, kvstore, entry, num_genes)
+        if problem:
+            problems[key] = problem
+    return problems
+
+
+def shard_problems(url, kvstore, indices: list[int], num_genes: int) -> dict[int, str]:
+    """{index: first problem} of complete shards, each checked against the stats it carries (a
+    rerun of `convert` checks the shards it would skip; there may be no manifest yet)."""
+    entries = []
+    for index in indices:
+        stats = store_lib.shard_stats(kvstore, index)
+        entries.append({"key": store_lib.shard_key(index)} | {
+            name: stats.get(name) for name in ("num_cells", "nnz", "chunks", "sha256", "files")})
+    found = _problems(str(url), kvstore, entries, num_genes)
+    return {index: found[store_lib.shard_key(index).rstrip("/")] for index in indices
+            if store_lib.shard_key(index).rstrip("/") in found}
+
+
 def verify(url) -> tuple[dict, dict[str, str]]:
     """(manifest, {shard key: its first problem}) of the store at `url`; empty dict: intact."""
     kvstore = store_lib.open_kvstore(url)
@@ -67,18 +97,8 @@ def verify(url) -> tuple[dict, dict[str, str]]:
         vocabulary = Vocabulary.from_text(genes.value.decode(), manifest["vocabulary"]["name"])
         if vocabulary.digest != manifest["vocabulary"]["digest"]:
             problems[store_lib.GENES] = "does not match the manifest's vocabulary digest"
-    missing = store_lib.missing_files(kvstore, manifest["shards"])
     num_genes = int(manifest["vocabulary"]["size"])
-    for entry in manifest["shards"]:
-        key = entry["key"].rstrip("/")
-        if entry["key"] in missing:
-            names = missing[entry["key"]]
-            problems[key] = f"{names[0]}: missing" + (f" (and {len(names) - 1} more files)"
-                                                      if len(names) > 1 else "")
-            continue
-        problem = _shard_problem(str(url), kvstore, entry, num_genes)
-        if problem:
-            problems[key] = problem
+    problems.update(_problems(str(url), kvstore, manifest["shards"], num_genes))
     return manifest, problems
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfm_jax.data.host_ops import sha256_file
+from scfm_jax.errors import InputError, MissingInput, UnknownName
 
 # name -> (official raw-file URL at a pinned commit, SHA-256 of its bytes, path under a mirror).
 BUILTIN_VOCABULARIES = {
@@ -67,7 +68,7 @@ class Vocabulary:
 
     def __post_init__(self):
         if self.ensembl_ids is not None and len(self.ensembl_ids) != len(self.symbols):
-            raise ValueError(f"vocabulary {self.name!r}: {len(self.symbols)} symbols but "
+            raise InputError(f"vocabulary {self.name!r}: {len(self.symbols)} symbols but "
                              f"{len(self.ensembl_ids)} Ensembl IDs")
 
     def __len__(self) -> int:
@@ -94,7 +95,7 @@ class Vocabulary:
         """Position of a gene symbol (exact match first, then case-insensitive)."""
         position = self._positions.get(symbol, self._positions.get(symbol.upper()))
         if position is None:
-            raise KeyError(f"gene {symbol!r} is not in vocabulary {self.name!r} ({len(self)} genes)")
+            raise UnknownName(f"gene {symbol!r} is not in vocabulary {self.name!r} ({len(self)} genes)")
         return position
 
     def to_tsv(self, path: str | os.PathLike) -> None:
@@ -121,7 +122,7 @@ class Vocabulary:
     def from_text(cls, text: str, name: str, source: str = "<text>") -> "Vocabulary":
         lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
         if not lines:
-            raise ValueError(f"vocabulary file {source} is empty")
+            raise InputError(f"vocabulary file {source} is empty")
         header = lines[0].split("\t")
         lowered = [h.strip().lower() for h in header]
         ensembl = None
@@ -129,7 +130,7 @@ class Vocabulary:
             rows = [line.split("\t") for line in lines[1:]]
             for line_no, row in enumerate(rows, start=2):
                 if len(row) < 2 or row[1].strip() != str(line_no - 2):
-                    raise ValueError(f"{source} line {line_no}: expected `symbol<TAB>{line_no - 2}`, "
+                    raise InputError(f"{source} line {line_no}: expected `symbol<TAB>{line_no - 2}`, "
                                      f"got {lines[line_no - 1]!r} (the index must equal the row order)")
             symbols = [row[0].strip() for row in rows]
             if "ensembl_id" in lowered:
@@ -144,7 +145,7 @@ class Vocabulary:
         elif len(header) == 1:
             symbols = [line.strip() for line in lines]
         else:
-            raise ValueError(f"{source}: unrecognised vocabulary header {lines[0]!r}; expected "
+            raise InputError(f"{source}: unrecognised vocabulary header {lines[0]!r}; expected "
                              "`gene_name<TAB>index`, the scMulan gene list, or one symbol per line")
         return cls(name=name, symbols=tuple(symbols),
                    ensembl_ids=None if ensembl is None else tuple(ensembl))
@@ -161,7 +162,7 @@ def download(url: str, destination: Path, sha256: str) -> Path:
                 hasher.update(chunk)
                 out.write(chunk)
         if hasher.hexdigest() != sha256:
-            raise ValueError(f"checksum mismatch for {url}: got sha256 {hasher.hexdigest()}, "
+            raise InputError(f"checksum mismatch for {url}: got sha256 {hasher.hexdigest()}, "
                              f"expected {sha256}. The file changed or the download is corrupt; "
                              "nothing was cached. Pass a local vocabulary file instead.")
         os.replace(tmp, destination)
@@ -177,8 +178,8 @@ def load_vocabulary(spec: str | os.PathLike, cache_dir: str | os.PathLike | None
     if name not in BUILTIN_VOCABULARIES:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"vocabulary {name!r}: no such file, and not a built-in name "
-                                    f"(choose one of {sorted(BUILTIN_VOCABULARIES)} or a TSV path)")
+            raise MissingInput(f"vocabulary {name!r}: no such file, and not a built-in name "
+                               f"(choose one of {sorted(BUILTIN_VOCABULARIES)} or a TSV path)")
         return Vocabulary.from_tsv(path)
     url, sha256, mirror_path = BUILTIN_VOCABULARIES[name]
     cached = resolve_cache_dir(cache_dir) / "vocabularies" / Path(mirror_path).name
@@ -190,9 +191,9 @@ def load_vocabulary(spec: str | os.PathLike, cache_dir: str | os.PathLike | None
         try:
             download(url, cached, sha256)
         except OSError as e:
-            raise OSError(f"could not download the {name} vocabulary from {url}: {e}. Without "
-                          f"internet access, set ${MIRROR_ENV} to a folder or URL holding "
-                          f"{mirror_path}, or pass the file's path as the vocabulary.") from e
+            raise MissingInput(f"could not download the {name} vocabulary from {url}: {e}. Without "
+                               f"internet access, set ${MIRROR_ENV} to a folder or URL holding "
+                               f"{mirror_path}, or pass the file's path as the vocabulary.") from e
     return Vocabulary.from_tsv(cached, name=name)
 
 
@@ -226,7 +227,7 @@ class AlignmentReport:
         return dataclasses.asdict(self)
 
 
-class CoverageError(ValueError):
+class CoverageError(InputError):
     """Too small a part of the input's counts maps onto the vocabulary."""
 
 
@@ -298,8 +299,8 @@ def align_genes(var_names_or_var_df, vocabulary: Vocabulary, gene_column: str | 
         frame = var_names_or_var_df
         if gene_column is not None:
             if gene_column not in frame.columns:
-                raise KeyError(f"gene column {gene_column!r} is not in var (columns: "
-                               f"{list(frame.columns)}); omit it to use var_names")
+                raise UnknownName(f"gene column {gene_column!r} is not in var (columns: "
+                                  f"{list(frame.columns)}); omit it to use var_names")
             names = frame[gene_column].astype(str).tolist()
         else:
             names = frame.index.astype(str).tolist()
@@ -310,7 +311,7 @@ def align_genes(var_names_or_var_df, vocabulary: Vocabulary, gene_column: str | 
 
     if _looks_ensembl(names):
         if vocabulary.ensembl_ids is None:
-            raise ValueError(f"the input genes look like Ensembl IDs (e.g. {names[:3]}) but vocabulary "
+            raise InputError(f"the input genes look like Ensembl IDs (e.g. {names[:3]}) but vocabulary "
                              f"{vocabulary.name!r} has symbols only; pass the var column holding "
                              "symbols as gene_column / --gene-column")
         key = "ensembl"

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from scfm_jax.errors import CheckpointError, MissingCheckpoint, UnknownCheckpointKey
 from scfm_jax.interop import torch_checkpoint
 from scfm_jax.models.scfoundation import (DecoderConfig, EncoderConfig, ScFoundation,
                                           ScFoundationConfig)
@@ -220,7 +221,7 @@ def load_official_state_dict(state_dict, model_config, *, source: str = "state d
     if unfilled:
         problems.append(f"model variables not filled: {', '.join(unfilled)}")
     if problems:
-        raise ValueError("cannot load the scFoundation weights:\n  " + "\n  ".join(problems))
+        raise CheckpointError("cannot load the scFoundation weights:\n  " + "\n  ".join(problems))
     for variable in {id(variable): variable for variable, _ in slots.values()}.values():
         variable.set_value(jax.numpy.asarray(values[id(variable)],
                                              dtype=variable.get_value().dtype))
@@ -246,15 +247,15 @@ def model_config_from_official(official_config: Mapping, state_dict: Mapping[str
     """
     model_type = official_config.get("model")
     if model_type != "mae_autobin":
-        raise ValueError(f"only scFoundation 'mae_autobin' checkpoints are supported, this one is "
-                         f"{model_type!r}")
+        raise CheckpointError(f"only scFoundation 'mae_autobin' checkpoints are supported, this one is "
+                              f"{model_type!r}")
     flat = dict(official_config["model_config"][model_type])
     flat.update(official_config.get("dataset_config", {}).get("rnaseq", {}))
     arrays = _strip_prefix(state_dict)
     enc, dec = flat["encoder"], flat["decoder"]
     if enc.get("module_type") != "transformer" or dec.get("module_type") != "performer":
-        raise ValueError(f"expected a transformer encoder and a performer decoder, got "
-                         f"{enc.get('module_type')!r} / {dec.get('module_type')!r}")
+        raise CheckpointError(f"expected a transformer encoder and a performer decoder, got "
+                              f"{enc.get('module_type')!r} / {dec.get('module_type')!r}")
     encoder = EncoderConfig(
         width=int(enc["hidden_dim"]), depth=int(enc["depth"]), heads=int(enc["heads"]),
         mlp_dim=int(arrays[_ENCODER.format(0) + "linear1.weight"].shape[0]), dropout=0.0)
@@ -277,18 +278,18 @@ def read_official_checkpoint(path, key: str = "cell") -> tuple[dict, dict[str, n
     """(official config, state dict as numpy) of one weight set of an official `.ckpt`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise MissingCheckpoint(f"{path}: no such checkpoint file")
     checkpoint = torch_checkpoint.load(path)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
+        raise CheckpointError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
     if "state_dict" not in checkpoint:
         if key not in checkpoint:
-            raise KeyError(f"{path} has no weight set {key!r}; it holds "
-                           f"{', '.join(map(repr, checkpoint))} (official: {CHECKPOINT_KEYS})")
+            raise UnknownCheckpointKey(f"{path} has no weight set {key!r}; it holds "
+                                       f"{', '.join(map(repr, checkpoint))} (official: {CHECKPOINT_KEYS})")
         checkpoint = checkpoint[key]
     if "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}[{key!r}] lacks 'config' or 'state_dict'; not an official "
-                         "scFoundation checkpoint")
+        raise CheckpointError(f"{path}[{key!r}] lacks 'config' or 'state_dict'; not an official "
+                              "scFoundation checkpoint")
     state_dict = {name: np.asarray(array, np.float32) if torch_checkpoint.is_floating_point(array)
                   else array for name, array in checkpoint["state_dict"].items()}
     return checkpoint["config"], state_dict

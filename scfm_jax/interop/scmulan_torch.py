@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from scfm_jax.errors import CheckpointError, MissingCheckpoint, MissingDependency
 from scfm_jax.interop import torch_checkpoint
 from scfm_jax.models.scmulan import ScMulan, ScMulanConfig
 
@@ -24,8 +25,8 @@ def _torch():
     try:
         import torch
     except ImportError as error:
-        raise ImportError("the scMulan state dict as torch tensors needs PyTorch: "
-                          "pip install torch") from error
+        raise MissingDependency("the scMulan state dict as torch tensors needs PyTorch: "
+                                "pip install torch") from error
     return torch
 
 
@@ -34,10 +35,10 @@ def model_config_from_args(model_args: Mapping[str, Any]) -> ml_collections.Conf
     required = ("vocab_size", "n_layer", "n_head", "n_embd")
     missing = [k for k in required if k not in model_args]
     if missing:
-        raise ValueError(f"model_args lacks {missing}; is this an scMulan checkpoint?")
+        raise CheckpointError(f"model_args lacks {missing}; is this an scMulan checkpoint?")
     if model_args.get("ele", 1) != 1:
-        raise ValueError("model_args['ele'] must be 1 (expression-level embedding), as the "
-                         "released scMulan asserts")
+        raise CheckpointError("model_args['ele'] must be 1 (expression-level embedding), as the "
+                              "released scMulan asserts")
     return ml_collections.ConfigDict(dict(
         name="scmulan", vocab_size=int(model_args["vocab_size"]),
         n_layer=int(model_args["n_layer"]), n_head=int(model_args["n_head"]),
@@ -78,11 +79,11 @@ def load_state_dict(model: ScMulan, state_dict: Mapping[str, Any], source: str =
     unknown = sorted(set(arrays) - set(expected))
     missing = sorted(set(expected) - set(arrays))
     if unknown or missing:
-        raise ValueError(f"{source} does not match an scMulan model with {cfg}: unknown keys "
-                         f"{unknown[:8]}, missing keys {missing[:8]}")
+        raise CheckpointError(f"{source} does not match an scMulan model with {cfg}: unknown keys "
+                              f"{unknown[:8]}, missing keys {missing[:8]}")
     for key, shape in expected.items():
         if arrays[key].shape != shape:
-            raise ValueError(f"{source}: {key} has shape {arrays[key].shape}, expected {shape}")
+            raise CheckpointError(f"{source}: {key} has shape {arrays[key].shape}, expected {shape}")
     d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
     _set(model.wte, arrays["transformer.wte.weight"])
     _set(model.wee, arrays["transformer.wee.weight"])
@@ -148,13 +149,13 @@ def load_official_checkpoint(path: str | os.PathLike, *, dtype: str = "float32",
     """(config.model, ScMulan with the weights) from an official `{'model_args','model'}` .pt."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"scMulan checkpoint {path} does not exist (the released weights "
+        raise MissingCheckpoint(f"scMulan checkpoint {path} does not exist (the released weights "
                                 "are ckpt/ckpt_scMulan.pt from the scMulan repository's link)")
     checkpoint = torch_checkpoint.load(path)
     if not isinstance(checkpoint, Mapping) or not {"model_args", "model"} <= set(checkpoint):
         keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint)
-        raise ValueError(f"{path} is not an scMulan checkpoint: expected a dict with 'model_args' "
-                         f"and 'model', found {keys}")
+        raise CheckpointError(f"{path} is not an scMulan checkpoint: expected a dict with 'model_args' "
+                              f"and 'model', found {keys}")
     model_config = model_config_from_args(checkpoint["model_args"])
     model_config.dtype = dtype
     model = nnx.eval_shape(lambda: ScMulan(model_config, rngs=nnx.Rngs(0)))

@@ -30,6 +30,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from scfm_jax import errors
+
 # torch's legacy storage classes (the names its pickles use) and the numpy dtype of each
 STORAGE_DTYPES = {
     "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
@@ -47,7 +49,7 @@ _ALIGNMENT = 64  # torch aligns every storage in the archive to 64 bytes (mmap-f
 _PADDING_FIELD = 0x4246  # the zip extra field ("FB") torch pads local headers with
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A file that is not a readable PyTorch checkpoint: truncated, corrupt or another format."""
 
 

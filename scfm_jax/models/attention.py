@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from scfm_jax.errors import UsageError
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise")
 MASK_VALUE = -1e30  # finite, so a row without keys averages instead of NaN
 DEFAULT_BLOCK_SIZE = 512
@@ -76,7 +78,7 @@ def per_device(fn: Callable, arrays: Sequence[jax.Array],
 
 def check_implementation(implementation: str) -> str:
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"model.attention_impl must be one of {IMPLEMENTATIONS}, "
+        raise UsageError(f"model.attention_impl must be one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
     return implementation
 

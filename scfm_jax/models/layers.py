@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfm_jax.errors import UsageError
 from scfm_jax.models import attention as attention_impls
 from scfm_jax.models import favor_pallas, performer
 
@@ -118,7 +119,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 
 def check_remat_policy(policy: str) -> str:
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"model.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
+        raise UsageError(f"model.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
                          f"got {policy!r}")
     return policy
 
@@ -169,9 +170,9 @@ class SelfAttention(nnx.Module):
                  num_features: int = 0, stabilizer_scope: str = "cell", chunk_size: int = 2048,
                  attention_impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
         if attention not in ATTENTION_KINDS:
-            raise ValueError(f"decoder.attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+            raise UsageError(f"decoder.attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if stabilizer_scope not in performer.STABILIZER_SCOPES:
-            raise ValueError(f"decoder.stabilizer_scope must be one of "
+            raise UsageError(f"decoder.stabilizer_scope must be one of "
                              f"{performer.STABILIZER_SCOPES}, got {stabilizer_scope!r}")
         self.attention, self.stabilizer_scope, self.chunk_size = attention, stabilizer_scope, chunk_size
         self.attention_impl = attention_impls.check_implementation(attention_impl)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfm_jax.errors import UsageError
+
 FEATURE_EPSILON = 1e-4  # the "+1e-4" of performer_pytorch's softmax_kernel
 STABILIZER_SCOPES = ("cell", "batch")
 
@@ -34,7 +36,7 @@ class ProjectionMatrix(nnx.Variable):
 def num_random_features(head_dim: int, num_features: int = 0) -> int:
     """The feature count: `num_features`, or the original's default int(d ln d) (266 at d=64)."""
     if num_features < 0:
-        raise ValueError(f"num_features must be >= 0 (0: int(head_dim * ln(head_dim))), "
+        raise UsageError(f"num_features must be >= 0 (0: int(head_dim * ln(head_dim))), "
                          f"got {num_features}")
     return num_features or int(head_dim * math.log(head_dim))
 
@@ -89,10 +91,10 @@ def favor_attention(query: jax.Array, key: jax.Array, value: jax.Array, projecti
     No mask: like the original decoder, every position attends to every position.
     """
     if stabilizer_scope not in STABILIZER_SCOPES:
-        raise ValueError(f"stabilizer_scope must be one of {STABILIZER_SCOPES}, "
+        raise UsageError(f"stabilizer_scope must be one of {STABILIZER_SCOPES}, "
                          f"got {stabilizer_scope!r}")
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        raise UsageError(f"chunk_size must be positive, got {chunk_size}")
     batch, length, heads, head_dim = query.shape
     num_features = projection.shape[0]
     ratio = num_features ** -0.5

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfm_jax.errors import UsageError
 from scfm_jax.models import attention as attention_impls
 from scfm_jax.models import layers, performer
 from scfm_jax.models.layers import BATCH, BINS, EMBED, GENES, LENGTH, MLP, TABLE_EMBED
@@ -59,7 +60,7 @@ def _fields(cls, section: Mapping[str, Any], where: str) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - known - _NOT_ARCHITECTURE)
     if unknown:
-        raise ValueError(f"{where} has unknown field(s) {unknown}; known: {sorted(known)}")
+        raise UsageError(f"{where} has unknown field(s) {unknown}; known: {sorted(known)}")
     return {name: section[name] for name in known if name in section}
 
 
@@ -93,24 +94,24 @@ class ScFoundationConfig:
 
     def validate(self) -> None:
         if self.num_genes is None or self.num_genes <= 0:
-            raise ValueError(f"model.num_genes must be set (> 0) before building the model, got "
+            raise UsageError(f"model.num_genes must be set (> 0) before building the model, got "
                              f"{self.num_genes}; it is the vocabulary size (19264 for the "
                              "released scFoundation)")
         enc, dec = self.encoder, self.decoder
         if enc.width % enc.heads:
-            raise ValueError(f"encoder.width {enc.width} is not divisible by encoder.heads "
+            raise UsageError(f"encoder.width {enc.width} is not divisible by encoder.heads "
                              f"{enc.heads}")
         if min(enc.depth, dec.depth) < 1:
-            raise ValueError(f"encoder.depth and decoder.depth must be >= 1, got {enc.depth}, "
+            raise UsageError(f"encoder.depth and decoder.depth must be >= 1, got {enc.depth}, "
                              f"{dec.depth}")
         if dec.attention not in layers.ATTENTION_KINDS:
-            raise ValueError(f"decoder.attention must be one of {layers.ATTENTION_KINDS}, got "
+            raise UsageError(f"decoder.attention must be one of {layers.ATTENTION_KINDS}, got "
                              f"{dec.attention!r}")
         if dec.stabilizer_scope not in performer.STABILIZER_SCOPES:
-            raise ValueError(f"decoder.stabilizer_scope must be one of "
+            raise UsageError(f"decoder.stabilizer_scope must be one of "
                              f"{performer.STABILIZER_SCOPES}, got {dec.stabilizer_scope!r}")
         if dec.chunk_size <= 0:
-            raise ValueError(f"decoder.chunk_size must be positive, got {dec.chunk_size}")
+            raise UsageError(f"decoder.chunk_size must be positive, got {dec.chunk_size}")
         performer.num_random_features(dec.head_dim, dec.num_features)
         layers.check_remat_policy(self.remat_policy)
         attention_impls.check_implementation(self.attention_impl)

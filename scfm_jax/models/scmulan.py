@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfm_jax.errors import UsageError
 from scfm_jax.models import attention as attention_impls
 from scfm_jax.models import layers
 from scfm_jax.models.layers import BATCH, EMBED, HEAD_DIM, HEADS, LENGTH, MLP, VOCAB
@@ -49,13 +50,13 @@ class ScMulanConfig:
         values = {k: model_config[k] for k in fields if k in model_config}
         config = cls(**values)
         if config.vocab_size <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"scMulan vocab_size is {config.vocab_size}: resolve it from the token set first "
                 "(scfm_jax.objectives.scmulan.resolve_config or an official checkpoint)")
         if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+            raise UsageError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         if config.attention != "dot_product":
-            raise ValueError(f"scMulan attention {config.attention!r}: only 'dot_product' (exact "
+            raise UsageError(f"scMulan attention {config.attention!r}: only 'dot_product' (exact "
                              "causal softmax attention) is available")
         layers.check_remat_policy(config.remat_policy)
         attention_impls.check_implementation(config.attention_impl)

@@ -2,6 +2,7 @@
 
 The train loop looks the objective up by `config.model.name` in `OBJECTIVES`, an explicit table.
 """
+from scfm_jax.errors import UsageError
 from scfm_jax.objectives import scfoundation, scmulan
 from scfm_jax.objectives.objective import Objective
 
@@ -13,6 +14,6 @@ OBJECTIVES: dict[str, Objective] = {
 
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise ValueError(f"config.model.name={name!r} is not a known model; choose one of "
+        raise UsageError(f"config.model.name={name!r} is not a known model; choose one of "
                          f"{sorted(OBJECTIVES)}")
     return OBJECTIVES[name]

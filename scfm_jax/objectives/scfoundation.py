@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from scfm_jax.errors import UsageError
 from scfm_jax.models import performer
 from scfm_jax.models.scfoundation import ScFoundation
 from scfm_jax.objectives.objective import Objective
@@ -25,7 +26,7 @@ def parse_tgthighres(tgthighres: str) -> tuple[str, float]:
     """`t4` -> ("t", 4.0); the prefixes of get_embedding.py: t (target), f (fold), a (addition)."""
     match = _TGTHIGHRES.match(tgthighres)
     if not match:
-        raise ValueError(f"tgthighres must be t<number>, f<number> or a<number> (e.g. t4, f1, a5), "
+        raise UsageError(f"tgthighres must be t<number>, f<number> or a<number> (e.g. t4, f1, a5), "
                          f"got {tgthighres!r}")
     return match.group(1), float(match.group(2))
 
@@ -230,7 +231,7 @@ def resolve_config(config: ml_collections.ConfigDict, store) -> ml_collections.C
     if config.model.num_genes in (-1, None):
         config.model.num_genes = len(store.vocabulary)
     elif config.model.num_genes != len(store.vocabulary):
-        raise ValueError(
+        raise UsageError(
             f"config.model.num_genes={config.model.num_genes} but the store {config.data.store} "
             f"has a {len(store.vocabulary)}-gene vocabulary ({store.vocabulary.name}); set "
             f"--config.model.num_genes=-1 to take the store's")

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from scfm_jax.data.cell_sentence import SentenceTables, TokenSet, build_sentences, obs_token_table
+from scfm_jax.errors import UsageError
 from scfm_jax.models.scmulan import ScMulan
 from scfm_jax.objectives.objective import Objective
 
@@ -38,7 +39,7 @@ def _select_genes(store, objective) -> list[str]:
         present = set(symbols)
         genes = [g for g in wanted if g in present]
         if not genes:
-            raise ValueError(f"none of the genes of {objective.gene_list} is in the store's "
+            raise UsageError(f"none of the genes of {objective.gene_list} is in the store's "
                              f"vocabulary {store.vocabulary.name!r}")
         return genes
     cells = np.arange(min(store.num_cells, objective.gene_selection_cells))
@@ -65,7 +66,7 @@ def resolve_config(config, store):
                                    objective.metadata_columns, objective.cell_type_columns,
                                    objective.organ_columns)
     if config.model.vocab_size not in (-1, None, len(token_set)):
-        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the token set "
+        raise UsageError(f"config.model.vocab_size={config.model.vocab_size} but the token set "
                          f"has {len(token_set)} tokens; set it to -1 to take the token set's")
     config.model.vocab_size = len(token_set)
     objective.gene_set = tuple(token_set.genes)

@@ -27,11 +27,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from scfm_jax.errors import CheckpointError, MissingDependency
+
 ITEMS = ("state", "config", "data", "vocabulary", "checksums")
 JSON_ITEMS = ("config", "data", "vocabulary")
 
 
-class CheckpointDamaged(ValueError):
+class CheckpointDamaged(CheckpointError):
     """A checkpoint's files do not hold what was saved; the message names the step and item."""
 
 
@@ -117,8 +119,8 @@ def checkpoint_directory(workdir: str | Path | None, configured: str | None = No
     if configured and is_url(configured):
         import importlib.util
         if configured.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
-            raise ModuleNotFoundError(f"checkpoints on {configured} need gcsfs: "
-                                      'pip install -e ".[gcs]"')
+            raise MissingDependency(f"checkpoints on {configured} need gcsfs: "
+                                    'pip install -e ".[gcs]"')
         return epath.Path(configured)
     if configured:
         return Path(configured).expanduser().absolute()

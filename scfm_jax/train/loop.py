@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from scfm_jax.data.pipeline import Pipeline, split_cells
 from scfm_jax.data.store import CellStore
-from scfm_jax.errors import EXIT_PREEMPTED, ModelError
+from scfm_jax.errors import EXIT_PREEMPTED, CheckpointError, ModelError
 from scfm_jax.objectives import get_objective
 from scfm_jax.train import config_checks, partitioning
 from scfm_jax.train import workdir as workdir_lib
@@ -165,7 +165,7 @@ def restore_or_init(trainer: Trainer, checkpoints: Checkpoints, config, vocabula
     saved = checkpoints.restore_metadata(start_step)
     workdir_lib.check_resume(saved["config"], config.to_dict(), checkpoints.directory.parent)
     if saved["vocabulary"]["digest"] != vocabulary["digest"]:
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoints.directory.parent} was trained on vocabulary "
             f"{saved['vocabulary']['name']} ({saved['vocabulary']['digest'][:12]}), but "
             f"{config.data.store} carries {vocabulary['name']} ({vocabulary['digest'][:12]}); "

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from scfm_jax.errors import UsageError
 from scfm_jax.models import layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -27,17 +28,17 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     """Axis sizes for `num_devices`, with one -1 filling what the others leave."""
     sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
+        raise UsageError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
     fixed = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {dict(mesh_config)}")
+        raise UsageError(f"config.mesh: axis sizes must be positive or -1, got {dict(mesh_config)}")
     if -1 in sizes:
         if num_devices % fixed:
-            raise ValueError(f"config.mesh {dict(mesh_config)}: {num_devices} devices are not "
+            raise UsageError(f"config.mesh {dict(mesh_config)}: {num_devices} devices are not "
                              f"divisible by the fixed axes' product {fixed}")
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"config.mesh {dict(mesh_config)} needs {math.prod(sizes)} devices, "
+        raise UsageError(f"config.mesh {dict(mesh_config)} needs {math.prod(sizes)} devices, "
                          f"but {num_devices} are available; set one axis to -1 to fill")
     return tuple(sizes)
 
@@ -130,7 +131,7 @@ def check_replication(abstract_params, mesh: Mesh, rules, tolerance: float) -> l
         logger.warning("replicated because the mesh does not divide them (%.1f%% of parameter "
                        "bytes):\n  %s", 100 * replicated / max(total, 1), "\n  ".join(lines))
     if total and replicated / total > tolerance:
-        raise ValueError(
+        raise UsageError(
             f"{replicated / total:.1%} of the parameter bytes would be replicated because mesh "
             f"{dict(mesh.shape)} does not divide their dimensions (config.sharding_tolerance="
             f"{tolerance}): {'; '.join(lines[:4])}; change config.mesh or "
@@ -169,11 +170,11 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: 
     micro = global_batch_size // max(grad_accum_steps, 1)
     if global_batch_size % max(grad_accum_steps, 1) or micro % shards:
         axes = " x ".join(_axes(batch_spec(rules, 1)[0])) or "no mesh axis"
-        raise ValueError(
+        raise UsageError(
             f"config.data.global_batch_size={global_batch_size} with "
             f"config.train.grad_accum_steps={grad_accum_steps} gives micro-batches of "
             f"{global_batch_size / max(grad_accum_steps, 1):g} cells, which must be a multiple of "
             f"{axes} = {shards} devices (the `batch` rule of config.logical_axis_rules)")
     if global_batch_size % jax.process_count():
-        raise ValueError(f"config.data.global_batch_size={global_batch_size} must be divisible by "
+        raise UsageError(f"config.data.global_batch_size={global_batch_size} must be divisible by "
                          f"the number of processes ({jax.process_count()})")

@@ -25,6 +25,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import AxisType
 
+from scfm_jax.errors import UsageError
 from scfm_jax.train import config_checks, partitioning
 
 
@@ -92,7 +93,7 @@ def parse_topology(name: str) -> Topology:
         shapes = _SHAPES_3D if generation in ("v4", "v5p") else _SHAPES_2D
         if chips not in shapes or (generation in ("v4", "v5p") and count % 2):
             sizes = sorted(n * 2 if generation in ("v4", "v5p") else n for n in shapes)
-            raise ValueError(f"--topology {name}: no {generation} slice of that size; choose one of "
+            raise UsageError(f"--topology {name}: no {generation} slice of that size; choose one of "
                              + ", ".join(f"{generation}-{n}" for n in sizes))
         return Topology(name, generation, f"{_TOPOLOGY_PREFIX[generation]}:{shapes[chips]}", chips)
     if match := re.fullmatch(r"(v4|v5e|v5|v5p|v6e):(\d+(?:x\d+)+)", text):
@@ -100,7 +101,7 @@ def parse_topology(name: str) -> Topology:
         generation = {"v5": "v5p"}.get(prefix, prefix)
         chips = math.prod(int(d) for d in match.group(2).split("x"))
         return Topology(name, generation, f"{prefix}:{match.group(2)}", chips)
-    raise ValueError(f"--topology {name!r}: expected a Cloud TPU slice name such as v5e-8, v5p-8, "
+    raise UsageError(f"--topology {name!r}: expected a Cloud TPU slice name such as v5e-8, v5p-8, "
                      f"v4-16, v6e-64, or a libtpu topology such as v5e:2x4 or v5:2x2x1")
 
 
@@ -293,7 +294,7 @@ def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.model.name == "scmulan":
         return _synthetic_scmulan_config(config)
     if config.model.get("num_genes") in (-1, None):
-        raise ValueError("config.model.num_genes is -1 (taken from a store): pass "
+        raise UsageError("config.model.num_genes is -1 (taken from a store): pass "
                          "--config.model.num_genes=N (19264 for the released vocabulary)")
     return config
 
@@ -342,7 +343,7 @@ def compile_step(trainer, step: str, bucket: int, global_batch: int):
     if step == "train":
         return trainer.compiled_train_step(state, batch), batch
     if trainer.config.model.name != "scfoundation":
-        raise ValueError("--step embed: cell embedding is scFoundation's (scMulan: use --step train)")
+        raise UsageError("--step embed: cell embedding is scFoundation's (scMulan: use --step train)")
     batch = {k: v for k, v in batch.items() if k in ("gene_ids", "counts", "total_counts")}
     jitted = jax.jit(embed_step(trainer.graphdef), in_shardings=(
         trainer.state_sharding.params, trainer.state_sharding.buffers,
