@@ -62,7 +62,7 @@ def get_config():
 
     config.data = data = ml_collections.ConfigDict()
     data.store = ""                    # cell store URL or folder (scfm-jax convert --output)
-    data.vocabulary = ""               # "" : whatever the store carries
+    data.vocabulary = ""               # the store's vocabulary must be this one ("": any)
     data.global_batch_size = 32
     data.buckets = (64, 128, 256, 512)  # padded lengths of the sparse rows (non-zero genes)
     data.max_nonzero = 512             # cells with more non-zero genes are randomly subsampled

@@ -79,7 +79,7 @@ class MissingDependency(ScfmError, ModuleNotFoundError):
 NAMED_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                    NotADirectoryError)
 NAMED_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "the file system is read-only", errno.EFBIG: "file too large",
+                errno.EROFS: "the file system is read-only", errno.EFBIG: "file too large (beyond the file size limit, ulimit -f)",
                 errno.EACCES: "permission denied"}
 
 

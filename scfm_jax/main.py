@@ -4,10 +4,13 @@ Each subcommand lives in the module that does the work and exposes `main(argv)`;
 dispatches, so `scfm-jax --help` stays cheap (nothing heavy is imported until a command runs), and
 is the one place where errors become one line (see `errors.py` for which, and the exit codes).
 """
+import contextlib
 import importlib
+import logging
 import os
 import sys
 import traceback
+import warnings
 
 from scfm_jax import __version__
 from scfm_jax.errors import (EXIT_BUG, EXIT_INTERRUPTED, EXIT_USAGE, exit_code, is_user_error,
@@ -32,6 +35,31 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _reported_as(name: str):
+    """While a command runs: library bookkeeping logged through absl (Orbax's notes, and the
+    per-thread tracebacks of a failed save that the command reports in its own line) is not
+    shown, and a Python warning is one `scfm-jax NAME: warning: ...` line, not a source line.
+    SCFM_TRACEBACK=1 shows both as they are."""
+    if os.environ.get("SCFM_TRACEBACK"):
+        yield
+        return
+    absl_logger = logging.getLogger("absl")
+    level, show = absl_logger.level, warnings.showwarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"scfm-jax {name}: warning: {' '.join(str(message).split())}",
+              file=file or sys.stderr)
+
+    absl_logger.setLevel(logging.CRITICAL)
+    warnings.showwarning = one_line_warning
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+        warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -48,8 +76,9 @@ def main(argv=None) -> int:
         print(f"scfm-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        return module.main(rest) or 0
+        with _reported_as(name):
+            module = importlib.import_module(COMMANDS[name][0])
+            return module.main(rest) or 0
     except KeyboardInterrupt:
         print(f"scfm-jax {name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

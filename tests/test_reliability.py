@@ -51,16 +51,54 @@ def write(adata, path):
     return Path(path)
 
 
+# What the misuse cases of this module end in, printed at its end: every `run_cli` call is a case;
+# a failing case should end in exactly one `error:` line; `files_of` comparisons count lost files
+# and `result_is` comparisons results reported as success but wrong.
+TALLY = dict.fromkeys(("cases", "one-line errors", "successes", "tracebacks", "files lost",
+                       "results silently wrong"), 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tally(request):
+    yield TALLY
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and TALLY["cases"]:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\nreliability cases: "
+                                + ", ".join(f"{k} {v}" for k, v in TALLY.items()))
+
+
 def run_cli(capsys, *argv):
-    """(exit status, stderr lines) of `scfm-jax ARGV` run in this process."""
+    """(exit status, stderr lines) of `scfm-jax ARGV` run in this process (a tallied case)."""
     status = scfm_main([str(a) for a in argv])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert not any("Traceback" in line for line in err), err
+    TALLY["cases"] += 1
+    traceback = any("Traceback" in line for line in err)
+    TALLY["tracebacks"] += traceback
+    if status == 0:
+        TALLY["successes"] += 1
+    elif sum("error:" in line for line in err) == 1 and not traceback:
+        TALLY["one-line errors"] += 1
+    assert not traceback, err
     return status, err
 
 
 def files_of(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def unchanged(before: dict[str, bytes], root: Path) -> bool:
+    """Whether `root` still holds exactly the files `before` listed (tallied when not)."""
+    same = files_of(root) == before
+    TALLY["files lost"] += not same
+    return same
+
+
+def result_is(ok: bool) -> bool:
+    """A check of a result a command reported as written (tallied when wrong)."""
+    TALLY["results silently wrong"] += not ok
+    return ok
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +136,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path, capsys, 
     status, err = run_cli(capsys, "convert", other, "--output", folder, "--vocabulary",
                           "from-data", "--no-progress", *flags)
     assert status == 1 and "not part of a cell store" in err[-1] and "analysis.ipynb" in err[-1]
-    assert files_of(folder) == before   # nothing deleted, nothing written
+    assert unchanged(before, folder)   # nothing deleted, nothing written
 
 
 def test_overwrite_replaces_only_what_a_conversion_wrote(store_copy, tmp_path, capsys):
@@ -559,3 +597,382 @@ def test_embed_refuses_a_damaged_checkpoint(trained, tmp_path, capsys):
     assert result.returncode == 1 and len(err) == 1, result.stderr[-3000:]
     assert "checkpoint step 6" in err[0] and "damaged" in err[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "out.h5ad").exists()
+
+
+# ------------------------------------------------------------------------ the command line contract
+
+def test_version_and_no_arguments(capsys):
+    from scfm_jax import __version__
+    assert scfm_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"scfm-jax {__version__}"
+    assert scfm_main([]) == 2
+    assert "usage: scfm-jax COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "verify", "train", "demo", "embed", "annotate",
+                                     "plan"])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        scfm_main([command, "--help"])
+    assert exited.value.code == 0
+    assert f"usage: scfm-jax {command}" in capsys.readouterr().out
+
+
+def test_train_and_plan_take_dashed_flags():
+    from scfm_jax.train import loop, plan
+    config = str(REPO / "configs" / "scfoundation_tiny.py")
+    args = loop._parse(["--config", config, "--workdir", "w", "--dry-run", "--num-cpu-devices",
+                        "2", "--coordinator-address", "h:1", "--num-processes", "2",
+                        "--process-id", "1", "--auto-distributed", "--config.train.steps=7"])
+    assert (args.dry_run, args.num_cpu_devices, args.coordinator_address, args.num_processes,
+            args.process_id, args.auto_distributed) == (True, 2, "h:1", 2, 1, True)
+    assert args.config.train.steps == 7
+    args = plan._parse([f"--config={config}:", "--topology", "v5e-8", "--largest-collectives",
+                        "2", "--bucket", "64", "--bucket", "128", "--remat", "full",
+                        "--config.data.buckets=(64,128)"])
+    assert (args.largest_collectives, args.bucket, args.remat) == (2, [64, 128], ["full"])
+    assert tuple(args.config.data.buckets) == (64, 128)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "configs/scfoundation_tiny.py"], "--workdir"),
+    (["train", "--config", "configs/scfoundation_tiny.py", "--workdir", "w", "--dry_run"],
+     "unrecognized arguments: --dry_run"),
+    (["train", "--config", "configs/scfoundation_tiny.py", "--workdir", "w",
+      "--config.train.steps=many"], "--config.train.steps=many: expected a value of type int"),
+    (["train", "--config", "configs/scfoundation_tiny.py", "--workdir", "w",
+      "--config.model"], "give a value"),
+    (["train", "--config", "configs/nonexistent.py", "--workdir", "w"], "no such file"),
+    (["plan", "--config", "configs/scfoundation_tiny.py"], "--topology"),
+    (["convert", "x.h5ad", "--output", "s", "--task-index", "3", "--num-tasks", "2"],
+     "--task-index 3 must be in"),
+    (["embed", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad",
+      "--output-type", "gene"], "writes a zarr array"),
+])
+def test_usage_mistakes_exit_2(capsys, argv, message, monkeypatch):
+    monkeypatch.chdir(REPO)
+    try:
+        status = scfm_main(argv)
+    except SystemExit as exited:   # argparse's own usage errors
+        status = exited.code
+    err = capsys.readouterr().err
+    TALLY["cases"] += 1
+    TALLY["one-line errors"] += status != 0 and "Traceback" not in err
+    assert status == 2 and message in err and "Traceback" not in err, err
+
+
+def test_config_file_with_a_syntax_error_is_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import ml_collections\n\ndef get_config():\n    return ml_collections(\n")
+    status, err = run_cli(capsys, "train", "--config", broken, "--workdir", tmp_path / "w")
+    assert status == 2 and len(err) == 1 and f"--config {broken}: line 4" in err[0], err
+    failing = tmp_path / "failing.py"
+    failing.write_text("def get_config():\n    return undefined_name\n")
+    status, err = run_cli(capsys, "train", "--config", failing, "--workdir", tmp_path / "w")
+    assert status == 2 and len(err) == 1 and "line 2: NameError" in err[0], err
+    assert not (tmp_path / "w").exists()
+
+
+def test_only_the_projects_errors_are_one_line(monkeypatch, capsys):
+    from scfm_jax.data import verify
+    from scfm_jax.train.loop import TrainingDiverged
+
+    def raising(error):
+        def main(argv):
+            raise error
+        return main
+
+    monkeypatch.setattr(verify, "main", raising(TrainingDiverged("loss is nan at step 3")))
+    status, err = run_cli(capsys, "verify", "x")
+    assert status == 1 and err == ["scfm-jax verify: error: loss is nan at step 3"]
+    for bug in (RuntimeError("internal"), KeyError("k"), ValueError("v"), ImportError("i")):
+        monkeypatch.setattr(verify, "main", raising(bug))
+        assert scfm_main(["verify", "x"]) == 70
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "This is a bug in scfm-jax: please report it" in err
+    monkeypatch.setattr(verify, "main", raising(
+        OSError(28, "No space left on device", "/data/store/x")))
+    status, err = run_cli(capsys, "verify", "x")
+    assert status == 1 and err == ["scfm-jax verify: error: /data/store/x: no space left on the "
+                                   "device; free some space (or write elsewhere) and run the "
+                                   "command again"]
+
+
+def test_preempted_train_exits_75_saying_so(monkeypatch, capsys, tmp_path):
+    from scfm_jax.train import loop
+    monkeypatch.setattr(loop, "train", lambda *a, **k: {"final_step": 4, "preempted": True,
+                                                         "stopped_early": True})
+    status = scfm_main(["train", "--config", str(REPO / "configs" / "scfoundation_tiny.py"),
+                        "--workdir", str(tmp_path)])
+    assert status == 75 and "preempted at step 4; rerun to resume" in capsys.readouterr().err
+
+
+def test_slurm_job_is_requeued_when_preempted(tmp_path):
+    """A task exiting 75 (preempted with a checkpoint): the batch script requeues the job and
+    passes the status on."""
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 75\n")
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    for fake in ("srun", "scontrol"):
+        (tmp_path / fake).chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="42")
+    result = subprocess.run(["bash", "launch/slurm.sbatch", "configs/scfoundation_tiny.py",
+                             str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 75, result.stderr
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "42"]
+    assert "requeueing job 42" in result.stderr
+
+
+def test_default_warm_up_with_few_steps_is_accepted(small_store, tmp_path):
+    from scfm_jax.train import config_checks
+    from scfm_jax.train.state import make_schedule
+    config = tiny_config(str(small_store), steps=6)
+    config.train.warmup_steps = 50   # the config file's default
+    config_checks.check(config, tmp_path / "run")
+    schedule = make_schedule(config.train)
+    assert float(schedule(5)) == pytest.approx(config.train.learning_rate)   # warmed up by then
+
+
+# ------------------------------------------------------------------------ never lose the user's data
+
+def test_embed_and_annotate_refuse_to_write_over_their_input(tmp_path, capsys):
+    path = write(counts_adata(), tmp_path / "x.h5ad")
+    before = files_of(tmp_path)
+    for command in ("embed", "annotate"):
+        for flags in ([], ["--overwrite"]):
+            status, err = run_cli(capsys, command, "--checkpoint", tmp_path / "c.ckpt", "--input",
+                                  path, "--output", path, *flags)
+            assert status == 1 and len(err) == 1 and "is the input" in err[0], err
+    assert unchanged(before, tmp_path)
+
+
+def test_an_existing_output_that_is_not_ours_is_refused(tmp_path, capsys):
+    path = write(counts_adata(), tmp_path / "x.h5ad")
+    folder = tmp_path / "existing.zarr"   # an anndata zarr and notes: never deleted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts_adata(seed=2).write_zarr(folder)
+    (folder / "notes.txt").write_text("my notes")
+    mine = write(counts_adata(seed=3), tmp_path / "mine.h5ad")
+    before = files_of(tmp_path)
+    for flags in ([], ["--overwrite"]):
+        status, err = run_cli(capsys, "embed", "--checkpoint", tmp_path / "c.ckpt", "--input",
+                              path, "--output-type", "gene", "--output", folder, *flags)
+        assert status == 1 and len(err) == 1 and "did not write" in err[0], err
+    for command in ("embed", "annotate"):
+        status, err = run_cli(capsys, command, "--checkpoint", tmp_path / "c.ckpt", "--input",
+                              path, "--output", mine)
+        assert status == 1 and "was not written by scfm-jax" in err[-1] and "--overwrite" in err[-1]
+    assert unchanged(before, tmp_path)
+
+
+def test_output_safety_rules(tmp_path):
+    from scfm_jax.errors import OutputError
+    from scfm_jax.output_safety import (OWNER_KEY, check_output, owner_record, publish,
+                                        temporary_path)
+    folder = tmp_path / "genes.zarr"
+    (folder / "study").mkdir(parents=True)
+    (folder / "study" / "a").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="holding 1 files that scfm-jax embed did not write"):
+            check_output(folder, command="embed", overwrite=overwrite)
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    with pytest.raises(OutputError, match="exists"):
+        check_output(empty, command="embed")
+    check_output(empty, command="embed", overwrite=True)
+    # a previous output of the same command is replaced without --overwrite; of another, not
+    adata = counts_adata(5)
+    adata.uns[OWNER_KEY] = owner_record("annotate")
+    previous = write(adata, tmp_path / "annotated.h5ad")
+    check_output(previous, command="annotate")
+    with pytest.raises(OutputError, match="not written by scfm-jax embed"):
+        check_output(previous, command="embed")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"file is a file, not a folder"):
+        check_output(tmp_path / "file" / "out.h5ad", command="embed")
+    temporary = temporary_path(previous)
+    temporary.write_text("new")
+    publish(temporary, previous)
+    assert previous.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated.h5ad", "empty.zarr", "file",
+                                                         "genes.zarr"]
+
+
+def test_output_under_a_file_is_one_line_for_every_command(tmp_path, capsys, small_store):
+    path = write(counts_adata(), tmp_path / "x.h5ad")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    for argv in (["convert", path, "--output", blocker / "store", "--vocabulary", "from-data",
+                  "--no-progress"],
+                 ["embed", "--checkpoint", "c", "--input", path, "--output", blocker / "o.h5ad"],
+                 ["annotate", "--checkpoint", "c", "--input", path, "--output",
+                  blocker / "o.h5ad"],
+                 ["train", "--config", REPO / "configs" / "scfoundation_tiny.py", "--workdir",
+                  blocker / "run", f"--config.data.store={small_store}"]):
+        status, err = run_cli(capsys, *argv)
+        assert status == 1 and len(err) == 1 and f"{blocker} is a file, not a folder" in err[0]
+    assert blocker.read_text() == "a file"
+
+
+def test_train_refuses_a_workdir_of_other_files(tmp_path, capsys, small_store):
+    workdir = tmp_path / "thesis"
+    workdir.mkdir()
+    (workdir / "chapter1.tex").write_text("...")
+    before = files_of(workdir)
+    status, err = run_cli(capsys, "train", "--config", REPO / "configs" / "scfoundation_tiny.py",
+                          "--workdir", workdir, f"--config.data.store={small_store}")
+    assert status == 1 and "'chapter1.tex'" in err[0] and "did not write" in err[0]
+    assert unchanged(before, workdir)
+
+
+# ------------------------------------------------------------------------ convert: lock, repair
+
+def test_a_second_convert_on_the_same_output_is_refused(tmp_path, capsys):
+    path = write(counts_adata(), tmp_path / "x.h5ad")
+    output = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from scfm_jax.output_safety import FolderLock; "
+         "FolderLock(sys.argv[1], command='convert').acquire(); print('held', flush=True); "
+         "time.sleep(600)", str(output)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, err = run_cli(capsys, "convert", path, "--output", output, "--vocabulary",
+                              "from-data", "--no-progress")
+        assert status == 1 and len(err) == 1, err
+        assert f"in use by another conversion (PID {holder.pid}" in err[0]
+        assert sorted(p.name for p in output.iterdir()) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    status, _ = run_cli(capsys, "convert", path, "--output", output, "--vocabulary", "from-data",
+                        "--no-progress")   # the killed run's lock is stale: taken over
+    assert status == 0 and not verify_lib.verify(output)[1]
+
+
+def test_rerunning_convert_repairs_a_damaged_store(small_store, store_copy, capsys):
+    source = small_store.parent / "cells.h5ad"
+    options = dict(vocabulary="from-data", shard_size=20, chunk_elements=64)
+    (store_copy / "shards" / "00001.zarr" / "X" / "data" / "c" / "0").unlink()
+    chunk = store_copy / "shards" / "00002.zarr" / "X" / "indices" / "c" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
+    assert sorted(verify_lib.verify(store_copy)[1]) == ["shards/00001.zarr", "shards/00002.zarr"]
+    summary = convert([source], store_copy, **options)
+    assert summary.shards_written == 2
+    assert "00001.zarr is damaged" in capsys.readouterr().err
+    assert result_is(verify_lib.verify(store_copy)[1] == {})
+    intact = CellStore.open(small_store).read(np.arange(60))
+    repaired = CellStore.open(store_copy).read(np.arange(60))
+    assert result_is(np.array_equal(intact.counts, repaired.counts))
+    assert convert([source], store_copy, **options).shards_written == 0   # intact: nothing to do
+    assert convert([source], store_copy, overwrite=True, **options).shards_written == 3
+
+
+def test_counts_beyond_float32_integers_are_refused(tmp_path, capsys):
+    adata = counts_adata()
+    dense = adata.X.toarray().astype(np.float64)
+    dense[7, 3] = 2**24 + 1
+    adata.X = sp.csr_matrix(dense)
+    path = write(adata, tmp_path / "big.h5ad")
+    status, err = run_cli(capsys, "convert", path, "--output", tmp_path / "s", "--vocabulary",
+                          "from-data", "--no-progress")
+    assert status == 1 and len(err) == 1 and "row 7 (cell 'c7') holds 16777217" in err[0], err
+    assert "above 2^24" in err[0] and not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------ messages that name the fix
+
+def test_a_file_or_a_damaged_manifest_is_not_a_store(small_store, store_copy, tmp_path, capsys):
+    not_a_store = tmp_path / "cells.txt"
+    not_a_store.write_text("hello")
+    status, err = run_cli(capsys, "verify", not_a_store)
+    assert status == 1 and len(err) == 1 and "is a file, not a cell store" in err[0], err
+    assert "scfm-jax convert" in err[0]
+    (store_copy / "manifest.json").write_text('{"format": "scfm-cell-store", ')
+    status, err = run_cli(capsys, "verify", store_copy)
+    assert status == 1 and len(err) == 1, err
+    assert f"{store_copy}/manifest.json is not valid JSON" in err[0] and "convert" in err[0]
+
+
+def test_damaged_checkpoint_on_resume_says_how_to_resume(tmp_path):
+    _tiny_checkpoint(tmp_path)
+    checkpoints = Checkpoints(tmp_path, read_only=True)
+    assert "--step" in str(checkpoints.damaged(1, "state", "x"))   # embed / annotate take --step
+    checkpoints.resuming = True
+    message = str(checkpoints.damaged(1, "state", "x"))
+    assert "--step" not in message and "train again in a fresh --workdir" in message
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("command", ["embed", "annotate", "convert"])
+def test_an_h5ad_without_genes_says_so(tmp_path, capsys, command):
+    path = write(counts_adata()[:, :0].copy(), tmp_path / "nogenes.h5ad")
+    argv = ([path, "--output", tmp_path / "s", "--vocabulary", "from-data", "--no-progress"]
+            if command == "convert" else
+            ["--checkpoint", tmp_path / "c", "--input", path, "--output", tmp_path / "o.h5ad"])
+    status, err = run_cli(capsys, command, *argv)
+    assert status == 1 and len(err) == 1 and "holds no genes" in err[0], err
+
+
+@pytest.mark.parametrize("value", ["n/a", "abc", ""])
+def test_a_csv_with_a_value_that_is_not_a_number_names_row_and_column(tmp_path, capsys, value):
+    csv = tmp_path / "cells.csv"
+    csv.write_text(f"cell,G0,G1,G2\nc0,1,2,3\nc1,4,{value},6\n")
+    status, err = run_cli(capsys, "embed", "--checkpoint", tmp_path / "c.ckpt", "--input", csv,
+                          "--output", tmp_path / "o.h5ad")
+    assert status == 1 and len(err) == 1, err
+    assert f"{csv}: row 3 (cell 'c1'), column 'G1' holds {value!r}, not a number" in err[0]
+    assert "--pre-normalized" not in err[0]
+
+
+def test_obs_columns_named_source_are_the_users(tmp_path, capsys):
+    adata = counts_adata()
+    adata.obs["source"] = pd.Categorical(["lab A", "lab B"] * 30)
+    adata.obs["source_row"] = pd.Categorical(["r1", "r2", "r3"] * 20)
+    path = write(adata, tmp_path / "study.h5ad")
+    status, _ = run_cli(capsys, "convert", path, "--output", tmp_path / "store", "--vocabulary",
+                        "from-data", "--no-progress")
+    assert status == 0
+    store = CellStore.open(tmp_path / "store")
+    assert set(store.obs_columns) == {"kind", "source", "source_row", "scfm_source"}
+    assert store.obs_categories("scfm_source") == ["study.h5ad"]
+    codes = store.read_obs("source", np.arange(60))
+    assert result_is([store.obs_categories("source")[c] for c in codes] == list(adata.obs["source"]))
+    shard = anndata.read_zarr(tmp_path / "store" / "shards" / "00000.zarr")
+    assert list(shard.obs["scfm_source_row"]) == list(range(60))
+
+
+def test_stores_written_with_the_old_bookkeeping_names_read_the_same(tmp_path, monkeypatch):
+    from scfm_jax.data import store as store_lib
+    monkeypatch.setattr(store_lib, "SOURCE", "source")   # how stores were written before
+    monkeypatch.setattr(store_lib, "SOURCE_ROW", "source_row")
+    monkeypatch.setattr(store_lib, "SOURCE_COLUMNS", ("source", "source_row"))
+    path = write(counts_adata(), tmp_path / "old.h5ad")
+    convert([path], tmp_path / "store", vocabulary="from-data", shard_size=32)
+    monkeypatch.undo()
+    store = CellStore.open(tmp_path / "store")
+    assert "source" in store.manifest["obs"] and "scfm_source" not in store.manifest["obs"]
+    assert set(store.obs_columns) == {"kind", "scfm_source"}
+    assert store.obs_categories("scfm_source") == ["old.h5ad"]
+    assert set(store.read_obs("scfm_source", np.arange(60))) == {0}
+    assert set(store.to_anndata(np.arange(4)).obs.columns) == {"kind", "scfm_source"}
+
+
+def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch, capsys):
+    import logging
+
+    from scfm_jax.data import verify
+
+    def noisy(argv):
+        logging.getLogger("absl").warning("CheckpointManagerOptions.read_only=True, setting ...")
+        warnings.warn("Writing zarr v2 data will no longer be the default", UserWarning)
+        return 0
+
+    monkeypatch.setattr(verify, "main", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        status, err = run_cli(capsys, "verify", "x")
+    assert status == 0
+    assert err == ["scfm-jax verify: warning: Writing zarr v2 data will no longer be the default"]
+    assert warnings.showwarning is not None and logging.getLogger("absl").level != logging.CRITICAL

@@ -153,6 +153,9 @@ def build_plan(inputs: list[str], *, vocabulary, gene_column, layer, obs, shard_
                 raise InputError(f"{path}: no such file or folder")
             label = labels[i] if labels else _source_label(path, taken)
             sources.append(open_source(path, label, layer, allow_non_integer))
+            if len(sources[-1].var) == 0:
+                raise InputError(f"{path} holds no genes (var has 0 rows); write the count matrix "
+                                 "with its genes")
         if isinstance(vocabulary, Vocabulary):
             vocab = vocabulary
         elif vocabulary == "from-data":

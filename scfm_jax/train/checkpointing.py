@@ -14,9 +14,11 @@ shardings, so a checkpoint written on one mesh restores onto any other. They liv
 `<workdir>/checkpoints`, or where `train.checkpoint_dir` says: another folder or a gs:// bucket
 (Orbax 0.12 writes OCDBT checkpoints to gs:// only; s3:// is refused, see README).
 """
+import contextlib
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -27,7 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from scfm_jax.errors import CheckpointError, MissingDependency
+from scfm_jax.errors import NAMED_ERRNOS, CheckpointError, MissingDependency
 
 ITEMS = ("state", "config", "data", "vocabulary", "checksums")
 JSON_ITEMS = ("config", "data", "vocabulary")
@@ -96,6 +98,19 @@ def _ignore_reads_after_a_failed_restore() -> None:
     sys.unraisablehook = hook
 
 
+def _write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write named in `NAMED_ERRNOS` (TensorStore reports it in the message as
+    os_error_code='28'), looking through the causes; None for other failures."""
+    while error is not None:
+        code = error.errno if isinstance(error, OSError) else None
+        found = re.search(r"os_error_code='(\d+)'", str(error))
+        code = int(found.group(1)) if found else code
+        if code in NAMED_ERRNOS:
+            return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _json_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -139,6 +154,7 @@ class Checkpoints:
             preservation_policy=_preservation(keep), enable_async_checkpointing=asynchronous,
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self.resuming = False   # a training run resuming (no --step to choose another step)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -153,11 +169,31 @@ class Checkpoints:
                  "vocabulary": vocabulary}
         checksums = {"state": tree_checksums(state),
                      "json": {name: _json_digest(value) for name, value in items.items()}}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            checksums=ocp.args.JsonSave(checksums),
-            **{name: ocp.args.JsonSave(value) for name, value in items.items()},
-        ), metrics=metrics, force=True)
+        _ignore_reads_after_a_failed_restore()   # a failed write closes Orbax's loop too
+        with self._writing(f"checkpoint step {step}"):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                checksums=ocp.args.JsonSave(checksums),
+                **{name: ocp.args.JsonSave(value) for name, value in items.items()},
+            ), metrics=metrics, force=True)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A save that fails for lack of space (or a size limit, quota, read-only media) is one
+        CheckpointError naming the folder and the fix; other failures pass through."""
+        try:
+            yield
+        except Exception as error:
+            code = _write_errno(error)
+            if code is None:
+                raise
+            latest = self.latest_step()
+            resume = (f"the run resumes from step {latest}" if latest is not None else
+                      "the run starts again")
+            raise CheckpointError(
+                f"{what} could not be written to {self.directory}: {NAMED_ERRNOS[code]}; free "
+                f"some space (or set --config.train.checkpoint_dir to another disk) and run the "
+                f"same command again ({resume})") from None
 
     def _restore(self, step: int, **items):
         _ignore_reads_after_a_failed_restore()   # before: the loop closes before `except` runs
@@ -168,9 +204,16 @@ class Checkpoints:
                                f"{str(error).splitlines()[0][:300] if str(error) else ''})") from None
 
     def damaged(self, step: int, item: str, problem: str) -> CheckpointDamaged:
+        older = [s for s in self.all_steps() if s < step]
+        if not self.resuming:
+            advice = f"Use an older step (--step; steps: {sorted(self.all_steps())}) or train again"
+        elif older:
+            advice = (f"To resume from step {max(older)}, move the folder {self.directory / str(step)} "
+                      f"out of {self.directory}, then run the same command again")
+        else:
+            advice = "It is the run's only checkpoint: train again in a fresh --workdir"
         return CheckpointDamaged(
-            f"checkpoint step {step} in {self.directory} is damaged: {item} {problem}. Use an "
-            f"older step (--step; steps: {sorted(self.all_steps())}) or train again")
+            f"checkpoint step {step} in {self.directory} is damaged: {item} {problem}. {advice}")
 
     def _saved_checksums(self, step: int) -> dict:
         return self._restore(step, checksums=ocp.args.JsonRestore())["checksums"]
@@ -221,5 +264,6 @@ class Checkpoints:
         return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing("a checkpoint"):
+            self.manager.wait_until_finished()
         self.manager.close()

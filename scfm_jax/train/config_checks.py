@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from scfm_jax.errors import UsageError
+from scfm_jax.train import workdir as workdir_lib
 
 OVERRIDE_PREFIX = "--config."
 OVERRIDES_HELP = ("--config.FIELD=VALUE overrides any field of the config file, e.g. "
@@ -155,6 +156,16 @@ def _positive_int(config, field: str, minimum: int = 1):
              f"must be an integer >= {minimum}")
 
 
+def check_store(config, store) -> None:
+    """Refuse a store whose vocabulary is not the one `data.vocabulary` names ("": any)."""
+    expected = config.data.get("vocabulary") or ""
+    if expected and expected != store.vocabulary.name:
+        raise UsageError(
+            f"--config.data.vocabulary={expected!r}, but the store {config.data.store} carries "
+            f"the vocabulary {store.vocabulary.name!r}; convert the data with --vocabulary "
+            f"{expected}, or set --config.data.vocabulary='' to train on the store's")
+
+
 def check(config, workdir) -> None:
     """Raise UsageError naming the first invalid field of `config` (or the workdir)."""
     data, train = config.data, config.train
@@ -197,4 +208,5 @@ def check(config, workdir) -> None:
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--workdir {workdir} is a file; name a folder for the run")
+    workdir_lib.check_workdir(workdir)
 

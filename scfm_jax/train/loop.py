@@ -160,6 +160,7 @@ def evaluate(trainer: Trainer, state, pipeline: Pipeline, num_batches: int, seed
 def restore_or_init(trainer: Trainer, checkpoints: Checkpoints, config, vocabulary: dict):
     """(state, start step): the latest checkpoint of the workdir, or a fresh sharded init."""
     start_step = checkpoints.latest_step()
+    checkpoints.resuming = True
     if start_step is None:
         return trainer.init_state(config.seed), 0
     saved = checkpoints.restore_metadata(start_step)
@@ -193,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     workdir = Path(workdir)
     config_checks.check(config, workdir)
     store = CellStore.open(config.data.store)
+    config_checks.check_store(config, store)
     config = resolve_config(config, store)
     lead = jax.process_index() == 0
     mesh = partitioning.make_mesh(config.mesh, devices=devices)
@@ -231,6 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     bar = tqdm(total=train_config.steps, initial=start_step, disable=not (progress and lead),
                desc="train", unit="step", dynamic_ncols=True)
     window, pending = RateWindow(), PendingMetrics()
+    failed = False
 
     def flush() -> dict:
         """Fetch the pending metrics; stop at the first non-finite loss. The last step's scalars."""
@@ -297,18 +300,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                     summary["preempted"] = step != stop_after
                     break
     except BaseException:
-        if lead and created_workdir and checkpoints.latest_step() is None:
-            # nothing of this run is worth keeping: the next attempt starts from a clean slate
-            bar.close()
-            writer.close()
-            workdir_lib.release(workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
+        failed = True
         raise
     finally:
         bar.close()
-        checkpoints.close()
-        writer.close()
-        workdir_lib.release(workdir)
+        try:
+            checkpoints.close()
+        finally:
+            writer.close()
+            workdir_lib.release(workdir)
+            if failed and lead and created_workdir and checkpoints.latest_step() is None:
+                # nothing of this run is worth keeping: the next attempt starts from a clean slate
+                shutil.rmtree(workdir, ignore_errors=True)
 
     # the final checkpoint is the loop's save at the last step (or at the stop), finished by close()
     summary.update(final_step=step, eval_loss=summary.get("eval_loss", last_eval))

@@ -44,11 +44,16 @@ def is_run_folder(workdir: Path) -> bool:
                for p in Path(workdir).iterdir())
 
 
-def acquire(workdir: str | Path) -> None:
-    """Create the workdir and take its lock (a no-op if this process holds it already); a folder
-    holding files that are not a run's is refused (`output_safety.check_output`)."""
+def check_workdir(workdir: str | Path) -> None:
+    """Refuse a --workdir that is a file, sits under a file, or holds files that are not a run's
+    (`output_safety.check_output`): a run writes only its own files into its workdir."""
     check_output(workdir, command="train", flag="--workdir",
                  ours=lambda path: path.is_dir() and is_run_folder(path))
+
+
+def acquire(workdir: str | Path) -> None:
+    """Check the workdir, create it and take its lock (a no-op if this process holds it)."""
+    check_workdir(workdir)
     _lock(workdir).acquire()
 
 
