@@ -976,3 +976,65 @@ def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch
     assert status == 0
     assert err == ["scfm-jax verify: warning: Writing zarr v2 data will no longer be the default"]
     assert warnings.showwarning is not None and logging.getLogger("absl").level != logging.CRITICAL
+
+
+@pytest.mark.slow   # trains in a subprocess (a minute or more of compiling on a loaded machine)
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_store, tmp_path):
+    """A file size limit (ulimit -f 40 KB, as a full disk: writes fail with an OS error) during the
+    first save: one error line, no traceback, and the failed run's new workdir is not left behind
+    to trip the next attempt."""
+    import resource
+
+    from test_train import _overrides
+    workdir = tmp_path / "run"
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 << 10, resource.RLIM_INFINITY))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "scfm_jax.main", "train", "--config",
+         str(REPO / "configs" / "scfoundation_tiny.py"), "--workdir", str(workdir),
+         *_overrides(tiny_config(str(small_store), steps=3))],
+        capture_output=True, text=True, preexec_fn=limit_file_size,
+        env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"))
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert "could not be written to" in errors[0] and "file too large" in errors[0]
+    assert "Traceback" not in result.stderr and not workdir.exists()
+
+
+# ------------------------------------------------------------------------ docs/reliability.md
+
+# The commands docs/reliability.md shows, in order, with the status each must end in.
+DOCUMENTED = (
+    ("scfm-jax --version", 0),
+    ("scfm-jax convert cells.h5ad --output store --vocabulary from-data --no-progress", 0),
+    ("scfm-jax verify store", 0),
+    ("rm store/shards/00000.zarr/X/data/c/0", None),
+    ("scfm-jax verify store", 1),
+    ("scfm-jax convert cells.h5ad --output store --vocabulary from-data --no-progress", 0),
+    ("scfm-jax verify store", 0),
+    ("scfm-jax embed --checkpoint run --input cells.h5ad --output cells.h5ad", 1),
+)
+
+
+def test_the_commands_of_the_reliability_page(tmp_path, monkeypatch, capsys):
+    import re
+    import shlex
+    text = (REPO / "docs" / "reliability.md").read_text()
+    shown = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines() if line.strip()]
+    assert shown == [command for command, _ in DOCUMENTED]
+    write(counts_adata(), tmp_path / "cells.h5ad")
+    before = (tmp_path / "cells.h5ad").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for command, expected in DOCUMENTED:
+        words = shlex.split(command)
+        if words[0] == "rm":
+            Path(words[1]).unlink()
+            continue
+        status = scfm_main(words[1:])
+        out = capsys.readouterr()
+        assert status == expected, (command, out.err)
+    assert (tmp_path / "cells.h5ad").read_bytes() == before
+    assert "is the input" in out.err

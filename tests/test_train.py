@@ -356,8 +356,8 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(store, unint
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_exits_cleanly_and_resumes(store, uninterrupted_cli,
                                                                         tmp_path):
-    """SIGTERM (a preemption notice): the CLI saves at the next step boundary and exits 0; the
-    same command resumes from that checkpoint with the losses of an uninterrupted run."""
+    """SIGTERM (a preemption notice): the CLI saves at the next step boundary and exits 75 saying
+    so; the same command resumes from that checkpoint with the losses of an uninterrupted run."""
     import signal
     import subprocess
 
@@ -367,10 +367,11 @@ def test_sigterm_checkpoints_at_the_next_step_exits_cleanly_and_resumes(store, u
     process = _start_and_wait_for_step(store, workdir, 3, no_periodic)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr.decode()[-3000:]
+    assert process.returncode == 75, stderr.decode()[-3000:]
     saved = Checkpoints(workdir, read_only=True).all_steps()
     logged = max(_losses(workdir))
     assert saved == [logged] and 3 <= logged < CLI_STEPS, (saved, logged)
+    assert f"preempted at step {logged}; rerun to resume" in stderr.decode()
     subprocess.run(**_cli(store, workdir, no_periodic), check=True, capture_output=True,
                    timeout=600)
     assert _losses(workdir) == uninterrupted_cli

@@ -305,7 +305,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     finally:
         bar.close()
         try:
-            checkpoints.close()
+            checkpoints.close()   # waits for the last save, whose failure is reported here
+        except BaseException:
+            failed = True
+            raise
         finally:
             writer.close()
             workdir_lib.release(workdir)
