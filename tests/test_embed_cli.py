@@ -76,7 +76,7 @@ def test_gene_expression_rde(files):
 def test_clear_errors(files, capsys):
     output = files["tmp"] / "never.h5ad"
     assert _embed(files, "--input", files["h5ad"], "--output", output, "--key", "rde",
-                  "--output-type", "cell", "--tgthighres", "q4") == 1
+                  "--output-type", "cell", "--tgthighres", "q4") == 2   # a usage mistake
     assert "tgthighres" in capsys.readouterr().err
     # a vocabulary of the wrong size for the checkpoint
     wrong = files["tmp"] / "wrong_vocabulary.tsv"

@@ -165,7 +165,7 @@ def run(args) -> None:
     vocabulary = (load_vocabulary(args.vocabulary) if args.vocabulary
                   else own_vocabulary or load_vocabulary("scfoundation"))
     if len(vocabulary) != model.num_genes:
-        raise UsageError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
+        raise InputError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
                          f"checkpoint's model has {model.num_genes}; pass the --vocabulary the "
                          "checkpoint was trained with (a gene_name<TAB>index file)")
     matrix = _aligned_matrix(adata, vocabulary, args.gene_column, args.min_coverage, totals)

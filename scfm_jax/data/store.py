@@ -108,7 +108,7 @@ def read_json(kvstore: ts.KvStore, key: str) -> dict | None:
     except ValueError as error:   # UnicodeDecodeError included
         where = f"{kvstore.url}{key}" if hasattr(kvstore, "url") else key
         raise StoreError(f"{where} is not valid JSON ({error}); the file is damaged: convert the "
-                         "inputs again (with --overwrite) to rewrite it") from None
+                         "inputs again with --overwrite to rewrite it") from None
 
 
 class NotAStore(StoreError, FileNotFoundError):
@@ -126,7 +126,7 @@ class StoreDamaged(StoreError):
         self.shard, self.name, self.problem = shard.rstrip("/"), name, str(problem)
         super().__init__(f"{url}: shard {self.shard} is damaged: {name}: {problem}. Run "
                          f"`scfm-jax verify {url}` to list every damaged shard, then convert the "
-                         "inputs again (with --overwrite) to repair the store")
+                         "inputs again (the same command writes the damaged shards again)")
 
 
 

@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     what = (f"{args.store}: {shards} shards, {manifest['num_cells']} cells, {manifest['nnz']} "
             "non-zeros")
     if problems:
-        print(f"{what}: {len(problems)} damaged; convert the inputs again (with --overwrite)",
-              file=sys.stderr)
+        print(f"{what}: {len(problems)} damaged; run the same `scfm-jax convert` again: it writes "
+              "the damaged shards again", file=sys.stderr)
         return 1
     print(f"{what}: all intact")
     return 0
