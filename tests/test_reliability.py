@@ -1038,3 +1038,30 @@ def test_the_commands_of_the_reliability_page(tmp_path, monkeypatch, capsys):
         assert status == expected, (command, out.err)
     assert (tmp_path / "cells.h5ad").read_bytes() == before
     assert "is the input" in out.err
+
+
+def test_tpu_pod_restarts_a_run_preempted_on_a_healthy_slice(tmp_path):
+    """Workers exiting 75 on a READY slice (SIGTERM from a maintenance event, checkpoint saved):
+    the launcher runs them again; a real failure (status 1) is passed on."""
+    fake = tmp_path / "gcloud"
+    fake.write_text(f"""#!/bin/sh
+case "$*" in
+  *describe*) echo READY ;;
+  *--command=python3*tpu_worker.py*)
+    runs=$(cat {tmp_path}/runs 2>/dev/null || echo 0); echo $((runs + 1)) > {tmp_path}/runs
+    [ "$runs" -eq 0 ] && exit 75; exit "$SECOND_STATUS" ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    for second, expected in ((0, 0), (1, 1)):
+        (tmp_path / "runs").unlink(missing_ok=True)
+        env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+                   TPU_NAME="scfm", ZONE="z", REPO="https://example.invalid/scfm-jax@main",
+                   SECOND_STATUS=str(second))
+        result = subprocess.run(["bash", "launch/tpu_pod.sh", "configs/scfoundation_tiny.py",
+                                 str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == expected, result.stderr
+        assert (tmp_path / "runs").read_text().strip() == "2"
+        assert "resuming from the last checkpoint" in result.stderr
