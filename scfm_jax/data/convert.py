@@ -11,9 +11,11 @@ killed run resumes where it stopped:
    cells with no counts on the vocabulary, so the plan fixes every shard's content before anything
    is written. The plan is saved as `plan.json`; a rerun must produce the same plan.
 2. shards: each shard is written under a temporary name and renamed when complete (object stores
-   have no rename: there the shard's `scfm_shard.json` marker, written last, commits it). Finished
-   shards are skipped on rerun. `--workers` converts shards in processes, `--task-index/--num-tasks`
-   lets separate jobs write disjoint shards.
+   have no rename: there the shard's `scfm_shard.json` marker, written last, commits it). On rerun,
+   finished shards are checked as `verify` checks them and skipped, damaged ones written again
+   (`--overwrite`: all). `--workers` converts shards in processes, `--task-index/--num-tasks` lets
+   separate jobs write disjoint shards. A local output is locked (`<output>/.lock`) while a single
+   job converts into it, so a second conversion is refused naming the first.
 3. finalize: `manifest.json` is written last, once every shard is complete.
 """
 from __future__ import annotations

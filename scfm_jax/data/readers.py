@@ -72,7 +72,7 @@ class Source:
         return max(1, min(65_536, int(_READ_ELEMENTS // per_row)))
 
     def source_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The input's own numbers of rows `rows` (each cell's `source_row` in the store)."""
+        """The input's own numbers of rows `rows` (each cell's `scfm_source_row` in the store)."""
         return rows
 
     def close(self):

@@ -154,7 +154,7 @@ class SomaSource(Source):
         return hasher.hexdigest()
 
     def source_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The soma_joinids of query rows (stored as each cell's `source_row`)."""
+        """The soma_joinids of query rows (stored as each cell's `scfm_source_row`)."""
         return self.joinids[rows]
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
