@@ -23,42 +23,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import AxisType
 
-from scfm_jax.train import config_checks, partitioning
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    name: str
-    hbm_bytes: float          # HBM per chip
-    peak_flops: float         # dense bf16 matmul FLOP/s per chip
-    hbm_bandwidth: float      # bytes/s per chip
-    source: str
+from scfm_jax.train import chips, config_checks, partitioning
+from scfm_jax.train.chips import GiB, Chip
 
 
-GiB = 2**30
-# Published per-chip figures (the vendors' system-architecture pages, read 2026-12).
-CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
-}
-# GPUs, for `train --dry-run` and benchmarks/bench_gpu.sh: SXM parts, dense bf16 (the data
-# sheets quote twice that with 2:4 sparsity).
-GPUS = {
-    "nvidia h200": Chip("NVIDIA H200", 141e9, 989e12, 4.8e12,
-                        "https://www.nvidia.com/en-us/data-center/h200/"),
-    "nvidia h100": Chip("NVIDIA H100", 80e9, 989e12, 3.35e12,
-                        "https://www.nvidia.com/en-us/data-center/h100/"),
-    "nvidia a100": Chip("NVIDIA A100 80GB", 80e9, 312e12, 2.039e12,
-                        "https://www.nvidia.com/en-us/data-center/a100/"),
-}
-# jax's device_kind of each chip (compile-only devices report the same)
-DEVICE_KINDS = {"tpu v4": CHIPS["v4"], "tpu v5 lite": CHIPS["v5e"], "tpu v5e": CHIPS["v5e"],
-                "tpu v5p": CHIPS["v5p"], "tpu v5": CHIPS["v5p"], "tpu v6 lite": CHIPS["v6e"],
-                "tpu v6e": CHIPS["v6e"], **GPUS}
 # Slice shapes by chip count. v5e and v6e slices are named by chips (v5e-8: 8 chips, 2x4); v4 and
 # v5p by TensorCores, two per chip, which the compiler joins as one "megacore" device (v5p-8:
 # 4 chips, 2x2x1). The shapes are the ones Cloud TPU offers (the pages above).
@@ -74,13 +43,13 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 @dataclasses.dataclass(frozen=True)
 class Topology:
     name: str                 # what the user typed
-    generation: str           # key of CHIPS
+    generation: str           # key of chips.TPUS
     topology_name: str        # what libtpu accepts, e.g. v5e:2x4
     num_chips: int
 
     @property
     def chip(self) -> Chip:
-        return CHIPS[self.generation]
+        return chips.TPUS[self.generation]
 
 
 def parse_topology(name: str) -> Topology:
@@ -127,22 +96,6 @@ def topology_devices(topology: Topology) -> list:
         dims = [int(d) for d in topology.topology_name.split(":")[1].split("x")]
         options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
     return list(topologies.get_topology_desc(topology.topology_name, "tpu", **options).devices)
-
-
-def chip_of_devices(devices) -> Chip | None:
-    """The published figures of these devices' chip; None for CPUs and unknown kinds."""
-    kind = devices[0].device_kind.lower()
-    for prefix, chip in sorted(DEVICE_KINDS.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(prefix):
-            return chip
-    return None
-
-
-def make_mesh(mesh_config, devices) -> jax.sharding.Mesh:
-    """The train loop's mesh over `devices`, laid out along the slice's physical axes."""
-    shape = partitioning.mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(shape, partitioning.MESH_AXES, devices=devices,
-                         axis_types=(AxisType.Auto,) * len(partitioning.MESH_AXES))
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -358,7 +311,7 @@ def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", buck
     from scfm_jax.train.state import Trainer
 
     global_batch = int(global_batch or config.data.global_batch_size)
-    mesh = make_mesh(config.mesh, devices)
+    mesh = partitioning.make_mesh(config.mesh, devices)
     partitioning.check_batch_divisible(global_batch, mesh, config.train.grad_accum_steps,
                                        partitioning.logical_rules(config))
     trainer = Trainer(config, get_objective(config.model.name), mesh)
@@ -513,7 +466,7 @@ def format_largest_collectives(rows: list[PlanRow], n: int) -> str:
 def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
     """`scfm-jax train --dry-run`: the plan of the train loop's own Trainer (its mesh over the
     devices at hand), printed."""
-    chip = chip_of_devices(list(trainer.mesh.devices.flat))
+    chip = chips.chip_of_devices(list(trainer.mesh.devices.flat))
     rows = [plan_trainer_bucket(trainer, chip, bucket=int(b), global_batch=global_batch)
             for b in buckets]
     if jax.process_index() == 0:
