@@ -88,10 +88,10 @@ def bench_embed(config, batch_sizes, expressed: int, repeats: int, peak: float) 
         width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
         sparse = synthetic_batch(batch_size, config.model.num_genes, expressed, width)
         batch = {k: jnp.asarray(v) for k, v in sparse.items() if k != "num_nonzero"}
-        embed = jax.jit(plan.embed_step(trainer.graphdef))
+        embed = jax.jit(plan.embed_step(trainer.graphdef, trainer.objective, None))
         seconds = timed(lambda: embed(state.params, state.buffers, batch), repeats)
         # FLOPs of the same step on the loop-free model (XLA counts a loop body once)
-        flops = jax.jit(plan.embed_step(loop_free_graphdef)).lower(
+        flops = jax.jit(plan.embed_step(loop_free_graphdef, trainer.objective, None)).lower(
             state.params, state.buffers, batch).cost_analysis()["flops"]
         memory = embed.lower(state.params, state.buffers, batch).compile().memory_analysis()
         rows.append({"task": f"embed {config.model.encoder.width}w, {expressed} genes",

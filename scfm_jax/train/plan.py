@@ -241,50 +241,22 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_
 
 def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config with the fields a store would fill in set from the config itself, so a plan
-    needs no store (scFoundation: `model.num_genes`; scMulan: a token set of the config's sizes)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.model.name == "scmulan":
-        return _synthetic_scmulan_config(config)
-    if config.model.get("num_genes") in (-1, None):
-        raise ValueError("config.model.num_genes is -1 (taken from a store): pass "
-                         "--config.model.num_genes=N (19264 for the released vocabulary)")
-    return config
+    needs no store (the model's objective says how: `Objective.plan_config`)."""
+    from scfm_jax.objectives import get_objective
+
+    objective = get_objective(config.model.name)
+    if objective.plan_config is None:
+        raise ValueError(f"model {config.model.name!r} cannot be planned without a store: its "
+                         "objective has no plan_config")
+    return objective.plan_config(config)
 
 
-def _synthetic_scmulan_config(config):
-    """scMulan's token set is built from a store; for a plan, one of the configured size (genes
-    G0..Gn, two categories per objective column) gives the same shapes."""
-    from scfm_jax.data.cell_sentence import SentenceTables, TokenSet
-    from scfm_jax.objectives import scmulan
-
-    objective = config.objective
-    columns = scmulan._objective_columns(objective)
-    categories = {column: ("a", "b") for column in columns}
-    genes = [f"G{i}" for i in range(int(objective.num_genes))]
-    token_set = TokenSet.build(genes, categories, objective.cell_type_columns)
-    tables = SentenceTables.create(token_set, genes, categories, objective.metadata_columns,
-                                   objective.cell_type_columns, objective.organ_columns)
-    if config.model.vocab_size in (-1, None):
-        config.model.vocab_size = len(token_set)
-    objective.gene_set = tuple(token_set.genes)
-    objective.gene_positions = tuple(int(p) for p in tables.gene_positions)
-    objective.categories = ml_collections.ConfigDict(categories)
-    config.data.obs_keys = tuple(dict.fromkeys([*config.data.get("obs_keys", ()), *columns]))
-    return config
-
-
-def embed_step(graphdef):
-    """(params, buffers, sparse batch) -> cell embeddings, as `scfm-jax embed` computes them
-    (scFoundation)."""
-    from scfm_jax.models.scfoundation import pool_cell_embeddings
-    from scfm_jax.objectives.scfoundation import inference_inputs
-
+def embed_step(graphdef, objective, objective_config):
+    """(params, buffers, batch) -> cell embeddings: the model's `Objective.embed`, as store-scale
+    inference runs it."""
     def embed(params, buffers, batch):
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
-        inputs = inference_inputs(batch, num_genes=model.num_genes, pad_value=model.pad_value)
-        encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
-                               inputs["encoder_padding_mask"])
-        return pool_cell_embeddings(encoded, inputs["encoder_lengths"])
+        return objective.embed(model, batch, objective_config)
     return embed
 
 
@@ -294,12 +266,11 @@ def compile_step(trainer, step: str, bucket: int, global_batch: int):
     state = trainer.abstract_sharded_state()
     if step == "train":
         return trainer.compiled_train_step(state, batch), batch
-    if trainer.config.model.name != "scfoundation":
-        raise ValueError("--step embed: cell embedding is scFoundation's (scMulan: use --step train)")
-    batch = {k: v for k, v in batch.items() if k in ("gene_ids", "counts", "total_counts")}
-    jitted = jax.jit(embed_step(trainer.graphdef), in_shardings=(
-        trainer.state_sharding.params, trainer.state_sharding.buffers,
-        {k: v.sharding for k, v in batch.items()}))
+    if trainer.objective.embed is None:
+        raise ValueError(f"--step embed: model {trainer.objective.name!r} has no cell embedding")
+    jitted = jax.jit(embed_step(trainer.graphdef, trainer.objective, trainer.config.objective),
+                     in_shardings=(trainer.state_sharding.params, trainer.state_sharding.buffers,
+                                   {k: v.sharding for k, v in batch.items()}))
     with jax.set_mesh(trainer.mesh), nnx.logical_axis_rules(trainer.rules):
         return jitted.lower(state.params, state.buffers, batch).compile(), batch
 
