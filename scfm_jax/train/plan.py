@@ -224,19 +224,23 @@ def analyse(compiled, row: PlanRow) -> PlanRow:
 
 # ---------------------------------------------------------------------------------- the steps
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_batch: int) -> dict:
-    """The train loop's device batch (the pipeline's fields but `cell_index`) as sharded shapes."""
-    fields = {"gene_ids": ((global_batch, bucket), jnp.int32),
-              "counts": ((global_batch, bucket), jnp.float32),
-              "total_counts": ((global_batch,), jnp.float32),
-              "num_nonzero": ((global_batch,), jnp.int32)}
-    for key in config.data.get("obs_keys", ()):
-        fields[f"obs/{key}"] = ((global_batch,), jnp.int32)
+def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_batch: int,
+                   pipeline_class=None) -> dict:
+    """The train loop's device batch as sharded shapes: the pipeline's schema
+    (`data.pipeline.batch_schema`, `pipeline_class` default `Pipeline`) for the config's obs keys,
+    host-only fields left out, padded to `bucket`."""
+    from scfm_jax.data.pipeline import batch_schema
+
     rules = partitioning.logical_rules(config)
-    return {name: jax.ShapeDtypeStruct(shape, dtype,
-                                       sharding=partitioning.batch_sharding(mesh, len(shape),
-                                                                            rules))
-            for name, (shape, dtype) in fields.items()}
+    schema = batch_schema(pipeline_class, tuple(config.data.get("obs_keys", ())))
+    batch = {}
+    for name, field in schema.items():
+        if not field.on_host:
+            shape = field.shape(global_batch, bucket)
+            batch[name] = jax.ShapeDtypeStruct(
+                shape, jnp.dtype(field.dtype),
+                sharding=partitioning.batch_sharding(mesh, len(shape), rules))
+    return batch
 
 
 def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
