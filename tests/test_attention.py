@@ -197,3 +197,24 @@ def test_cpu_blockwise_tile_does_not_grow_with_the_batch():
     assert attention._cells_per_pass(32, 12 * 128 * 128 * 4) == 2
     assert attention._cells_per_pass(7, 12 * 128 * 128 * 4) == 1
     assert attention._cells_per_pass(1, 1) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_in_several_passes_matches_reference(monkeypatch, causal):
+    """A tile budget of one cell: the cells pass one at a time (`lax.map`); values and gradients
+    are the reference's."""
+    monkeypatch.setattr(attention, "CPU_TILE_BYTES", 1)
+    q, k, v, w = _qkv(9)
+    lengths = jnp.array(LENGTHS)
+    if causal:
+        reference, kwargs = _causal_reference, dict(is_causal=True)
+    else:
+        reference = functools.partial(_masked_reference, lengths=lengths)
+        kwargs = dict(key_lengths=lengths)
+    blockwise = functools.partial(attention.dot_product_attention, implementation="blockwise",
+                                  block_size=8, **kwargs)
+    program = jax.jit(blockwise).lower(q, k, v).as_text()
+    assert "tensor<4x1x37x3x8xf32>" in program   # the batch split into 4 passes of one cell
+    np.testing.assert_allclose(blockwise(q, k, v), reference(q, k, v), atol=1e-5, rtol=0)
+    for got, want in zip(_grads(blockwise, q, k, v, w), _grads(reference, q, k, v, w)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
