@@ -56,7 +56,7 @@ def synthetic_cells(num_cells: int, num_genes: int, expressed: int, seed: int = 
     rng = np.random.default_rng(seed)
     rows, cols, values = [], [], []
     for cell in range(num_cells):
-        count = int(rng.integers(int(expressed * 0.95), int(expressed * 1.05) + 1))
+        count = min(int(rng.integers(int(expressed * 0.95), int(expressed * 1.05) + 1)), num_genes)
         genes = np.sort(rng.choice(num_genes, count, replace=False))
         rows.append(np.full(count, cell))
         cols.append(genes)

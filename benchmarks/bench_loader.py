@@ -157,6 +157,10 @@ def main(argv=None):
     parser.add_argument("--measure", choices=["ours", "all"], help=argparse.SUPPRESS)
     parser.add_argument("--annbatch-python", default="/work/venv-annbatch/bin/python",
                         help="a Python with annbatch installed ('' to skip)")
+    parser.add_argument("--baseline-src", default="",
+                        help="a folder holding another scfm_jax package (e.g. `git archive REV "
+                             "scfm_jax | tar -x -C DIR`): its loader is measured in the same run "
+                             "and labelled 'baseline'")
     args = parser.parse_args(argv)
 
     work = Path(args.workdir)
@@ -185,17 +189,23 @@ def main(argv=None):
     conversion = json.loads((work / f"convert-{tag}.json").read_text())
 
     rows = []
+    versions = [("", os.environ.get("PYTHONPATH", ""))]
+    if args.baseline_src:
+        versions.append(("baseline ", str(Path(args.baseline_src).resolve())))
     for env_name, env in (("glibc defaults", {}), ("MALLOC_MMAP_THRESHOLD_=1GiB", TUNED_MALLOC)):
         which = "ours" if not env else "all"
-        result = subprocess.run(
-            [sys.executable, __file__, "--measure", which, "--workdir", str(work), "--cells",
-             str(args.cells), "--genes", str(args.genes), "--nonzero", str(args.nonzero),
-             "--batches", str(args.batches), "--runs", str(args.runs)],
-            env={**os.environ, **env}, capture_output=True, text=True)
-        if result.returncode:
-            sys.exit(f"measurement failed:\n{result.stderr}")
-        for name, rate in json.loads(result.stdout.strip().splitlines()[-1]):
-            rows.append((f"{name} [{env_name}]", rate))
+        for label, source in versions:   # interleaved, so both versions see the same load
+            result = subprocess.run(
+                [sys.executable, __file__, "--measure", which, "--workdir", str(work), "--cells",
+                 str(args.cells), "--genes", str(args.genes), "--nonzero", str(args.nonzero),
+                 "--batches", str(args.batches), "--runs", str(args.runs)],
+                env={**os.environ, **env, "PYTHONPATH": source}, capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f"measurement failed:\n{result.stderr}")
+            for name, rate in json.loads(result.stdout.strip().splitlines()[-1]):
+                if label and not name.startswith("scfm-jax"):
+                    continue   # anndata once is enough
+                rows.append((f"{label}{name} [{env_name}]", rate))
     annbatch_note, annbatch_rows, peers = "", [], []
     if args.annbatch_python and Path(args.annbatch_python).exists():
         result = subprocess.run(
@@ -239,9 +249,12 @@ def main(argv=None):
         print(f"{'ratio to annbatch [same allocator]':<50}"
               + "".join(f"{label:>24}" for label, _ in peers))
         for name, rate in rows:
-            if "MALLOC" in name and not name.startswith("annbatch"):
+            if "MALLOC" in name and not name.startswith(("annbatch", "anndata")):
                 print(f"{name.split(' [')[0]:<50}"
                       + "".join(f"{rate / peer:>23.2f}x" for _, peer in peers))
+    for name, rate in rows:
+        if f"baseline {name}" in rates:
+            print(f"{name}: {rate / rates[f'baseline {name}']:.2f}x the baseline")
     print(f"scfm-jax convert: {args.cells / conversion['seconds']:,.0f} cells/s "
           f"({conversion['seconds']:.0f} s), peak RSS {conversion['peak_mb']:,.0f} MB")
     if annbatch_note:

@@ -71,10 +71,13 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 
 
 def synthetic_counts(cells: int, expressed: int, num_genes: int, seed: int = 0) -> sp.csr_matrix:
+    """Cells with expressed +-5% genes each, at most every gene of the vocabulary."""
+    if not 1 <= expressed <= num_genes:
+        raise SystemExit(f"--expressed must be in [1, {num_genes}] (the vocabulary), got {expressed}")
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(cells):
-        n = int(rng.integers(int(expressed * 0.95), int(expressed * 1.05)))
+        n = min(int(rng.integers(int(expressed * 0.95), int(expressed * 1.05))), num_genes)
         row = np.zeros(num_genes, np.float32)
         row[rng.choice(num_genes, n, replace=False)] = rng.negative_binomial(1, 0.3, n) + 1
         rows.append(row)

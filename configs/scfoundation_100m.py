@@ -16,10 +16,15 @@ def get_config():
     model.encoder.update(width=768, depth=12, heads=12, mlp_dim=3072)
     model.decoder.update(width=512, depth=6, heads=8, head_dim=64, mlp_dim=2048)
     model.dtype = "bfloat16"
-    model.remat_policy = "dots"
+    # Recompute each layer in the backward pass: the activations of a layer, not of the model,
+    # stay in HBM, which buys the micro-batch that keeps the chip busy (docs/speed.md).
+    model.remat_policy = "full"
 
     config.data.vocabulary = "scfoundation"
-    config.data.global_batch_size = 128
+    # The released recipe's effective batch: training.batch_size=128 is PyTorch Lightning's
+    # per-process DataLoader batch; DDP averages the gradients of the 64 one-GPU processes and
+    # accumulate_grad_batches=8 steps the optimiser every 8 backward passes: 128 x 64 x 8 cells.
+    config.data.global_batch_size = 65_536
     config.data.buckets = (512, 1024, 2048, 4096, 8192)
     config.data.max_nonzero = 8192
 
@@ -27,13 +32,10 @@ def get_config():
     train.steps = 200_000
     train.learning_rate = 1e-4
     train.warmup_steps = 9_766
-    # 16 micro-batches of 8 cells: one cell per chip per micro-step on a v5e-8 (data=8). At the
-    # largest bucket (8,192 genes) `scfm-jax plan` compiles this to 8.7 of the chip's 17.2 GB (49%
-    # headroom); 8 micro-batches needed 14.7 GB (14%), under the 20% wanted. On more chips lower
-    # it: 128 / grad_accum_steps must divide by the batch shards (data x fsdp). On a v5p-8 (data=4)
-    # this batch takes 14.6 of 102 GB (86%); `--sweep` there fits dots up to 1,024 (5%; 512 at
-    # 51%) and full up to 4,096 (27%).
-    train.grad_accum_steps = 16
+    # 64 cells per micro-step: 8 per chip on a v5e-8 (data=8), 16 on a v5p-8, the largest
+    # micro-batch that keeps 20% of a v5e chip's HBM free at the 8,192-gene bucket (docs/speed.md).
+    # 65,536 / grad_accum_steps must divide by the batch shards (data x fsdp).
+    train.grad_accum_steps = 1_024
     train.checkpoint_every = 1_000
     train.eval_every = 1_000
     config.mesh.update(data=-1, fsdp=1, tensor=1)

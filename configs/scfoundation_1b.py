@@ -19,12 +19,10 @@ def get_config():
     model.encoder.update(width=1536, depth=32, heads=12, mlp_dim=6144)
     model.decoder.update(width=1024, depth=8, heads=16, head_dim=64, mlp_dim=4096)
     model.remat_policy = "full"
-    config.data.global_batch_size = 512
-    # 8 micro-batches of 64 cells (8 per batch shard on a v5p-64, fsdp=8; 4 on a v5e-64, fsdp=16).
-    # `scfm-jax plan` at the 8,192-gene bucket: 21.0 of 102 GB per chip on v5p-64 (79% headroom),
-    # 9.92 of 17.2 GB on v5e-64 (42%); at 2 micro-batches a v5e-64 chip needed 35.5 GB.
-    # `--sweep`, largest batch that fits (8 micro-batches): v5e-64 full 512 (the default), dots
-    # 256 (11%), none not even 128; v5p-64 full 2,048 (21%; 1,024 at 60%).
-    config.train.grad_accum_steps = 8
+    # The released recipe's effective batch (see scfoundation_100m), 64 cells per micro-step: 8
+    # per batch shard on a v5p-64 (fsdp=8), 4 on a v5e-64 (fsdp=16), the micro-batch that keeps
+    # 20% of the chip's HBM free at the 8,192-gene bucket (docs/speed.md).
+    config.data.global_batch_size = 65_536
+    config.train.grad_accum_steps = 1_024
     config.mesh.update(data=1, fsdp=-1, tensor=4)
     return config

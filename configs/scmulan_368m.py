@@ -15,12 +15,9 @@ def get_config():
     config.objective.num_genes = 2000
     config.data.max_nonzero = 2000
     config.data.buckets = (512, 1024, 2000)
-    # Sized for a v5e-8 by `scfm-jax plan`: replicated on 8 chips (data=8) the state took 4.47 GB
-    # of each chip and 4 cells per chip at the 2,000-gene bucket did not fit (16.4 GB of
-    # temporaries). FSDP over the slice and 4 micro-batches (one cell per chip per micro-step):
-    # 4.74 GB (72% headroom). `--sweep` at 2,000 genes, largest batch that fits: none 32 (41%),
-    # dots 128 (18%; 64 at 54%), full 512 (16%; 256 at 54%). The batch stays at 32; a larger one
-    # should take `full`, whose roofline MFU rises to 22% at 256 against 6% here.
+    # Sized for a v5e-8: replicated, the state and 4 cells per chip at the 2,000-gene bucket do
+    # not fit, so the state is split over the slice (FSDP) and the batch passes in 4 micro-batches
+    # of one cell per chip (the plan rows and sweeps are in docs/speed.md).
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.train.grad_accum_steps = 4
     return config

@@ -176,3 +176,45 @@ def test_pallas_tpu_kernel_gradients_in_interpret_mode():
     reference = functools.partial(_masked_reference, lengths=lengths)
     for got, want in zip(_grads(pallas, q, k, v, w), _grads(reference, q, k, v, w)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_cpu_blockwise_tile_does_not_grow_with_the_batch():
+    """On a CPU the blockwise path keeps each block pair's logits tile cache-sized whatever the
+    batch (smaller blocks, a few cells per pass): the 512-block, whole-batch tiling of before
+    compiled a batch of 32 cells x 12 heads to [32, 12, 512, 512] f32 tiles (400 MB)."""
+    import re
+
+    assert jax.default_backend() == "cpu"
+    shape = jax.ShapeDtypeStruct((32, 512, 12, 16), jnp.float32)
+    lengths = jax.ShapeDtypeStruct((32,), jnp.int32)
+    attend = jax.jit(lambda q, k, v, n: attention.dot_product_attention(
+        q, k, v, key_lengths=n, implementation="blockwise"))
+    program = attend.lower(shape, shape, shape, lengths).compile().as_text()
+    largest = max(np.prod([int(d) for d in dims.split(",")]) for dims in
+                  re.findall(r"f32\[(\d+(?:,\d+)+)\]", program))
+    assert largest <= 32 * 512 * 12 * 16, f"a {largest:,}-element tensor in the program"
+    assert "f32[2,12,128,128]" in program    # 2 cells x 12 heads x 128 x 128: 1.5 MB
+    assert attention._cells_per_pass(32, 12 * 128 * 128 * 4) == 2
+    assert attention._cells_per_pass(7, 12 * 128 * 128 * 4) == 1
+    assert attention._cells_per_pass(1, 1) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_in_several_passes_matches_reference(monkeypatch, causal):
+    """A tile budget of one cell: the cells pass one at a time (`lax.map`); values and gradients
+    are the reference's."""
+    monkeypatch.setattr(attention, "CPU_TILE_BYTES", 1)
+    q, k, v, w = _qkv(9)
+    lengths = jnp.array(LENGTHS)
+    if causal:
+        reference, kwargs = _causal_reference, dict(is_causal=True)
+    else:
+        reference = functools.partial(_masked_reference, lengths=lengths)
+        kwargs = dict(key_lengths=lengths)
+    blockwise = functools.partial(attention.dot_product_attention, implementation="blockwise",
+                                  block_size=8, **kwargs)
+    program = jax.jit(blockwise).lower(q, k, v).as_text()
+    assert "tensor<4x1x37x3x8xf32>" in program   # the batch split into 4 passes of one cell
+    np.testing.assert_allclose(blockwise(q, k, v), reference(q, k, v), atol=1e-5, rtol=0)
+    for got, want in zip(_grads(blockwise, q, k, v, w), _grads(reference, q, k, v, w)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

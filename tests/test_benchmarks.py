@@ -37,3 +37,19 @@ def test_scale_benchmark_runs_and_resumes_without_converting_again(tmp_path):
     assert again.stdout.count("(an earlier run)") == 4
     assert json.loads((tmp_path / "results-3000x19264x600x2.json").read_text())[
         "conversions"] == results["conversions"]
+
+
+def test_model_benchmark_draws_cells_with_every_gene_expressed():
+    """`bench_model.py --expressed N` for N at the vocabulary size (it drew up to 1.05 N genes
+    without replacement and failed); beyond the vocabulary it says what to fix."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from bench_model import synthetic_counts
+    finally:
+        sys.path.pop(0)
+    counts = synthetic_counts(3, 19_264, 19_264)
+    assert counts.shape == (3, 19_264) and list(counts.getnnz(axis=1)) == [19_264] * 3
+    assert (counts.getnnz(axis=1) <= 19_264).all() and counts.getnnz() > 0
+    assert all(17_000 <= n <= 19_264 for n in synthetic_counts(4, 18_500, 19_264).getnnz(axis=1))
+    with pytest.raises(SystemExit, match="--expressed must be in"):
+        synthetic_counts(1, 20_000, 19_264)

@@ -105,6 +105,59 @@ def test_capped_cells_are_subsampled_deterministically(reference):
                zip(c["cell_index"], c["gene_ids"], (dense[c["cell_index"]] > 0).sum(1) > 64) if cap)
 
 
+def _row_by_row_batch(pipeline, step, cells, width):
+    """The padded rows of `cells` as the pipeline built them before vectorising (one Python
+    iteration per row, one argpartition per capped cell): the reference the batch must reproduce
+    bit for bit. (Which cells and which width are unchanged and come from the batch itself.)"""
+    def mix(x):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    def row_key(cell):
+        key = np.array([0x53554253], np.uint64)
+        for value in (pipeline.seed, step, cell):
+            key = mix(key ^ np.array([value & 0xFFFFFFFFFFFFFFFF], np.uint64))
+        return key
+
+    unique, inverse = np.unique(cells, return_inverse=True)
+    counts_views, gene_views, unique_totals = pipeline.store.row_views(unique)
+    gene_ids = np.full((len(cells), width), -1, np.int32)
+    counts = np.zeros((len(cells), width), np.float32)
+    num_nonzero = np.empty(len(cells), np.int32)
+    for row, u in enumerate(inverse.tolist()):
+        row_counts, row_genes = counts_views[u], gene_views[u]
+        if len(row_genes) > width:
+            keys = mix(row_genes.astype(np.uint64) ^ row_key(int(unique[u])))
+            chosen = np.sort(np.argpartition(keys, width - 1)[:width])
+            row_counts, row_genes = row_counts[chosen], row_genes[chosen]
+        n = len(row_genes)
+        num_nonzero[row] = n
+        gene_ids[row, :n] = row_genes
+        counts[row, :n] = row_counts
+    return {"gene_ids": gene_ids, "counts": counts,
+            "total_counts": unique_totals[inverse].astype(np.float32),
+            "num_nonzero": num_nonzero, "cell_index": cells}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),                                                            # buckets, a few capped cells
+    dict(max_nonzero=64, buckets=(16, 64), global_batch_size=64),      # many capped cells
+    dict(cell_indices=np.arange(100, 130), global_batch_size=64),      # repeats within a batch
+    dict(seed=2**63 + 5, processes=2, index=1),                        # a huge seed, one process
+])
+def test_batches_equal_the_row_by_row_reference(reference, overrides):
+    store, _, _ = reference
+    overrides = dict(overrides)
+    pipeline = make(store, overrides.pop("processes", 1), overrides.pop("index", 0), **overrides)
+    for step in (0, 1, 7, 2**40 + 3):
+        batch = pipeline.batch(step)
+        expected = _row_by_row_batch(pipeline, step, batch["cell_index"], batch["gene_ids"].shape[1])
+        for key, value in expected.items():
+            assert batch[key].dtype == value.dtype, key
+            np.testing.assert_array_equal(batch[key], value, err_msg=f"{key} at step {step}")
+
+
 def test_epochs_visit_every_cell_once_and_keep_blocks_in_windows(reference):
     store, _, _ = reference
     train, _ = split_cells(NUM_CELLS, 0.2, seed=1)          # 400 cells

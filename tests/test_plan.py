@@ -340,11 +340,9 @@ def test_1b_state_is_split_over_every_chip_of_v5e_64():
 @pytest.mark.slow
 @needs_libtpu
 def test_100m_train_step_compiles_for_v5e_8():
-    """The released-size model's step at its config's defaults (data=8, batch 128 in 16
-    micro-batches, remat dots, bf16, the Pallas kernels per chip), smallest bucket, default
-    optimisation level, on v5e-8. Measured alone on the project's 2-core machine: 121 s to compile
-    (8 micro-batches; the layer-by-layer model of the first version took 1,176 s under load, and
-    did not finish in 900 s for the issue's probe); 8.05 of the chip's 17.2 GB."""
+    """The released-size model's step at its config's defaults (data=8, the recipe's 65,536 cells
+    in 1,024 micro-batches, remat full, bf16, the Pallas kernels per chip), smallest bucket,
+    default optimisation level, on v5e-8 (compile times: docs/speed.md)."""
     config = scfoundation_100m.get_config()
     topology = plan.parse_topology("v5e-8")
     start = time.perf_counter()
@@ -370,3 +368,16 @@ def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
         ("train", 32), ("embed", 1), ("embed", 64), ("embed", 256), ("scMulan", 1), ("scMulan", 16)]
     assert all(float(r[2]) > 0 for r in rows)
     assert all(0 < float(r[4].strip(" %")) <= 100 for r in rows[:4])
+
+
+def test_large_configs_train_on_the_released_recipes_effective_batch():
+    """scFoundation's recipe (training.batch_size=128 per Lightning DDP process, 64 one-GPU nodes,
+    accumulate_grad_batches=8) steps the optimiser every 128 x 64 x 8 cells; the 100M and 1B
+    defaults pass them in micro-batches of 64 cells (8 per v5e-8 chip) with full remat."""
+    from scfm_jax.configs import scfoundation_1b
+
+    for module in (scfoundation_100m, scfoundation_1b):
+        config = module.get_config()
+        assert config.data.global_batch_size == 128 * 64 * 8
+        assert config.data.global_batch_size // config.train.grad_accum_steps == 64
+        assert config.model.remat_policy == "full"

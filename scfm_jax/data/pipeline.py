@@ -65,12 +65,21 @@ def split_cells(num_cells: int, eval_fraction: float, seed: int) -> tuple[np.nda
     return np.sort(order[num_eval:]).astype(np.int64), np.sort(order[:num_eval]).astype(np.int64)
 
 
-def _row_key(seed: int, step: int, cell: int) -> np.ndarray:
-    """A uint64 key of (seed, step, cell): the subsample of a capped cell depends on nothing else."""
-    key = np.array([_SUBSAMPLE], np.uint64)
-    for value in (seed, step, cell):
-        key = _mix(key ^ np.array([value & 0xFFFFFFFFFFFFFFFF], np.uint64))
-    return key
+def _row_keys(seed: int, step: int, cells: np.ndarray) -> np.ndarray:
+    """uint64 keys of (seed, step, cell) per cell: a capped cell's subsample depends on nothing else."""
+    key = np.full(len(cells), _SUBSAMPLE, np.uint64)
+    for value in (seed & 0xFFFFFFFFFFFFFFFF, step & 0xFFFFFFFFFFFFFFFF):
+        key = _mix(key ^ np.uint64(value))
+    return _mix(key ^ np.asarray(cells, np.int64).astype(np.uint64))
+
+
+def _kept_positions(genes: np.ndarray, width: int, row_keys: np.ndarray) -> np.ndarray:
+    """[rows, width] ascending positions of the genes each row of `genes` [rows, longest] (padded
+    with -1) keeps: its `width` genes of smallest key mix(gene ^ row key). Keys are distinct (mix
+    is a bijection), so the choice is the same whatever the padding."""
+    keys = _mix(genes.astype(np.uint64) ^ row_keys[:, None])
+    keys[genes < 0] = np.uint64(0xFFFFFFFFFFFFFFFF)   # padding: never among the smallest
+    return np.sort(np.argpartition(keys, width - 1, axis=1)[:, :width], axis=1)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -203,23 +212,33 @@ class Pipeline:
         lo = self.process_index * self.local_batch_size
         cells = global_cells[lo:lo + self.local_batch_size]
 
-        # Each distinct cell is read once, in store order (views into the reader's cached pages),
-        # and copied into its padded row; cells longer than the width keep a random subset.
+        # Each distinct cell is read once (views into the store's cached pages, in store order)
+        # and copied once, by a slice assignment (a memcpy; numpy has no faster ragged copy): into
+        # its padded row, or, for cells longer than the width, into a scratch matrix from which
+        # all of them keep their `width` genes of smallest (seed, step, cell, gene) key at once.
         unique, inverse = np.unique(cells, return_inverse=True)
         counts_views, gene_views, unique_totals = self.store.row_views(unique)
+        lengths = np.array([len(g) for g in gene_views], np.int64)[inverse]
         gene_ids = np.full((len(cells), width), -1, np.int32)
         counts = np.zeros((len(cells), width), np.float32)
-        num_nonzero = np.empty(len(cells), np.int32)
-        for row, u in enumerate(inverse.tolist()):
-            row_counts, row_genes = counts_views[u], gene_views[u]
-            if len(row_genes) > width:
-                keys = _mix(row_genes.astype(np.uint64) ^ _row_key(self.seed, step, int(unique[u])))
-                chosen = np.sort(np.argpartition(keys, width - 1)[:width])
-                row_counts, row_genes = row_counts[chosen], row_genes[chosen]
-            n = len(row_genes)
-            num_nonzero[row] = n
-            gene_ids[row, :n] = row_genes
-            counts[row, :n] = row_counts
+        capped = np.flatnonzero(lengths > width)
+        longest = int(lengths.max(initial=0))
+        long_genes = np.full((len(capped), longest), -1, np.int32)
+        long_counts = np.empty((len(capped), longest), np.float32)
+        long_row = 0
+        for row, u, n in zip(range(len(cells)), inverse.tolist(), lengths.tolist()):
+            if n <= width:
+                gene_ids[row, :n] = gene_views[u]
+                counts[row, :n] = counts_views[u]
+            else:
+                long_genes[long_row, :n] = gene_views[u]
+                long_counts[long_row, :n] = counts_views[u]
+                long_row += 1
+        if capped.size:
+            chosen = _kept_positions(long_genes, width, _row_keys(self.seed, step, cells[capped]))
+            gene_ids[capped] = np.take_along_axis(long_genes, chosen, axis=1)
+            counts[capped] = np.take_along_axis(long_counts, chosen, axis=1)
+        num_nonzero = np.minimum(lengths, width).astype(np.int32)
 
         batch = {
             "gene_ids": gene_ids,

@@ -32,6 +32,13 @@ from scfm_jax.errors import UsageError
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise")
 MASK_VALUE = -1e30  # finite, so a row without keys averages instead of NaN
 DEFAULT_BLOCK_SIZE = 512
+# On a CPU the blockwise path's [cells, heads, block, block] logits tile is written, read for the
+# max, exponentiated and read by the value product: it must stay in the core's cache, or every
+# block pair streams through memory (at block 512 a cell's tile is 12.6 MB for 12 heads, and a
+# batch of 32 multiplies it by 32). So on a CPU the blocks are smaller and the cells of a batch
+# pass a few at a time: bench_embed's per-cell time then no longer grows with the batch.
+CPU_BLOCK_SIZE = 128
+CPU_TILE_BYTES = 2 << 20
 
 
 def target_platform() -> str:
@@ -103,12 +110,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           key_lengths: jax.Array | None = None, is_causal: bool = False,
                           implementation: str = "auto", dropout_rate: float = 0.0,
                           dropout_key: jax.Array | None = None,
-                          block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
+                          block_size: int | None = None) -> jax.Array:
     """Softmax attention over [B, L, H, d] q and [B, S, H, d] k, v; returns [B, L, H, d].
 
     `key_lengths` [B]: row b attends its first key_lengths[b] keys. Dropout (rate > 0 with a key)
     hits the attention weights, as torch's MultiheadAttention; only "xla" and "blockwise" have it.
-    `block_size`: query/key block of the blockwise path (its memory is ~B*H*block^2 floats).
+    `block_size`: query/key block of the blockwise path (its memory is ~B*H*block^2 floats;
+    default DEFAULT_BLOCK_SIZE, or CPU_BLOCK_SIZE on a CPU, where the cells also pass a few at a
+    time so each block pair's tile stays under CPU_TILE_BYTES).
     """
     dropout = dropout_key is not None and dropout_rate > 0
     impl = resolve_implementation(implementation, q.dtype, dropout=dropout)
@@ -130,14 +139,35 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
             key_lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
         return per_device(lambda q, k, v, n: _pallas_attention(q, k, v, n, is_causal),
                           (q, k, v, key_lengths), (ACTIVATION_AXES,) * 3 + (("batch",),))
+    cpu = target_platform() == "cpu"
+    if block_size is None:
+        block_size = CPU_BLOCK_SIZE if cpu else DEFAULT_BLOCK_SIZE
     if block_size <= 0:
         raise ValueError(f"attention block_size must be positive, got {block_size}")
     if key_lengths is None:
         key_lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
     if not dropout:
         dropout_rate, dropout_key = 0.0, jax.random.key(0)
-    return _blockwise(q, k, v, key_lengths, dropout_key, is_causal, float(dropout_rate),
-                      min(block_size, q.shape[1]), min(block_size, k.shape[1]))
+    block_q, block_k = min(block_size, q.shape[1]), min(block_size, k.shape[1])
+    def attend(q, k, v, key_lengths, dropout_key):
+        return _blockwise(q, k, v, key_lengths, dropout_key, is_causal, float(dropout_rate),
+                          block_q, block_k)
+
+    batch = q.shape[0]
+    cells = _cells_per_pass(batch, q.shape[2] * block_q * block_k * 4) if cpu else batch
+    if cells == batch:
+        return attend(q, k, v, key_lengths, dropout_key)
+    passes = batch // cells
+    split = lambda x: x.reshape(passes, cells, *x.shape[1:])
+    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(passes))
+    out = jax.lax.map(lambda a: attend(*a), (split(q), split(k), split(v), split(key_lengths), keys))
+    return out.reshape(q.shape)
+
+
+def _cells_per_pass(batch: int, tile_bytes_per_cell: int) -> int:
+    """The largest divisor of `batch` whose block-pair tile fits CPU_TILE_BYTES (at least 1)."""
+    most = max(1, CPU_TILE_BYTES // tile_bytes_per_cell)
+    return max(c for c in range(1, min(batch, most) + 1) if batch % c == 0)
 
 
 def _dense_attention(q, k, v, key_lengths, is_causal, dropout_rate, dropout_key):
