@@ -51,7 +51,7 @@ def _load(checkpoint, **options):
     return checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, **options)
 
 
-def _chosen_predictors(predictors, checkpoint, scmulan_checkpoint) -> list[str]:
+def chosen_predictors(predictors, checkpoint, scmulan_checkpoint) -> list[str]:
     available = list(BASELINES)
     if checkpoint is not None:
         available += SCFOUNDATION_PREDICTORS
@@ -70,13 +70,13 @@ def _chosen_predictors(predictors, checkpoint, scmulan_checkpoint) -> list[str]:
 
 
 def _fm_predictors(chosen, data: PerturbationData, view: TrainingView, checkpoint, *,
-                   scfoundation_key, max_controls, embed_batch_size, head, gene_graph, seed,
+                   scfoundation_key, vocabulary, max_controls, embed_batch_size, head, gene_graph, seed,
                    checkpoint_dir, progress):
     """The scFoundation-based predictors, with the control cells embedded once."""
     from scfm_jax.tasks.perturbation_fm import (checkpoint_label, control_embeddings,
                                                 require_genes, scfoundation_token_table)
 
-    loaded = _load(checkpoint, key=scfoundation_key)
+    loaded = _load(checkpoint, key=scfoundation_key, vocabulary=vocabulary)
     if loaded.kind != "scfoundation":
         raise ValueError(f"--checkpoint {loaded.source} holds a {loaded.kind} model; the "
                          "perturbation head runs on scFoundation (scMulan: --scmulan-checkpoint)")
@@ -152,7 +152,7 @@ def summarise(per_condition: pd.DataFrame) -> pd.DataFrame:
 def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition",
         control: str = "control", context_key: str | None = None, layer: str | None = None,
         split_key: str | None = None, seed: int = 1, train_gene_fraction: float = 0.75,
-        checkpoint=None, scfoundation_key: str = "gene", scmulan_checkpoint=None,
+        checkpoint=None, scfoundation_key: str = "gene", vocabulary=None, scmulan_checkpoint=None,
         scmulan_vocabulary: str | Path | None = None, predictors=None,
         head: HeadSettings | None = None, gene_graph: str | Path | None = None,
         max_controls: int | None = None, embed_batch_size: int = 8,
@@ -162,10 +162,11 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
 
     `checkpoint`: an scFoundation checkpoint (anything `scfm_jax.analysis.load` reads, or a
     LoadedModel; weight set `scfoundation_key` of an official models.ckpt, `gene` by default as in
-    the official GEARS experiment). Without it the baselines and the PCA linear model run alone.
+    the official GEARS experiment; `vocabulary` its gene list when it is not the released one).
+    Without it the baselines and the PCA linear model run alone.
     `max_controls` caps the control cells embedded for the FM predictors (seeded choice).
     """
-    chosen = _chosen_predictors(predictors, checkpoint, scmulan_checkpoint)
+    chosen = chosen_predictors(predictors, checkpoint, scmulan_checkpoint)
     target = _prepare_output(Path(output), overwrite) if output is not None else None
     if not isinstance(adata, anndata.AnnData):
         adata = anndata.read_h5ad(adata)
@@ -191,6 +192,7 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
         if set(chosen) & set(SCFOUNDATION_PREDICTORS):
             fm, embedding = _fm_predictors(
                 chosen, data, view, checkpoint, scfoundation_key=scfoundation_key,
+                vocabulary=vocabulary,
                 max_controls=max_controls, embed_batch_size=embed_batch_size,
                 head=head or HeadSettings(), gene_graph=gene_graph, seed=seed,
                 checkpoint_dir=None if staging is None else staging / "gears_checkpoints",

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from scfm_jax.tasks.perturbation_data import SUBGROUPS  # noqa: E402
 from scfm_jax.tasks.perturbation_metrics import TOP_DE  # noqa: E402
 
 EXAMPLE_CONDITIONS = 3
@@ -22,7 +23,8 @@ def plot_results(metrics: pd.DataFrame, predictions: anndata.AnnData, path: str 
     condition (the change from control of its `TOP_DE` largest true changes)."""
     means = metrics[metrics.level == "subgroup"]
     predictors = list(dict.fromkeys(means.predictor))
-    subgroups = list(dict.fromkeys(means.subgroup))
+    order = {name: i for i, name in enumerate(SUBGROUPS)}
+    subgroups = sorted(dict.fromkeys(means.subgroup), key=lambda s: order.get(s, len(order)))
     obs = predictions.obs
     truth = obs[obs.predictor == "truth"]
     examples = list(dict.fromkeys(zip(truth.condition, truth.context)))[:EXAMPLE_CONDITIONS]
@@ -37,6 +39,7 @@ def plot_results(metrics: pd.DataFrame, predictions: anndata.AnnData, path: str 
                  color=f"C{i % 10}")
     bars.set_xticks(np.arange(len(subgroups)) + width * (len(predictors) - 1) / 2, subgroups)
     bars.set_ylabel("pearson_delta (mean over conditions)")
+    bars.set_title("change from control, predicted vs true (no_change has none: undefined)")
     bars.axhline(0, color="black", linewidth=0.5)
     bars.legend(fontsize="small", ncol=2)
     control_rows = _control_profiles(predictions)
