@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
                         "donor): control means and predictions per context")
     parser.add_argument("--layer", help="layer with raw counts (default: 'counts' if present, "
                         "else X)")
+    parser.add_argument("--total-key", help="obs column with each cell's whole-transcriptome "
+                        "total count, to normalise a gene subset (default: row sums)")
     parser.add_argument("--split", help="obs column with train/test per cell (default: GEARS's "
                         "simulation split)")
     parser.add_argument("--seed", type=int, default=1, help="simulation split seed (GEARS: 1)")
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
         raise UsageError(str(error)) from None
     result = perturbation.run(
         args.input, condition_key=args.condition_key, control=args.control,
-        context_key=args.context_key, layer=args.layer, split_key=args.split, seed=args.seed,
+        context_key=args.context_key, layer=args.layer, total_key=args.total_key,
+        split_key=args.split, seed=args.seed,
         train_gene_fraction=args.train_gene_fraction, checkpoint=args.checkpoint,
         scfoundation_key=args.key, vocabulary=args.vocabulary,
         scmulan_checkpoint=args.scmulan_checkpoint, scmulan_vocabulary=args.scmulan_vocabulary,

@@ -151,7 +151,7 @@ def summarise(per_condition: pd.DataFrame) -> pd.DataFrame:
 
 def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition",
         control: str = "control", context_key: str | None = None, layer: str | None = None,
-        split_key: str | None = None, seed: int = 1, train_gene_fraction: float = 0.75,
+        total_key: str | None = None, split_key: str | None = None, seed: int = 1, train_gene_fraction: float = 0.75,
         checkpoint=None, scfoundation_key: str = "gene", vocabulary=None, scmulan_checkpoint=None,
         scmulan_vocabulary: str | Path | None = None, predictors=None,
         head: HeadSettings | None = None, gene_graph: str | Path | None = None,
@@ -171,11 +171,12 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
     if not isinstance(adata, anndata.AnnData):
         adata = anndata.read_h5ad(adata)
     data = read_perturbations(adata, condition_key=condition_key, control=control,
-                              context_key=context_key, layer=layer)
+                              context_key=context_key, layer=layer, total_key=total_key)
     split = (column_split(adata, data, split_key) if split_key is not None else
              simulation_split(data.perturbations, seed=seed,
                               train_gene_fraction=train_gene_fraction))
-    split.settings.update(condition_key=condition_key, control=control, context_key=context_key)
+    split.settings.update(condition_key=condition_key, control=control, context_key=context_key,
+                          total_key=total_key)
     if not split.test:
         raise ValueError("the split leaves no test condition; use more perturbations or a "
                          "smaller training gene fraction")

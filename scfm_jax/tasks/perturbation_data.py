@@ -2,7 +2,8 @@
 
 A condition names the perturbed genes joined by `+` (`KLF1`, `KLF1+MAP2K6`); GEARS's `A+ctrl`
 spelling is read as `A`. Expression is log1p(count / total * 1e4) of the measured genes (GEARS
-works in that space); the control mean, the pseudobulks and every prediction are per context
+works in that space; the total is the cell's whole-transcriptome count when an obs column gives
+it); the control mean, the pseudobulks and every prediction are per context
 (cell line, cell type, donor) when a context column is given.
 
 The split is GEARS's `simulation` split (`gears.data_utils.DataSplitter.get_simulation_split`):
@@ -94,18 +95,28 @@ def _counts_matrix(adata: anndata.AnnData, layer: str | None) -> tuple[sp.csr_ma
     return csr, where
 
 
-def log_normalise(counts: sp.csr_matrix) -> np.ndarray:
-    """log1p(count / cell total * 1e4), dense float32 (cells with no counts stay zero)."""
-    totals = np.asarray(counts.sum(axis=1)).ravel()
+def log_normalise(counts: sp.csr_matrix, totals: np.ndarray | None = None) -> np.ndarray:
+    """log1p(count / total * 1e4), dense float32 (cells with no counts stay zero); `totals`
+    default to the row sums."""
+    if totals is None:
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+    totals = np.asarray(totals, np.float64)
     scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
     return np.log1p(np.asarray((sp.diags(scale) @ counts).todense())).astype(np.float32)
 
 
 def read_perturbations(adata: anndata.AnnData, *, condition_key: str = "condition",
                        control: str = "control", context_key: str | None = None,
-                       layer: str | None = None) -> PerturbationData:
-    """The cells of `adata` as PerturbationData; bad input raises a one-line error."""
-    for key, what in ((condition_key, "--condition-key"), (context_key, "--context-key")):
+                       layer: str | None = None, total_key: str | None = None
+                       ) -> PerturbationData:
+    """The cells of `adata` as PerturbationData; bad input raises a one-line error.
+
+    `total_key`: an obs column with each cell's total count over the whole transcriptome, used
+    to normalise when the matrix holds a gene subset (the Norman subset's `ncounts`: then the
+    expression is the published log1p-normalised X); default the row sums of the matrix.
+    """
+    for key, what in ((condition_key, "--condition-key"), (context_key, "--context-key"),
+                      (total_key, "--total-key")):
         if key is not None and key not in adata.obs:
             raise KeyError(f"obs has no column {key!r} ({what}); columns: {list(adata.obs)}")
     raw = adata.obs[condition_key].astype(str).to_numpy()
@@ -127,7 +138,13 @@ def read_perturbations(adata: anndata.AnnData, *, condition_key: str = "conditio
             raise ValueError(f"context {context!r} ({context_key}) has no control cells; "
                              "control means are per context: add its controls or drop its cells")
     counts, _ = _counts_matrix(adata, layer)
-    return PerturbationData(expression=log_normalise(counts), counts=counts,
+    totals = None
+    if total_key is not None:
+        totals = adata.obs[total_key].to_numpy(np.float64)
+        if not np.all(totals > 0):
+            raise ValueError(f"obs[{total_key!r}] (--total-key) has totals <= 0; it must hold "
+                             "each cell's total count")
+    return PerturbationData(expression=log_normalise(counts, totals), counts=counts,
                             genes=tuple(map(str, adata.var_names)), conditions=conditions,
                             contexts=contexts, control=control)
 

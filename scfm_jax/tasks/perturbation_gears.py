@@ -132,6 +132,7 @@ class GearsPredictor(Predictor):
         self.gene_graph, self.checkpoint_dir, self.progress = gene_graph, checkpoint_dir, progress
         self.checkpoint = embeddings.checkpoint
         self.losses: list[float] = []
+        self.fixed_sample_loss: list[float] = []     # before and after training
         self.steps_per_second = float("nan")
 
     def perturbation_graph(self) -> np.ndarray:
@@ -177,19 +178,33 @@ class GearsPredictor(Predictor):
         opt_state = jax.device_put(optimiser.init(params), replicated)
         graphdef, num_conditions = self.graphdef, len(names)
 
+        def loss_of(params, batch):
+            head = nnx.merge(graphdef, params, constants)
+            pred = head(batch["fm"], batch["control"], batch["perturbed"])
+            return gears_loss(pred, batch["y"], batch["control_mean"], batch["retained"],
+                              batch["condition"], num_conditions)
+
         @jax.jit
         def train_step(params, opt_state, batch):
-            def loss_of(params):
-                head = nnx.merge(graphdef, params, constants)
-                pred = head(batch["fm"], batch["control"], batch["perturbed"])
-                return gears_loss(pred, batch["y"], batch["control_mean"], batch["retained"],
-                                  batch["condition"], num_conditions)
-            loss, grads = jax.value_and_grad(loss_of)(params)
+            loss, grads = jax.value_and_grad(loss_of)(params, batch)
             updates, opt_state = optimiser.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
         control_means = np.stack([self.control(x) for x in data.contexts])
         multi_hot = self.multi_hot(data.conditions)
+
+        def batch_of(cells):
+            return jax.device_put(dict(
+                fm=self.fm[partner[cells]], control=self.control_expression[partner[cells]],
+                perturbed=multi_hot[cells], y=data.expression[cells],
+                control_mean=control_means[cells], retained=retained[condition_ids[cells]],
+                condition=condition_ids[cells]), sharded)
+
+        # a fixed sample with fixed partners: its loss before and after training shows learning
+        # apart from the cell-to-cell noise of the per-step losses
+        fixed = batch_of(rng.choice(len(data.conditions), batch_size * 4, replace=False))
+        fixed_loss = jax.jit(loss_of)
+        self.fixed_sample_loss = [float(fixed_loss(params, fixed))]
         manager = self._checkpoint_manager()
         progress = tqdm(total=s.epochs * steps_per_epoch, desc="GEARS head training",
                         disable=not self.progress, unit="step")
@@ -199,12 +214,7 @@ class GearsPredictor(Predictor):
             order = np.concatenate([order, order[:(-len(order)) % batch_size]])
             partner = self._partners(data.contexts, rng, keep=partner)
             for start in range(0, len(order) - batch_size + 1, batch_size):
-                cells = order[start:start + batch_size]
-                batch = jax.device_put(dict(
-                    fm=self.fm[partner[cells]], control=self.control_expression[partner[cells]],
-                    perturbed=multi_hot[cells], y=data.expression[cells],
-                    control_mean=control_means[cells], retained=retained[condition_ids[cells]],
-                    condition=condition_ids[cells]), sharded)
+                batch = batch_of(order[start:start + batch_size])
                 params, opt_state, loss = train_step(params, opt_state, batch)
                 self.losses.append(float(loss))
                 progress.update()
@@ -215,6 +225,7 @@ class GearsPredictor(Predictor):
                     steps += 1
             if manager is not None:
                 manager.save(epoch, args=_orbax().args.StandardSave(nnx.to_pure_dict(params)))
+        self.fixed_sample_loss.append(float(fixed_loss(params, fixed)))
         progress.close()
         if manager is not None:
             manager.wait_until_finished()
