@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 import jax
@@ -116,8 +117,6 @@ def control_embeddings(loaded: LoadedModel, counts, genes, keep, *, batch_size: 
     The batch is sharded over every local device (`batch_size` is rounded up to a multiple of
     their number); one padded length for all cells, so the forward compiles once.
     """
-    import time
-
     model, vocabulary = model_and_vocabulary(loaded, None)
     index = {g: i for i, g in enumerate(vocabulary.symbols)}
     kept_genes = tuple(dict.fromkeys(g for g in keep if g in index))
