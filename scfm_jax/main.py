@@ -23,6 +23,7 @@ COMMANDS = {
     "demo": ("scfm_jax.demo", "convert pbmc68k_reduced, pretrain the tiny demo model, report"),
     "embed": ("scfm_jax.analysis.embed_cli", "scFoundation cell / gene embeddings (get_embedding.py)"),
     "annotate": ("scfm_jax.analysis.annotate_cli", "scMulan cell-type annotation and embedding"),
+    "perturb": ("scfm_jax.tasks.perturb_cli", "perturbation response: GEARS-style head vs baselines"),
     "plan": ("scfm_jax.train.plan", "compile a config for a TPU slice (no TPU needed): memory, FLOPs"),
 }
 

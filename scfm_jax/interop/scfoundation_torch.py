@@ -302,3 +302,13 @@ def load_official_checkpoint(path, key: str = "cell"
     model_config = model_config_from_official(official_config, state_dict)
     model = load_official_state_dict(state_dict, model_config, source=f"{path}[{key!r}]")
     return model_config, model
+
+
+def save_official_checkpoint(model: ScFoundation, path, official_config: Mapping,
+                             keys: tuple[str, ...] = CHECKPOINT_KEYS) -> None:
+    """Writes `model` as a released-format `models.ckpt` (the same weights under every key of
+    `keys`, each with `official_config` and the `model.`-prefixed state dict)."""
+    state_dict = {f"model.{name}": array for name, array in
+                  export_official_state_dict(model).items()}
+    torch_checkpoint.save({key: {"config": dict(official_config), "state_dict": state_dict}
+                           for key in keys}, path)

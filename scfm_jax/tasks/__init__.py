@@ -1,0 +1,1 @@
+"""Downstream tasks over the analysis API, each beside the field's baselines on the same split."""
