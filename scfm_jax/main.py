@@ -21,6 +21,8 @@ COMMANDS = {
     "embed": ("scfm_jax.analysis.embed_cli", "scFoundation cell / gene embeddings (get_embedding.py)"),
     "annotate": ("scfm_jax.analysis.annotate_cli", "scMulan cell-type annotation and embedding"),
     "plan": ("scfm_jax.train.plan", "compile a config for a TPU slice (no TPU needed): memory, FLOPs"),
+    "genes": ("scfm_jax.tasks.genes", "gene embeddings, modules, TF networks vs a reference"),
+    "evaluate": ("scfm_jax.tasks.integration", "batch integration (scib-metrics) vs PCA, Harmony"),
 }
 
 

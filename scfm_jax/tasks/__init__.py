@@ -1,0 +1,1 @@
+"""Downstream tasks over the analysis API, one module per task (gene networks, integration, ...)."""
