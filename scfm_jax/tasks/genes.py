@@ -100,30 +100,27 @@ def token_table(task_model: TaskModel) -> np.ndarray:
     return np.asarray(model.pos_emb.embedding[...], np.float32)[:model.num_genes]
 
 
-def gene_embeddings(task_model: TaskModel, cells: anndata.AnnData, *, label_key: str | None = None,
-                    layer: str | None = None, gene_column: str | None = None,
-                    min_coverage: float = 0.5, context: bool = True, batch_size: int = 4,
-                    progress: bool = True) -> anndata.AnnData:
-    """Gene embeddings of `task_model` and the cells' expression, genes as rows.
+def expression_by_gene(genes, cells: anndata.AnnData, *, label_key: str | None = None,
+                       layer: str | None = None, gene_column: str | None = None,
+                       min_coverage: float | None = 0.5, progress: bool = True):
+    """(the cells' expression with `genes`' genes as rows, the counts [cells, genes] as CSR).
 
-    `cells` holds raw counts (X, `layer`, or 'raw'); its genes (var_names or `gene_column`, symbols
-    or Ensembl IDs) are aligned onto the model's genes. The result's `X` is log1p(count / cell total
-    * 1e4) [model genes, cells] (the total over all the input's genes), `obs["n_cells_expressed"]`
-    the number of cells with a non-zero count, `var` the cells (with `label_key`), `obsm` the
-    embedding kinds (see the module docstring). `context`: also run scFoundation's decoder over
-    every cell (per label too with `label_key`).
+    `genes`: a `TaskModel` (its genes) or a gene `Vocabulary` (for the baselines alone). `cells`
+    holds raw counts (X, `layer`, or 'raw'); its genes (var_names or `gene_column`, symbols or
+    Ensembl IDs) are aligned onto them. The AnnData's `X` is log1p(count / cell total * 1e4)
+    [genes, cells] (the total over all the input's genes), `obs["n_cells_expressed"]` the number
+    of cells with a non-zero count, `var` the cells (with `label_key`).
     """
     from scfm_jax.analysis.embedding import matrix_source, require_counts
     from scfm_jax.data.host_ops import log_normalise
 
+    task_model = genes if isinstance(genes, TaskModel) else TaskModel(
+        "scfoundation", None, genes, f"vocabulary {genes.name}")
     matrix, var, where = matrix_source(cells, layer)
     require_counts(cells, layer, matrix, where)
-    labels = None
-    if label_key is not None:
-        if label_key not in cells.obs:
-            raise KeyError(f"the cells' obs has no label column {label_key!r} (columns: "
-                           f"{list(cells.obs.columns)})")
-        labels = cells.obs[label_key].to_numpy()
+    if label_key is not None and label_key not in cells.obs:
+        raise KeyError(f"the cells' obs has no label column {label_key!r} (columns: "
+                       f"{list(cells.obs.columns)})")
     counts, report = counts_on_model_genes(task_model, matrix, var, gene_column=gene_column,
                                            min_coverage=min_coverage)
     if progress:
@@ -132,18 +129,33 @@ def gene_embeddings(task_model: TaskModel, cells: anndata.AnnData, *, label_key:
                                           gene_column=gene_column, min_coverage=None)
     cell_frame = (cells.obs[[label_key]].copy() if label_key is not None
                   else pd.DataFrame(index=cells.obs_names))
-    genes = anndata.AnnData(sp.csr_matrix(expression.T, dtype=np.float32),
-                            obs=pd.DataFrame(index=pd.Index(task_model.genes, name="gene")),
-                            var=cell_frame)
-    genes.obs["n_cells_expressed"] = np.asarray((counts > 0).sum(axis=0)).ravel()
+    by_gene = anndata.AnnData(sp.csr_matrix(expression.T, dtype=np.float32),
+                              obs=pd.DataFrame(index=pd.Index(task_model.genes, name="gene")),
+                              var=cell_frame)
+    by_gene.obs["n_cells_expressed"] = np.asarray((counts > 0).sum(axis=0)).ravel()
+    by_gene.uns["gene_embeddings"] = {"checkpoint": task_model.source, "kind": task_model.kind,
+                                      "coverage": report.summary(), "cells": int(cells.n_obs),
+                                      "label_key": label_key or ""}
+    return by_gene, counts
+
+
+def gene_embeddings(task_model: TaskModel, cells: anndata.AnnData, *, label_key: str | None = None,
+                    layer: str | None = None, gene_column: str | None = None,
+                    min_coverage: float = 0.5, context: bool = True, batch_size: int = 4,
+                    progress: bool = True) -> anndata.AnnData:
+    """Gene embeddings of `task_model` and the cells' expression, genes as rows: the AnnData of
+    `expression_by_gene` with the embedding kinds in `obsm` (see the module docstring).
+    `context`: also run scFoundation's decoder over every cell (per label too with `label_key`).
+    """
+    genes, counts = expression_by_gene(task_model, cells, label_key=label_key, layer=layer,
+                                       gene_column=gene_column, min_coverage=min_coverage,
+                                       progress=progress)
     genes.obsm[TOKEN_KEYS[task_model.kind]] = token_table(task_model)
     if context and task_model.kind == "scfoundation":
+        labels = cells.obs[label_key].to_numpy() if label_key is not None else None
         for key, table in _context_embeddings(task_model, counts, labels, list(cells.obs_names),
                                               batch_size=batch_size, progress=progress).items():
             genes.obsm[key] = table
-    genes.uns["gene_embeddings"] = {"checkpoint": task_model.source, "kind": task_model.kind,
-                                    "coverage": report.summary(), "cells": int(cells.n_obs),
-                                    "label_key": label_key or ""}
     return genes
 
 
@@ -191,7 +203,7 @@ def gene_modules(genes: anndata.AnnData, key: str | None = None, *, resolution: 
     number = {cluster: i for i, cluster in enumerate(kept)}
     modules = pd.Series(pd.NA, index=genes.obs_names, dtype="Int64")
     modules.iloc[chosen] = [number.get(c, pd.NA) for c in sub.obs["leiden"]]
-    genes.obs[MODULE_KEY] = modules.to_numpy()
+    genes.obs[MODULE_KEY] = modules.array
     genes.uns["modules"] = {"key": key, "resolution": resolution, "n_neighbors": n_neighbors,
                             "min_size": min_size, "min_cells": min_cells}
     table = modules.dropna().rename(MODULE_KEY).rename_axis("gene").reset_index()

@@ -62,7 +62,8 @@ def integration_benchmark(adata: anndata.AnnData, label_key: str, batch_key: str
                           gene_column: str | None = None, vocabulary=None, token_set=None,
                           min_coverage: float = 0.5, n_top_genes: int = N_TOP_GENES,
                           output_dir: str | Path | None = None, umaps: bool = True,
-                          batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+                          batch_size: int = 16, batch_correction=None,
+                          progress: bool = True) -> pd.DataFrame:
     """scib-metrics' table: one row per embedding (its obsm key), then `pca` and `harmony`.
 
     `checkpoints`: scFoundation / scMulan checkpoints (see `task_models.load_task_model`; an
@@ -98,7 +99,8 @@ def integration_benchmark(adata: anndata.AnnData, label_key: str, batch_key: str
         PCA_ROW: adata.obsm[PCA_KEY], HARMONY_ROW: adata.obsm[HARMONY_KEY]})
     table = evaluation.compare_embeddings(
         work, label_key, [key for key in sources if key != PCA_ROW], batch_key=batch_key,
-        baseline_key=PCA_ROW, plot_dir=output_dir, progress=progress)
+        baseline_key=PCA_ROW, plot_dir=output_dir, batch_correction=batch_correction,
+        progress=progress)
     table = table.loc[list(sources)]
     table.insert(0, "source", [sources[key] for key in table.index])
     table.index.name = "embedding"
