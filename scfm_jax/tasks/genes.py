@@ -33,7 +33,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scfm_jax.tasks.task_models import TaskModel, counts_on_model_genes
+from scfm_jax.tasks.output_folder import check_output, staged_output
+from scfm_jax.tasks.task_models import (TaskModel, add_task_arguments, counts_on_model_genes,
+                                         load_task_model)
 
 TOKEN_KEYS = {"scfoundation": "X_scfoundation_token", "scmulan": "X_scmulan_token"}
 CONTEXT_KEY = "X_scfoundation_context"
@@ -432,38 +434,22 @@ def _parser():
                         "--token-set), or a scfm-jax training workdir")
     p.add_argument("--input", required=True, help="h5ad of cells with raw counts")
     p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--gene-column", default=None,
-                   help="var column with gene symbols (e.g. gene_symbol; default var_names)")
     p.add_argument("--reference", default=None,
                    help="TSV of TF -> target edges (columns tf, target) to score networks against")
     p.add_argument("--label-key", default=None,
                    help="obs column of labels: context embeddings and module specificity per label")
-    p.add_argument("--layer", default=None, help="read the counts from this layer ('raw': .raw)")
-    p.add_argument("--vocabulary", default=None,
-                   help="gene list of an official scFoundation checkpoint (default: the released "
-                        "19,264 genes)")
-    p.add_argument("--token-set", default=None, help="folder of an official scMulan checkpoint's "
-                   "token_set.tsv, gene_set.txt, meta_categories.json, total_gene_list_42117.txt")
     p.add_argument("--key", default="gene", choices=("gene", "cell", "rde"),
                    help="weight set of an official scFoundation checkpoint (default gene)")
-    p.add_argument("--min-coverage", type=float, default=0.5,
-                   help="refuse inputs of which less than this fraction of the counts falls on the "
-                        "model's genes (default 0.5)")
     p.add_argument("--no-context", action="store_true",
                    help="skip scFoundation's decoder context embeddings (token table only)")
     p.add_argument("--resolution", type=float, default=1.0, help="Leiden resolution (default 1)")
     p.add_argument("--min-module-size", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an --output folder this command did not write")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_task_arguments(p, batch_size=4)
     return p
 
 
 def main(argv=None) -> int:
     from scfm_jax.data.anndata_io import read_h5ad, write_h5ad
-    from scfm_jax.tasks.output_folder import check_output, staged_output
-    from scfm_jax.tasks.task_models import load_task_model
 
     args = _parser().parse_args(argv)
     output = check_output(args.output, "gene_embeddings.h5ad", args.overwrite)

@@ -16,7 +16,8 @@ from pathlib import Path
 import anndata
 import pandas as pd
 
-from scfm_jax.tasks.task_models import TaskModel, load_task_model
+from scfm_jax.tasks.output_folder import check_output, staged_output
+from scfm_jax.tasks.task_models import TaskModel, add_task_arguments, load_task_model
 
 MODEL_KEYS = {"scfoundation": "X_scfoundation", "scmulan": "X_scmulan"}
 PCA_ROW, HARMONY_ROW = "pca", "harmony"
@@ -126,30 +127,15 @@ def _parser():
                         "models.ckpt, official scMulan .pt with --token-set, or training workdirs)")
     p.add_argument("--obsm", nargs="+", action="extend", default=[], metavar="KEY",
                    help="embeddings already in the input's obsm to score")
-    p.add_argument("--gene-column", default=None,
-                   help="var column with gene symbols (e.g. gene_symbol; default var_names)")
-    p.add_argument("--layer", default=None, help="read the counts from this layer")
-    p.add_argument("--vocabulary", default=None,
-                   help="gene list of an official scFoundation checkpoint (default: the released "
-                        "19,264 genes)")
-    p.add_argument("--token-set", default=None, help="folder of an official scMulan checkpoint's "
-                   "token_set.tsv, gene_set.txt, meta_categories.json, total_gene_list_42117.txt")
-    p.add_argument("--min-coverage", type=float, default=0.5,
-                   help="refuse inputs of which less than this fraction of the counts falls on a "
-                        "model's genes (default 0.5)")
+    add_task_arguments(p, batch_size=16)
     p.add_argument("--n-top-genes", type=int, default=N_TOP_GENES,
                    help=f"highly variable genes of the PCA baseline (default {N_TOP_GENES})")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP plots")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an --output folder this command did not write")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv=None) -> int:
     from scfm_jax.data.anndata_io import read_h5ad
-    from scfm_jax.tasks.output_folder import check_output, staged_output
 
     args = _parser().parse_args(argv)
     output = check_output(args.output, "integration.csv", args.overwrite)

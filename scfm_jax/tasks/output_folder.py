@@ -40,3 +40,4 @@ def staged_output(folder):
             os.replace(scratch, folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+

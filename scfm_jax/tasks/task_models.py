@@ -70,3 +70,25 @@ def counts_on_model_genes(task_model: TaskModel, matrix, var, *, gene_column=Non
         columns = np.array([task_model.vocabulary.index_of(g) for g in task_model.token_set.genes])
         aligned = aligned[:, columns]
     return sp.csr_matrix(aligned), alignment.report
+
+
+def add_task_arguments(parser, batch_size: int) -> None:
+    """The options every task command takes: the input's genes, official checkpoints' vocabularies,
+    the batch size, and how the output is written."""
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"cells per forward (default {batch_size})")
+    parser.add_argument("--gene-column", default=None,
+                        help="var column with gene symbols (e.g. gene_symbol; default var_names)")
+    parser.add_argument("--layer", default=None, help="read the counts from this layer")
+    parser.add_argument("--vocabulary", default=None,
+                        help="gene list of an official scFoundation checkpoint (default: the "
+                             "released 19,264 genes)")
+    parser.add_argument("--token-set", default=None,
+                        help="folder of an official scMulan checkpoint's token_set.tsv, "
+                             "gene_set.txt, meta_categories.json, total_gene_list_42117.txt")
+    parser.add_argument("--min-coverage", type=float, default=0.5,
+                        help="refuse inputs of which less than this fraction of the counts falls "
+                             "on the model's genes (default 0.5)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --output folder this command did not write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
