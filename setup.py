@@ -46,7 +46,10 @@ setup(
         "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],
         # checkpoints on a gs:// bucket (train.checkpoint_dir): Orbax reaches it through etils.epath
         "gcs": ["gcsfs"],
-        "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel"],
+        # harmonypy: the integration baseline of `scfm-jax evaluate`; leidenalg / igraph: scanpy's
+        # Leiden (scib-metrics' clustering, `scfm-jax genes` modules)
+        "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel",
+                     "harmonypy", "leidenalg", "igraph"],
         "dev": [
             "pytest>=8",
             "pytest-timeout",
@@ -60,6 +63,9 @@ setup(
             "gcsfs",                  # tests/test_object_store.py: checkpoints on gs://
             "gcp-storage-emulator",   # ... against a local GCS server
             "scib-metrics>=0.5.10",
+            "harmonypy",
+            "leidenalg",
+            "igraph",
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},

@@ -25,6 +25,8 @@ COMMANDS = {
     "annotate": ("scfm_jax.analysis.annotate_cli", "scMulan cell-type annotation and embedding"),
     "perturb": ("scfm_jax.tasks.perturb_cli", "perturbation response: GEARS-style head vs baselines"),
     "plan": ("scfm_jax.train.plan", "compile a config for a TPU slice (no TPU needed): memory, FLOPs"),
+    "genes": ("scfm_jax.tasks.genes", "gene embeddings, modules, TF networks vs a reference"),
+    "evaluate": ("scfm_jax.tasks.integration", "batch integration (scib-metrics) vs PCA, Harmony"),
 }
 
 

@@ -9,7 +9,8 @@ _EXPORTS = {
     "fit_classifier": "annotation", "fine_tune": "annotation", "predict": "annotation",
     "Classifier": "annotation",
     "knn_transfer": "evaluation", "label_transfer": "evaluation",
-    "pca_baseline": "evaluation", "compare_embeddings": "evaluation",
+    "pca_baseline": "evaluation", "harmony_baseline": "evaluation",
+    "compare_embeddings": "evaluation",
     "thin_counts": "evaluation", "enhancement_check": "evaluation",
     "umap": "plots", "training_curves": "plots",
 }

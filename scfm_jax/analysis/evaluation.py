@@ -49,9 +49,12 @@ def knn_transfer(adata: anndata.AnnData, label_key: str, embedding_key: str, *, 
 
 
 def pca_baseline(adata: anndata.AnnData, *, layer: str | None = None, n_comps: int = 50,
+                 n_top_genes: int | None = None, hvg_batch_key: str | None = None,
                  key_added: str = "X_pca_baseline") -> None:
     """`obsm[key_added]`: PCA of log1p(counts / total * 1e4) of the counts in X / `layer` / raw,
-    the standard scanpy preprocessing, as the baseline an embedding is compared against."""
+    the standard scanpy preprocessing, as the baseline an embedding is compared against.
+    `n_top_genes`: only that many highly variable genes (scanpy's default flavour) enter the PCA,
+    chosen within each batch of `obs[hvg_batch_key]` when given (as scIB does for integration)."""
     import scanpy as sc
 
     from scfm_jax.analysis.embedding import matrix_source, require_counts
@@ -62,9 +65,27 @@ def pca_baseline(adata: anndata.AnnData, *, layer: str | None = None, n_comps: i
                                var=var[[]])
     sc.pp.normalize_total(baseline, target_sum=1e4)
     sc.pp.log1p(baseline)
+    if n_top_genes is not None and n_top_genes < baseline.n_vars:
+        if hvg_batch_key is not None:
+            baseline.obs["batch"] = adata.obs[hvg_batch_key].astype(str).to_numpy()
+        sc.pp.highly_variable_genes(baseline, n_top_genes=n_top_genes, subset=True,
+                                    batch_key=None if hvg_batch_key is None else "batch")
     n_comps = min(n_comps, min(baseline.shape) - 1)
     sc.pp.pca(baseline, n_comps=n_comps, random_state=0)
     adata.obsm[key_added] = baseline.obsm["X_pca"]
+
+
+def harmony_baseline(adata: anndata.AnnData, batch_key: str, *, basis: str = "X_pca_baseline",
+                     key_added: str = "X_harmony", seed: int = 0) -> None:
+    """`obsm[key_added]`: Harmony (harmonypy, default settings) on `obsm[basis]` with
+    `obs[batch_key]` as the batch: the integration baseline."""
+    import harmonypy
+
+    pca = _embedding(adata, basis)
+    batches = pd.DataFrame({"batch": adata.obs[batch_key].astype(str).to_numpy()})
+    corrected = np.asarray(harmonypy.run_harmony(pca, batches, "batch", random_state=seed,
+                                                 verbose=False).Z_corr)
+    adata.obsm[key_added] = corrected if corrected.shape == pca.shape else corrected.T
 
 
 def _keys_with_baseline(adata, embedding_keys, baseline_key, layer) -> list[str]:
@@ -90,6 +111,33 @@ def _exact_neighbors(x: np.ndarray, k: int):
     return NeighborsResults(indices=indices, distances=distances)
 
 
+def scored_cells(adata: anndata.AnnData, label_key: str, batch_key: str | None = None
+                 ) -> tuple[pd.DataFrame, np.ndarray]:
+    """(obs with `label` and `batch` of the labelled cells, their positions); raises when the
+    metrics cannot be computed: too few labelled cells, one label, or a batch key with one batch."""
+    if label_key in adata.obs and adata.obs[label_key].nunique() < 2:
+        raise InputError(f"obs[{label_key!r}] holds {adata.obs[label_key].nunique()} label; "
+                         "scoring an embedding needs at least 2: choose a label key with several "
+                         "cell types")
+    labelled, classes, codes = labelled_codes(adata, label_key)
+    if len(labelled) < MIN_CELLS:
+        raise InputError(f"scib-metrics needs at least {MIN_CELLS} labelled cells (its cLISI and "
+                         f"iLISI use 90 neighbours); obs[{label_key!r}] labels {len(labelled)}")
+    obs = pd.DataFrame({"label": classes[codes]}, index=adata.obs_names[labelled])
+    if batch_key is None:
+        obs["batch"] = "one batch"  # isolated labels then means the rarest labels
+    else:
+        if batch_key not in adata.obs:
+            raise UnknownName(f"adata.obs has no batch column {batch_key!r} (columns: "
+                              f"{list(adata.obs.columns)})")
+        batches = adata.obs[batch_key].iloc[labelled]
+        if batches.isna().any() or batches.nunique() < 2:
+            raise InputError(f"obs[{batch_key!r}] must name a batch for every labelled cell and "
+                             f"hold at least 2 batches, found {batches.nunique()}")
+        obs["batch"] = batches.astype(str).to_numpy()
+    return obs, labelled
+
+
 def compare_embeddings(adata: anndata.AnnData, label_key: str, embedding_keys=None, *,
                        batch_key: str | None = None, layer: str | None = None,
                        baseline_key: str = "X_pca_baseline", plot_dir: str | Path | None = None,
@@ -110,22 +158,7 @@ def compare_embeddings(adata: anndata.AnnData, label_key: str, embedding_keys=No
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
     keys = _keys_with_baseline(adata, embedding_keys, baseline_key, layer)
-    labelled, classes, codes = labelled_codes(adata, label_key)
-    if len(labelled) < MIN_CELLS:
-        raise InputError(f"scib-metrics needs at least {MIN_CELLS} labelled cells (its cLISI and "
-                         f"iLISI use 90 neighbours); obs[{label_key!r}] labels {len(labelled)}")
-    obs = pd.DataFrame({"label": classes[codes]}, index=adata.obs_names[labelled])
-    if batch_key is None:
-        obs["batch"] = "one batch"  # isolated labels then means the rarest labels
-    else:
-        if batch_key not in adata.obs:
-            raise UnknownName(f"adata.obs has no batch column {batch_key!r} (columns: "
-                              f"{list(adata.obs.columns)})")
-        batches = adata.obs[batch_key].iloc[labelled]
-        if batches.isna().any() or batches.nunique() < 2:
-            raise InputError(f"obs[{batch_key!r}] must name a batch for every labelled cell and "
-                             f"hold at least 2 batches, found {batches.nunique()}")
-        obs["batch"] = batches.astype(str).to_numpy()
+    obs, labelled = scored_cells(adata, label_key, batch_key)
     scored = anndata.AnnData(obs=obs, obsm={key: np.asarray(adata.obsm[key], np.float32)[labelled]
                                             for key in keys})
     benchmark = Benchmarker(
