@@ -21,8 +21,7 @@ COMMITTED_COPIES = {
     ("fixtures",): COMMITTED_DATA / "fixtures",
     ("data", "downstream"): COMMITTED_DATA / "downstream",
 }
-SCMULAN_VOCABULARY = ("scMulan's vocabulary (byte-identical to the official meta_info.pt export), "
-                      "not committed")
+SCMULAN_VOCABULARY = "scMulan's own vocabulary (its meta_info.pt exported), not committed"
 # Files of those folders deliberately left out of the copies, and why.
 NOT_COMMITTED = {
     ("fixtures", "scmulan-tiny", "token_set.tsv"): SCMULAN_VOCABULARY,
@@ -67,7 +66,10 @@ def shared_path(*parts: str) -> Path:
     name = "/".join(parts)
     left_out = _left_out(parts)
     if left_out:
-        missing = "; ".join(f"{left} ({reason})" for left, reason in left_out)
+        by_reason = {}
+        for left, reason in left_out:
+            by_reason.setdefault(reason, []).append(left.rsplit("/", 1)[-1])
+        missing = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
         pytest.skip(f"{name} needs {missing}; {SET_SHARED}")
     copy = committed_copy(parts)
     if copy is not None and copy.exists():
