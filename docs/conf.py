@@ -74,7 +74,7 @@ def _escape_prose(line: str) -> str:
 def plain_text_docstring(app, what, name, obj, options, lines):
     """The package's docstrings are plain text, not reStructuredText: prose paragraphs, and
     indented blocks (commands, aligned field lists) that are meant to be read as laid out. Render
-    the prose as text and each indented block as a literal block, so no docstring fails the build."""
+    the prose as text and each indented block as a literal block: no docstring fails the build."""
     result, index, bullet_indent = [], 0, None
     while index < len(lines):
         line = lines[index]

@@ -35,7 +35,7 @@ def test_every_documented_command_is_run_by_a_test():
 
 def test_every_skipped_block_says_why():
     _, unexplained = documented_commands()
-    assert not unexplained, "skip markers without a reason, write <!-- docs-test: skip (why) -->:\n" \
+    assert not unexplained, "skip markers without a reason (<!-- docs-test: skip (why) -->):\n" \
         + "\n".join(f"  {b.path.relative_to(REPO_ROOT)}:{b.line}" for b in unexplained)
 
 

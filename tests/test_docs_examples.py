@@ -22,8 +22,8 @@ from shared_helpers import shared_path
 from scfm_jax.data.datasets import pbmc68k_reduced_counts
 from scfm_jax.data.store import CellStore
 
-TOUR_DATA = ("mkdir -p data && python -c \"from scfm_jax.data.datasets import pbmc68k_reduced_counts "
-             "as pbmc; a = pbmc(); a[:350].write_h5ad('data/pbmc_1.h5ad'); "
+TOUR_DATA = ("mkdir -p data && python -c \"from scfm_jax.data.datasets import "
+             "pbmc68k_reduced_counts as pbmc; a = pbmc(); a[:350].write_h5ad('data/pbmc_1.h5ad'); "
              "a[350:].write_h5ad('data/pbmc_2.h5ad')\"")
 TOUR_CONVERT = "scfm-jax convert data/*.h5ad --output runs/store --vocabulary from-data"
 TOUR_TRAIN = ("scfm-jax train --config configs/scfoundation_tiny.py --workdir runs/tiny \\\n"
@@ -33,7 +33,7 @@ TOUR_EMBED = ("scfm-jax embed --checkpoint runs/tiny --input data/pbmc_1.h5ad "
 
 
 def _configs():
-    """The repository's configs/, copied into a test's folder so `--config configs/x.py` resolves."""
+    """The repository's configs/, copied beside a test's files: `--config configs/x.py` resolves."""
     return REPO_ROOT / "configs"
 
 
@@ -92,13 +92,15 @@ def test_convert_mixes_h5ad_and_10x_inputs_as_documented(pbmc, tmp_path, monkeyp
     cells[30:60].write_h5ad(tmp_path / "pbmc_b.h5ad")
     _write_10x(cells[60:], tmp_path / "filtered_feature_bc_matrix")
     command = ("scfm-jax convert pbmc_a.h5ad pbmc_b.h5ad \\\n"
-               "    --output stores/pbmc --vocabulary scfoundation --obs cell_type,batch --workers 4")
+               "    --output stores/pbmc --vocabulary scfoundation --obs cell_type,batch "
+               "--workers 4")
     assert run_documented(command, tmp_path) == 0
     store = CellStore.open(str(tmp_path / "stores/pbmc"))
     assert store.num_cells == 60
     assert len(store.vocabulary) == 19264
     assert {"cell_type", "batch"} <= set(store.obs_columns)
-    tenx = "scfm-jax convert filtered_feature_bc_matrix/ --output stores/tenx --vocabulary scfoundation"
+    tenx = ("scfm-jax convert filtered_feature_bc_matrix/ --output stores/tenx "
+            "--vocabulary scfoundation")
     assert run_documented(tenx, tmp_path) == 0
     assert CellStore.open(str(tmp_path / "stores/tenx")).num_cells == 30
 
