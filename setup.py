@@ -46,6 +46,8 @@ setup(
         "census": ["tiledbsoma>=1.15", "cellxgene-census>=1.15"],
         # checkpoints on a gs:// bucket (train.checkpoint_dir): Orbax reaches it through etils.epath
         "gcs": ["gcsfs"],
+        # the documentation site: `python -m sphinx -W -b html docs docs/_build/html`
+        "docs": ["sphinx>=8", "myst-parser>=4", "myst-nb>=1.1", "furo"],
         # harmonypy: the integration baseline of `scfm-jax evaluate`; leidenalg / igraph: scanpy's
         # Leiden (scib-metrics' clustering, `scfm-jax genes` modules)
         "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel",

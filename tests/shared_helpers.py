@@ -1,8 +1,11 @@
-"""Where the tests find `../shared` (reference fixtures, vocabularies): import from here.
+"""Where the tests find the reference fixtures, vocabularies and real data: import from here.
 
-`SCFM_SHARED_DIR` may point elsewhere; otherwise `shared/` beside the repository is used. When it is
-absent (a user's fresh clone) the tests that need it skip with the reason; `.ci/run` refuses to run
-without it, so CI never skips them.
+The shared folder (`shared/` beside the repository, or `$SCFM_SHARED_DIR`) holds all of it. A clone
+without one (a user's) runs on the copies committed under `tests/data/`: the fixtures (this
+project's own outputs of the original code on random weights) and the MIT/BSD-licensed downstream
+data. What is not committed (the vocabularies, which are the original projects' files, and the
+GPL-3 DoRothEA network) makes the tests that need it skip, naming it. `.ci/run` refuses to run
+without the shared folder, so CI never skips them.
 """
 import os
 from pathlib import Path
@@ -11,6 +14,22 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_DATA = REPO_ROOT / "tests" / "data"
+
+# Where a folder of the shared tree is copied in this repository (see tests/data/README.md).
+COMMITTED_COPIES = {
+    ("fixtures",): COMMITTED_DATA / "fixtures",
+    ("data", "downstream"): COMMITTED_DATA / "downstream",
+}
+SCMULAN_VOCABULARY = "scMulan's own vocabulary (its meta_info.pt exported), not committed"
+# Files of those folders deliberately left out of the copies, and why.
+NOT_COMMITTED = {
+    ("fixtures", "scmulan-tiny", "token_set.tsv"): SCMULAN_VOCABULARY,
+    ("fixtures", "scmulan-tiny", "gene_set.txt"): SCMULAN_VOCABULARY,
+    ("fixtures", "scmulan-tiny", "meta_categories.json"): SCMULAN_VOCABULARY,
+    ("data", "downstream", "dorothea_hs_AB.tsv"): "DoRothEA (GPL-3), not committed",
+}
+SET_SHARED = "set SCFM_SHARED_DIR to a shared folder that has it"
 
 
 def shared_dir() -> Path | None:
@@ -20,16 +39,45 @@ def shared_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def committed_copy(parts: tuple[str, ...]) -> Path | None:
+    """Where `parts` of the shared tree lies under tests/data/, if that part was copied."""
+    for prefix, folder in COMMITTED_COPIES.items():
+        if parts[:len(prefix)] == prefix:
+            return folder.joinpath(*parts[len(prefix):])
+    return None
+
+
+def _left_out(parts: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, reason) of the uncommitted files at or under `parts`."""
+    return [("/".join(left), reason) for left, reason in NOT_COMMITTED.items()
+            if left[:len(parts)] == parts]
+
+
 def shared_path(*parts: str) -> Path:
-    """A path under the shared folder; skips the calling test when it is not there."""
+    """A path of the shared tree: from the shared folder when there is one, else from the copy
+    under tests/data/. Skips the calling test, naming what is missing and why, when neither has
+    it whole (a folder counts only with every file the shared folder has in it)."""
     root = shared_dir()
-    if root is None:
-        pytest.skip("../shared (reference fixtures and vocabularies) is absent; "
-                    "set SCFM_SHARED_DIR to run the fidelity tests")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent from the shared folder")
-    return path
+    if root is not None and root.joinpath(*parts).exists():
+        return root.joinpath(*parts)
+    if not parts:
+        pytest.skip("../shared (reference fixtures, vocabularies and real data) is absent; "
+                    f"{SET_SHARED}")
+    name = "/".join(parts)
+    left_out = _left_out(parts)
+    if left_out:
+        by_reason = {}
+        for left, reason in left_out:
+            by_reason.setdefault(reason, []).append(left.rsplit("/", 1)[-1])
+        missing = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+        pytest.skip(f"{name} needs {missing}; {SET_SHARED}")
+    copy = committed_copy(parts)
+    if copy is not None and copy.exists():
+        return copy
+    where = "the shared folder" if root is not None else "../shared (absent)"
+    kind = ("is not committed to tests/data (vocabularies are the original projects' files; "
+            "see tests/data/README.md)" if copy is None else "is absent from tests/data")
+    pytest.skip(f"{name} is only in {where} and {kind}; {SET_SHARED}")
 
 
 def plotted_pixels(png: str | Path, color: str, tolerance: float = 0.08) -> int:
