@@ -117,7 +117,7 @@ def load_workdir(workdir: str | Path | None, step: int | None = None, *,
                        step=int(metadata["step"]))
 
 
-def _checkpoint_kind(path: Path) -> str:
+def checkpoint_kind(path: Path) -> str:
     """'scfoundation' or 'scmulan' from the top-level keys of a torch checkpoint."""
     from scfm_jax.interop import torch_checkpoint
 
@@ -142,8 +142,9 @@ def _scfoundation_vocabulary(vocabulary, num_genes: int, path: Path) -> Vocabula
     if not isinstance(vocabulary, Vocabulary):
         vocabulary = load_vocabulary(vocabulary)
     if len(vocabulary) != num_genes:
-        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but {path} "
-                         f"has {num_genes}; pass the vocabulary the checkpoint was trained with")
+        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
+                         f"checkpoint's model has {num_genes} ({path}); pass the vocabulary the "
+                         "checkpoint was trained with (a gene_name<TAB>index file)")
     return vocabulary
 
 
@@ -175,7 +176,7 @@ def load(path: str | Path, *, key: str = "cell", step: int | None = None,
         return load_workdir(*found)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file or training workdir")
-    kind = _checkpoint_kind(path)
+    kind = checkpoint_kind(path)
     if kind == "scmulan":
         from scfm_jax.interop.scmulan_torch import load_official_checkpoint
         model_config, model = load_official_checkpoint(path)
