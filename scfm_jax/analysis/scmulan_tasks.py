@@ -191,7 +191,7 @@ def smooth_cell_types(adata: anndata.AnnData, *, type_key: str = "cell_type_scmu
 
 def cell_type_categories(token_set: TokenSet) -> list[str]:
     """The labels annotation can give, in a fixed order (the codes of a store output)."""
-    return sorted(token_set.cell_type_terms) + [UNCLASSIFIED]
+    return sorted(token_set.cell_type_terms - {UNCLASSIFIED}) + [UNCLASSIFIED]
 
 
 def store_annotation_task(model: ScMulan, token_set: TokenSet, store_vocabulary, *,
