@@ -3,6 +3,7 @@ results of the single-device AnnData path, resumes after a kill byte for byte, a
 checkpoints or stores."""
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -90,26 +91,47 @@ def test_store_embeddings_on_one_device_match_the_anndata_path_and_resume(scfoun
     assert _files(output) == finished
 
 
+EMBED_STORE = ("scfm-jax embed --checkpoint models.ckpt --vocabulary genes.tsv "
+               "--store cells_store --obs-filter donor=a --output donor_a --batch-size 8")
+ANNOTATE_STORE = ("scfm-jax annotate --checkpoint ckpt.pt --vocabulary scmulan_vocabulary "
+                  "--gene-list total_gene_list_42117.txt --store cells_store --output cell_types "
+                  "--batch-size 8")
+
+
+def run_command(command: str, cwd: Path, *extra: str) -> int:
+    """A documented `scfm-jax ...` line run in this process from `cwd` (plus `extra` flags)."""
+    words = shlex.split(command)
+    assert words[0] == "scfm-jax"
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return scfm_main(words[1:] + list(extra))
+    finally:
+        os.chdir(previous)
+
+
 def test_embed_store_command_on_every_device_with_a_filter_and_refusals(scfoundation, tmp_path,
                                                                         capsys):
     store, folder = scfoundation["store"], scfoundation["folder"]
+    for name, target in (("models.ckpt", folder / "models.ckpt"),
+                         ("genes.tsv", folder / "genes.tsv"), ("cells_store", store)):
+        (tmp_path / name).symlink_to(target)
     output = tmp_path / "donor_a"
-    checkpoint, vocabulary = folder / "models.ckpt", folder / "genes.tsv"
-    assert scfm_main(["embed", "--checkpoint", str(checkpoint), "--vocabulary", str(vocabulary),
-                      "--store", str(store), "--obs-filter", "donor=a", "--output", str(output),
-                      "--batch-size", "8", "--quiet"]) == 0
+    assert run_command(EMBED_STORE, tmp_path, "--quiet") == 0
     assert "'data': 8" in capsys.readouterr().err   # every device of the conftest's eight
     back = store_inference.to_anndata(output, store)
     np.testing.assert_allclose(back.obsm["X_scfoundation"], scfoundation["reference"][[0, 2]],
                                atol=1e-5, rtol=1e-5)
-    shard = store_inference.to_anndata(output, store, cells=[2])
-    np.testing.assert_allclose(shard.obsm["X_scfoundation"], scfoundation["reference"][[2]],
+    one = store_inference.to_anndata(output, store, cells=[2])
+    np.testing.assert_allclose(one.obsm["X_scfoundation"], scfoundation["reference"][[2]],
                                atol=1e-5, rtol=1e-5)
+    shard = store_inference.to_anndata(output, store, shard=0)   # cells 0..2; 0 and 2 computed
+    assert shard.obs_names.tolist() == ["0", "2"]
+    with pytest.raises(ValueError, match="requested cells"):
+        store_inference.to_anndata(output, store, cells=[1])
     # another weight set of the checkpoint: refused in one line, the output untouched
     before = _files(output)
-    assert scfm_main(["embed", "--checkpoint", str(checkpoint), "--vocabulary", str(vocabulary),
-                      "--key", "rde", "--store", str(store), "--obs-filter", "donor=a",
-                      "--output", str(output), "--quiet"]) == 1
+    assert run_command(EMBED_STORE, tmp_path, "--key", "rde", "--quiet") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("scfm-jax embed: error:") and "another checkpoint" in err[-1]
     assert "--overwrite" in err[-1] and _files(output) == before
@@ -117,12 +139,10 @@ def test_embed_store_command_on_every_device_with_a_filter_and_refusals(scfounda
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    assert scfm_main(["embed", "--checkpoint", str(checkpoint), "--vocabulary", str(vocabulary),
-                      "--store", str(store), "--output", str(foreign), "--quiet"]) == 1
+    assert run_command(EMBED_STORE.replace("donor_a", "foreign"), tmp_path, "--quiet") == 1
     assert "is not an output" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
-    assert scfm_main(["embed", "--checkpoint", str(checkpoint), "--store", str(store),
-                      "--input", "x.h5ad", "--output", str(foreign)]) == 2
+    assert run_command(EMBED_STORE, tmp_path, "--input", "x.h5ad") == 2
 
 
 @pytest.mark.slow
@@ -190,6 +210,19 @@ def test_store_annotation_on_four_devices_matches_the_anndata_path(scmulan, tmp_
                                  batch_size=4, chunk_cells=3, progress=False,
                                  devices=jax.devices()[:4])
     _check_annotation(tmp_path / "types", scmulan["reference"])
+
+
+@pytest.mark.slow
+def test_annotate_store_command_on_every_device(scmulan, tmp_path):
+    folder = shared_path("fixtures", "scmulan-tiny")
+    links = {"ckpt.pt": folder / "ckpt.pt", "scmulan_vocabulary": folder,
+             "total_gene_list_42117.txt": shared_path("data", "scmulan",
+                                                      "total_gene_list_42117.txt"),
+             "cells_store": scmulan["store"]}
+    for name, target in links.items():
+        (tmp_path / name).symlink_to(target)
+    assert run_command(ANNOTATE_STORE, tmp_path, "--quiet") == 0
+    _check_annotation(tmp_path / "cell_types", scmulan["reference"])
 
 
 def _env():
