@@ -1,6 +1,6 @@
 """Accelerator throughput table (run by bench_gpu.sh): the 100M train step, cell embedding at
 batch 1/64/256 and scMulan annotation at batch 1/64, with cells/s, MFU against the card's
-published bf16 peak (scfm_jax.train.plan.GPUS) and memory. Random weights, synthetic cells.
+published bf16 peak (scfm_jax.train.chips.GPUS) and memory. Random weights, synthetic cells.
 
   python benchmarks/bench_gpu.py --output bench_gpu.md            # released sizes
   python benchmarks/bench_gpu.py --tiny --output bench_gpu.md     # tiny configs (CPU check)
@@ -23,7 +23,7 @@ from scfm_jax.analysis import scmulan_tasks
 from scfm_jax.configs import scfoundation_100m, scfoundation_tiny, scmulan_368m, scmulan_tiny
 from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import scmulan
-from scfm_jax.train import partitioning, plan
+from scfm_jax.train import chips, partitioning, plan
 from scfm_jax.train.metrics import measure_matmul_peak
 from scfm_jax.train.state import Trainer, loop_free_model_config, split_model
 from scfm_jax.objectives import get_objective
@@ -88,10 +88,10 @@ def bench_embed(config, batch_sizes, expressed: int, repeats: int, peak: float) 
         width = next(b for b in sorted(config.data.buckets) + [expressed] if b >= expressed)
         sparse = synthetic_batch(batch_size, config.model.num_genes, expressed, width)
         batch = {k: jnp.asarray(v) for k, v in sparse.items() if k != "num_nonzero"}
-        embed = jax.jit(plan.embed_step(trainer.graphdef))
+        embed = jax.jit(plan.embed_step(trainer.graphdef, trainer.objective, None))
         seconds = timed(lambda: embed(state.params, state.buffers, batch), repeats)
         # FLOPs of the same step on the loop-free model (XLA counts a loop body once)
-        flops = jax.jit(plan.embed_step(loop_free_graphdef)).lower(
+        flops = jax.jit(plan.embed_step(loop_free_graphdef, trainer.objective, None)).lower(
             state.params, state.buffers, batch).cost_analysis()["flops"]
         memory = embed.lower(state.params, state.buffers, batch).compile().memory_analysis()
         rows.append({"task": f"embed {config.model.encoder.width}w, {expressed} genes",
@@ -154,7 +154,7 @@ def main():
     args = parser.parse_args()
 
     device = jax.local_devices()[0]
-    chip = plan.chip_of_devices([device])
+    chip = chips.chip_of_devices([device])
     config = scfoundation_config(args.tiny)
     if chip is not None:
         peak, peak_source = chip.peak_flops, f"{chip.name} bf16 peak, {chip.source}"

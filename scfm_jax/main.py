@@ -17,7 +17,7 @@ COMMANDS = {
     "convert": ("scfm_jax.data.convert", "AnnData / 10x / TileDB-SOMA -> sharded zarr cell store"),
     "verify": ("scfm_jax.data.verify", "check every byte of a cell store, name damaged shards"),
     "train": ("scfm_jax.train.loop", "pretrain a model from an experiment config"),
-    "demo": ("scfm_jax.train.demo", "convert pbmc68k_reduced, pretrain scfoundation_tiny, report"),
+    "demo": ("scfm_jax.demo", "convert pbmc68k_reduced, pretrain the tiny demo model, report"),
     "embed": ("scfm_jax.analysis.embed_cli", "scFoundation cell / gene embeddings (get_embedding.py)"),
     "annotate": ("scfm_jax.analysis.annotate_cli", "scMulan cell-type annotation and embedding"),
     "plan": ("scfm_jax.train.plan", "compile a config for a TPU slice (no TPU needed): memory, FLOPs"),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from scfm_jax.train import demo
+from scfm_jax import demo
 
 
 @pytest.mark.slow

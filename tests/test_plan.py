@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scfm_jax.configs import scfoundation_100m, scfoundation_tiny
-from scfm_jax.train import plan
+from scfm_jax.train import chips, partitioning, plan
 
 needs_libtpu = pytest.mark.skipif(
     not plan.libtpu_available(),
@@ -83,7 +83,7 @@ def test_async_collectives_count_their_results_only():
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():
-    chip = plan.CHIPS["v5e"]
+    chip = chips.TPUS["v5e"]
     row = plan.PlanRow(step="train", bucket=8, global_batch=8, remat="none", mesh={},
                        compile_seconds=0.0, model_flops=chip.peak_flops * 2e-3, xla_flops=0.0,
                        xla_bytes=chip.hbm_bandwidth * 1e-3, hbm_bytes=chip.hbm_bytes,
@@ -137,7 +137,7 @@ def test_scmulan_plans_without_a_store():
     config = plan.plan_config(scmulan_tiny.get_config())
     assert len(config.objective.gene_set) == config.objective.num_genes
     assert config.model.vocab_size > config.objective.num_genes
-    mesh = plan.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     trainer = Trainer(config, get_objective("scmulan"), mesh)
     batch = plan.abstract_batch(config, mesh, 128, 8)
     assert {"obs/bulk_labels", "obs/phase"} <= set(batch)
@@ -174,6 +174,21 @@ def tiny_rows():
 
 
 @needs_libtpu
+def test_the_mesh_follows_the_slice_not_the_order_devices_are_given():
+    """Training and the plan share one `make_mesh`: over compile-only topology devices it lays the
+    mesh out by their physical coordinates, whatever order the devices come in."""
+    devices = plan.topology_devices(plan.parse_topology("v5e-8"))
+    shuffled = [devices[i] for i in np.random.default_rng(0).permutation(len(devices))]
+    mesh_config = dict(data=2, fsdp=4, tensor=1)
+    ids = lambda mesh: [d.id for d in mesh.devices.flat]  # noqa: E731
+    assert ids(partitioning.make_mesh(mesh_config, shuffled)) == ids(
+        partitioning.make_mesh(mesh_config, devices))
+    for row in partitioning.make_mesh(mesh_config, shuffled).devices[:, :, 0]:
+        xs, ys = zip(*(d.coords[:2] for d in row))
+        assert len(set(xs)) * len(set(ys)) == 4   # each fsdp group is a 2x2 box of chips
+
+
+@needs_libtpu
 def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
     from scfm_jax.train.state import Trainer
     from scfm_jax.objectives import get_objective
@@ -187,7 +202,7 @@ def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
     config = tiny_plan_config()
     config.mesh.update(data=1, fsdp=1, tensor=1)
     devices = plan.topology_devices(plan.parse_topology("v5e-1"))
-    trainer = Trainer(config, get_objective("scfoundation"), plan.make_mesh(config.mesh, devices))
+    trainer = Trainer(config, get_objective("scfoundation"), partitioning.make_mesh(config.mesh, devices))
     arguments = jax.tree.leaves(trainer.abstract_state) + list(
         plan.abstract_batch(config, trainer.mesh, 64, 8).values())
     assert one.argument_bytes >= sum(math.prod(a.shape) * a.dtype.itemsize for a in arguments)
@@ -282,7 +297,7 @@ def test_bfloat16_step_compiles_the_kernels_for_tpu():
     from scfm_jax.objectives import get_objective
     from scfm_jax.train.state import Trainer
 
-    trainer = Trainer(config, get_objective("scfoundation"), plan.make_mesh(config.mesh, devices))
+    trainer = Trainer(config, get_objective("scfoundation"), partitioning.make_mesh(config.mesh, devices))
     compiled, _ = plan.compile_step(trainer, "train", 64, 8)
     text = compiled.as_text()
     assert "favor_key_pass" in text and "flash" in text.lower()
@@ -314,7 +329,7 @@ def test_1b_state_is_split_over_every_chip_of_v5e_64():
 
     config = scfoundation_1b.get_config()
     devices = plan.topology_devices(plan.parse_topology("v5e-64"))
-    trainer = Trainer(config, get_objective("scfoundation"), plan.make_mesh(config.mesh, devices))
+    trainer = Trainer(config, get_objective("scfoundation"), partitioning.make_mesh(config.mesh, devices))
     state = trainer.abstract_sharded_state()
     compiled = jax.jit(lambda s: jax.tree.map(jnp.copy, s)).lower(state).compile()
     total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state))

@@ -19,16 +19,15 @@ import jax
 import ml_collections
 from flax import nnx
 
-from scfm_jax.data.vocabulary import Vocabulary, load_vocabulary
-
-OFFICIAL_SCFOUNDATION_GENES = 19264
+from scfm_jax.data.vocabulary import Vocabulary
+from scfm_jax.objectives import get_objective
 
 
 @dataclasses.dataclass
 class LoadedModel:
     """A model ready for analysis, with what is needed to feed it."""
 
-    kind: str                           # "scfoundation" or "scmulan"
+    kind: str                           # the model's name (`config.model.name`)
     model: nnx.Module
     config: ml_collections.ConfigDict   # has `.model`; the whole experiment config for our runs
     vocabulary: Vocabulary | None       # model gene position i is vocabulary.symbols[i]
@@ -88,7 +87,6 @@ def load_workdir(workdir: str | Path | None, step: int | None = None, *,
     from scfm_jax.train import partitioning
     from scfm_jax.train.checkpointing import Checkpoints
     from scfm_jax.train.state import Trainer
-    from scfm_jax.objectives import get_objective
 
     workdir = None if workdir is None else Path(workdir)
     if directory is None and workdir is not None:
@@ -118,42 +116,30 @@ def load_workdir(workdir: str | Path | None, step: int | None = None, *,
 
 
 def checkpoint_kind(path: Path) -> str:
-    """'scfoundation' or 'scmulan' from the top-level keys of a torch checkpoint."""
+    """The model name of a released torch checkpoint, from the top-level keys of its pickle (the
+    objective whose `official_checkpoint` recognises them)."""
     from scfm_jax.interop import torch_checkpoint
+    from scfm_jax.objectives import OBJECTIVES
 
     checkpoint = torch_checkpoint.load(path, read_tensors=False)  # the pickle only, not the weights
-    keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
-    if {"model_args", "model"} <= keys:
-        return "scmulan"
-    if keys & {"gene", "cell", "rde"} or {"config", "state_dict"} <= keys:
-        return "scfoundation"
-    raise ValueError(f"{path} is neither an official scFoundation checkpoint (keys gene/cell/rde) "
-                     f"nor an scMulan one (keys model_args/model); its top-level keys are "
-                     f"{sorted(map(str, keys))}")
+    keys = frozenset(map(str, checkpoint)) if isinstance(checkpoint, dict) else frozenset()
+    formats = {name: objective.official_checkpoint for name, objective in OBJECTIVES.items()
+               if objective.official_checkpoint is not None}
+    for name, official in formats.items():
+        if official.recognises(keys):
+            return name
+    raise ValueError(f"{path} is none of: " + "; ".join(o.description for o in formats.values())
+                     + f". Its top-level keys are {sorted(keys)}")
 
 
-def _scfoundation_vocabulary(vocabulary, num_genes: int, path: Path) -> Vocabulary:
-    if vocabulary is None:
-        if num_genes != OFFICIAL_SCFOUNDATION_GENES:
-            raise ValueError(f"{path} has {num_genes} genes, not the released "
-                             f"{OFFICIAL_SCFOUNDATION_GENES}; pass the vocabulary it was trained "
-                             "with: load(path, vocabulary='genes.tsv')")
-        vocabulary = "scfoundation"
-    if not isinstance(vocabulary, Vocabulary):
-        vocabulary = load_vocabulary(vocabulary)
-    if len(vocabulary) != num_genes:
-        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
-                         f"checkpoint's model has {num_genes} ({path}); pass the vocabulary the "
-                         "checkpoint was trained with (a gene_name<TAB>index file)")
-    return vocabulary
 
 
-def load(path: str | Path, *, key: str = "cell", step: int | None = None,
+def load(path: str | Path, *, key: str | None = None, step: int | None = None,
          vocabulary: str | Path | Vocabulary | None = None) -> LoadedModel:
     """A ready model from a training workdir or an official checkpoint file.
 
-    `key`: weight set of an official scFoundation `models.ckpt` (`cell` for cell embeddings, `gene`
-    for gene embeddings, `rde` for read-depth enhancement). `step`: checkpoint step of a workdir
+    `key`: weight set of an official scFoundation `models.ckpt` (`cell`, the default, for cell
+    embeddings, `gene` for gene embeddings, `rde` for read-depth enhancement). `step`: checkpoint step of a workdir
     (default the latest). `vocabulary`: the gene list of an official checkpoint (`"scfoundation"`,
     the default for the released 19,264-gene model, or a `gene_name<TAB>index` file); for scMulan
     the 42,117-symbol list its genes are aligned through. A workdir carries its own vocabulary.
@@ -177,17 +163,7 @@ def load(path: str | Path, *, key: str = "cell", step: int | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file or training workdir")
     kind = checkpoint_kind(path)
-    if kind == "scmulan":
-        from scfm_jax.interop.scmulan_torch import load_official_checkpoint
-        model_config, model = load_official_checkpoint(path)
-        genes = None if vocabulary is None else (
-            vocabulary if isinstance(vocabulary, Vocabulary) else load_vocabulary(vocabulary))
-        return LoadedModel(kind="scmulan", model=model,
-                           config=ml_collections.ConfigDict({"model": model_config.to_dict()}),
-                           vocabulary=genes, source=str(path))
-    from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
-    model_config, model = load_official_checkpoint(path, key)
-    return LoadedModel(kind="scfoundation", model=model,
-                       config=ml_collections.ConfigDict({"model": model_config.to_dict()}),
-                       vocabulary=_scfoundation_vocabulary(vocabulary, model.num_genes, path),
-                       source=str(path), key=key)
+    official = get_objective(kind).official_checkpoint.load(path, key=key, vocabulary=vocabulary)
+    return LoadedModel(kind=kind, model=official.model,
+                       config=ml_collections.ConfigDict({"model": official.model_config.to_dict()}),
+                       vocabulary=official.vocabulary, source=str(path), key=official.weight_set)

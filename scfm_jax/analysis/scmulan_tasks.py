@@ -230,7 +230,7 @@ def store_annotation_task(model: ScMulan, token_set: TokenSet, store_vocabulary,
         return {"ids": ids, "levels": levels, "lengths": lengths}
 
     def forward(model, batch):
-        tokens, _, count, embedding = generation._generate(
+        tokens, _, count, embedding = generation.generate_tokens(
             model, batch["ids"], batch["levels"], batch["lengths"], jax.random.key(0),
             np.zeros((model.cfg.vocab_size,), bool), max_new_tokens=3, top_k=1,
             temperature=1.0, gamma=1.0)

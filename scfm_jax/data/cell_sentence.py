@@ -274,6 +274,30 @@ def _pad_to(x, width, value):
     return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
 
 
+def expressed_gene_tokens(batch: Mapping, tables: "SentenceTables", num_levels: int = NUM_LEVELS):
+    """(gene tokens [B, K], their levels [B, K], count [B]) of a pipeline batch: each cell's
+    expressed genes of the gene set in gene set order, reversed, left-compacted (-1 after the
+    count), with per-cell levels of log1p(count / total * 1e4) as at inference (jit-able)."""
+    gene_ids, counts = batch["gene_ids"], batch["counts"]
+    positions = np.asarray(tables.gene_positions)
+    store_to_token = np.full(max(positions.max() + 1, 1), -1, np.int32)
+    store_to_token[positions[positions >= 0]] = tables.token_set.gene_ids[positions >= 0]
+    in_range = (gene_ids >= 0) & (gene_ids < store_to_token.shape[0])
+    tokens = jnp.where(in_range & (counts > 0),
+                       jnp.asarray(store_to_token)[jnp.clip(gene_ids, 0, store_to_token.shape[0] - 1)],
+                       -1)
+    total = jnp.maximum(batch["total_counts"], 1e-12)[:, None]
+    values = jnp.where(tokens >= 0, jnp.log1p(counts / total * 1e4), 0.0)
+    cell_max = jnp.max(values, axis=1, keepdims=True)
+    edges = cell_max[..., None] * (jnp.arange(num_levels + 1) / num_levels)  # [B, 1, levels+1]
+    levels = jnp.sum(edges < values[..., None], axis=-1).astype(jnp.int32)
+    # expressed genes in gene-set order reversed = descending token id (genes are ids in order)
+    order = jnp.argsort(jnp.where(tokens >= 0, -tokens, jnp.iinfo(jnp.int32).max), axis=1)
+    genes = jnp.take_along_axis(tokens, order, axis=1)
+    gene_levels = jnp.where(genes >= 0, jnp.take_along_axis(levels, order, axis=1), 0)
+    return genes, gene_levels, jnp.sum(genes >= 0, axis=1)
+
+
 def build_sentences(batch: Mapping, tables: SentenceTables, key, task_weights=(1.0, 1.0, 1.0),
                     num_levels: int = NUM_LEVELS) -> dict:
     """Pretraining sentences for a pipeline batch, with fixed shapes (jit-able).
@@ -290,25 +314,8 @@ def build_sentences(batch: Mapping, tables: SentenceTables, key, task_weights=(1
     """
 
     ts = tables.token_set
-    gene_ids, counts = batch["gene_ids"], batch["counts"]
-    batch_size = gene_ids.shape[0]
-    positions = np.asarray(tables.gene_positions)
-    store_to_token = np.full(max(positions.max() + 1, 1), -1, np.int32)
-    store_to_token[positions[positions >= 0]] = ts.gene_ids[positions >= 0]
-    in_range = (gene_ids >= 0) & (gene_ids < store_to_token.shape[0])
-    tokens = jnp.where(in_range & (counts > 0),
-                       jnp.asarray(store_to_token)[jnp.clip(gene_ids, 0, store_to_token.shape[0] - 1)],
-                       -1)
-    total = jnp.maximum(batch["total_counts"], 1e-12)[:, None]
-    values = jnp.where(tokens >= 0, jnp.log1p(counts / total * 1e4), 0.0)
-    cell_max = jnp.max(values, axis=1, keepdims=True)
-    edges = cell_max[..., None] * (jnp.arange(num_levels + 1) / num_levels)  # [B, 1, levels+1]
-    levels = jnp.sum(edges < values[..., None], axis=-1).astype(jnp.int32)
-    # expressed genes in gene-set order reversed = descending token id (genes are ids in order)
-    order = jnp.argsort(jnp.where(tokens >= 0, -tokens, jnp.iinfo(jnp.int32).max), axis=1)
-    genes = jnp.take_along_axis(tokens, order, axis=1)
-    gene_levels = jnp.where(genes >= 0, jnp.take_along_axis(levels, order, axis=1), 0)
-    num_genes = jnp.sum(genes >= 0, axis=1)
+    batch_size = batch["gene_ids"].shape[0]
+    genes, gene_levels, num_genes = expressed_gene_tokens(batch, tables, num_levels)
 
     def obs_tokens(columns):
         if not columns:

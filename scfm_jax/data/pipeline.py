@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import threading
 
 import numpy as np
@@ -24,6 +25,32 @@ from scfm_jax.data.host_ops import smallest_bucket
 from scfm_jax.data.store import CellStore
 
 _EPOCH, _WINDOW, _SUBSAMPLE = 0x45504F43, 0x57494E44, 0x53554253   # rng stream tags
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchField:
+    """One field of a pipeline batch: one value per cell, or one per padded expressed gene."""
+    dtype: str
+    per_gene: bool = False   # [B, K] (K: the batch's padded length) rather than [B]
+    on_host: bool = False    # bookkeeping that stays on the host; the device step never sees it
+
+    def shape(self, rows: int, length: int) -> tuple[int, ...]:
+        return (rows, length) if self.per_gene else (rows,)
+
+
+def batch_schema(pipeline_class: type["Pipeline"] | None = None, obs_keys=()
+                 ) -> dict[str, BatchField]:
+    """name -> field of the batches `pipeline_class` (default `Pipeline`) returns with these
+    `obs_keys`: the one description of a batch that training, the plan and inference share."""
+    pipeline_class = pipeline_class or Pipeline
+    return {**pipeline_class.FIELDS, **{f"obs/{key}": pipeline_class.OBS_FIELD for key in obs_keys}}
+
+
+def device_fields(batch: dict, pipeline_class: type["Pipeline"] | None = None) -> dict:
+    """The fields of a batch that go to the device (all but the schema's host-only ones)."""
+    fields = (pipeline_class or Pipeline).FIELDS
+    return {name: value for name, value in batch.items()
+            if not (name in fields and fields[name].on_host)}
 
 
 def split_cells(num_cells: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +81,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 class Pipeline:
     """Batches of a cell store for this process; `batch(step)` is pure in (seed, step)."""
+
+    # what `batch` returns (see `batch_schema`); `obs/<key>` for every obs key are OBS_FIELD
+    FIELDS = {"gene_ids": BatchField("int32", per_gene=True),     # store gene index, -1 pads
+              "counts": BatchField("float32", per_gene=True),     # raw counts, 0 in pads
+              "total_counts": BatchField("float32"),              # the cell's total, all genes
+              "num_nonzero": BatchField("int32"),                 # genes kept in the row
+              "cell_index": BatchField("int64", on_host=True)}    # store index of the cell
+    OBS_FIELD = BatchField("int32")                               # category code of an obs column
 
     def __init__(self, store: CellStore, *, global_batch_size: int, seed: int,
                  buckets=(64, 128, 256, 512), max_nonzero: int = 512, block_size: int = 64,

@@ -58,8 +58,10 @@ def _choose(logits, key, top_k: int, temperature: float, gamma: float):
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
 
 
-def _generate(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, max_new_tokens: int,
-              top_k: int, temperature: float, gamma: float):
+def generate_tokens(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, max_new_tokens: int,
+                    top_k: int, temperature: float, gamma: float):
+    """The jit-able core of `generate`: (tokens, levels, counts, embedding) as device arrays;
+    `ignore_mask` [vocab] bool bans tokens."""
     batch, width = ids.shape
     vocab = model.cfg.vocab_size
     max_level = model.cfg.expression_level
@@ -112,7 +114,7 @@ def _generate(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, max_new
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k",
                                              "temperature", "gamma"))
 def _generate_jit(graphdef, state, ids, levels, lengths, key, ignore_mask, **kwargs):
-    return _generate(nnx.merge(graphdef, state), ids, levels, lengths, key, ignore_mask, **kwargs)
+    return generate_tokens(nnx.merge(graphdef, state), ids, levels, lengths, key, ignore_mask, **kwargs)
 
 
 def generate(model: ScMulan, ids, levels, lengths, *, max_new_tokens: int, top_k: int = 1,

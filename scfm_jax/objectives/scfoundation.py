@@ -3,8 +3,8 @@
 The data pipeline's sparse batches (`gene_ids` [B, K] padded with -1, raw `counts` [B, K],
 `total_counts` [B], `num_nonzero` [B]) become model inputs here: `inference_inputs` (normalisation
 and the T/S tokens of `get_embedding.py`) and `pretraining_inputs` (read-depth-aware downsampling
-and masking); `pretraining_loss` is the masked MSE the train loop differentiates, and `OBJECTIVE`
-is what the loop needs from scFoundation.
+and masking); `pretraining_loss` is the masked MSE the train loop differentiates, `embed_cells` the
+cell embedding, and `OBJECTIVE` what training, the plan and inference need from scFoundation.
 """
 import re
 
@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from scfm_jax.data.vocabulary import Vocabulary, load_vocabulary
 from scfm_jax.models import performer
-from scfm_jax.models.scfoundation import ScFoundation
-from scfm_jax.objectives.objective import Objective
+from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
+from scfm_jax.objectives.objective import Objective, OfficialCheckpoint, OfficialModel
 
 NORMALIZATION_TARGET = 1e4  # get_embedding.py: log1p(x / total * 1e4)
 
@@ -245,7 +246,63 @@ def redraw_interval(model_config) -> int:
     return int(decoder.get("redraw_interval", 0))
 
 
+def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config as a plan compiles it: only `model.num_genes` comes from a store, and a plan needs
+    it set."""
+    if config.model.get("num_genes") in (-1, None):
+        raise ValueError("config.model.num_genes is -1 (taken from a store): pass "
+                         "--config.model.num_genes=N (19264 for the released vocabulary)")
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def embed_cells(model: ScFoundation, batch, objective_config=None) -> jax.Array:
+    """Cell embeddings [B, 4 * width] of a pipeline batch as get_embedding.py computes them (raw
+    counts normalised, T = 4, S = log10 of the total; pooling `all`)."""
+    inputs = inference_inputs(batch, num_genes=model.num_genes, pad_value=model.pad_value)
+    encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
+                           inputs["encoder_padding_mask"])
+    return pool_cell_embeddings(encoded, inputs["encoder_lengths"])
+
+
+OFFICIAL_GENES = 19264   # genes of the released checkpoints (the "scfoundation" vocabulary)
+
+
+def official_vocabulary(vocabulary, num_genes: int, path) -> Vocabulary:
+    """The gene vocabulary of an official checkpoint of `num_genes` genes: `vocabulary` (a
+    Vocabulary, a name or a file), by default the released 19,264-gene list."""
+    if vocabulary is None:
+        if num_genes != OFFICIAL_GENES:
+            raise ValueError(f"{path} has {num_genes} genes, not the released {OFFICIAL_GENES}; "
+                             "pass the vocabulary it was trained with: "
+                             "load(path, vocabulary='genes.tsv')")
+        vocabulary = "scfoundation"
+    if not isinstance(vocabulary, Vocabulary):
+        vocabulary = load_vocabulary(vocabulary)
+    if len(vocabulary) != num_genes:
+        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
+                         f"checkpoint's model has {num_genes} ({path}); pass the vocabulary the "
+                         "checkpoint was trained with (a gene_name<TAB>index file)")
+    return vocabulary
+
+
+def load_official(path, *, key: str | None = None, vocabulary=None) -> OfficialModel:
+    """One weight set (`key`: cell, the default, gene or rde) of an official `models.ckpt`."""
+    from scfm_jax.interop.scfoundation_torch import load_official_checkpoint
+
+    key = key or "cell"
+    model_config, model = load_official_checkpoint(path, key)
+    return OfficialModel(model_config, model, official_vocabulary(vocabulary, model.num_genes, path),
+                         weight_set=key)
+
+
+OFFICIAL_CHECKPOINT = OfficialCheckpoint(
+    description="an official scFoundation checkpoint (keys gene/cell/rde)",
+    recognises=lambda keys: bool(keys & {"gene", "cell", "rde"}) or {"config", "state_dict"} <= keys,
+    load=load_official)
+
 OBJECTIVE = Objective(
     name="scfoundation", build_model=ScFoundation, loss=pretraining_loss,
     resolve_config=resolve_config, weight_metric="masked_positions",
-    refresh_buffers=performer.redraw_features, refresh_interval=redraw_interval)
+    refresh_buffers=performer.redraw_features, refresh_interval=redraw_interval,
+    plan_config=plan_config, embed=embed_cells, embedding_key="X_scfoundation",
+    official_checkpoint=OFFICIAL_CHECKPOINT)

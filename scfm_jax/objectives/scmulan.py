@@ -1,8 +1,9 @@
 """scMulan's pretraining objective: token set from the store, c-sentences, and the loss.
 
 The c-sentences are built on the device by `scfm_jax.data.cell_sentence.build_sentences`, one
-sampled task per cell (annotation, organ or generation); `OBJECTIVE` is what the train loop needs
-from scMulan.
+sampled task per cell (annotation, organ or generation); `embed_cells` is the cell embedding of
+`annotate` on a pipeline batch, and `OBJECTIVE` what training, the plan and inference need from
+scMulan.
 """
 import functools
 from collections.abc import Mapping
@@ -14,9 +15,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from scfm_jax.data.cell_sentence import SentenceTables, TokenSet, build_sentences, obs_token_table
+from scfm_jax.data.cell_sentence import (CELL_TYPE_TASK, SentenceTables, TokenSet, build_sentences,
+                                         expressed_gene_tokens, obs_token_table)
+from scfm_jax.data.vocabulary import Vocabulary, load_vocabulary
+from scfm_jax.models import generation
 from scfm_jax.models.scmulan import ScMulan
-from scfm_jax.objectives.objective import Objective
+from scfm_jax.objectives.objective import Objective, OfficialCheckpoint, OfficialModel
 
 # The original training code is not released; SPEC.md II.4 infers the criterion
 # `Masked_BCE_logits_loss_ignore_prefix_pretrain(BCEWithLogitsLoss, MSELoss)`. Our reading of it:
@@ -26,7 +30,8 @@ from scfm_jax.objectives.objective import Objective
 # loss. Greedy decoding with the ban on emitted tokens then walks through that set.
 
 
-def _objective_columns(objective) -> list[str]:
+def objective_columns(objective) -> list[str]:
+    """The obs columns the objective reads (metadata, cell types, organs), each once."""
     return list(dict.fromkeys([*objective.metadata_columns, *objective.cell_type_columns,
                                *objective.organ_columns]))
 
@@ -54,7 +59,7 @@ def resolve_config(config, store):
     folder), `model.vocab_size`, the gene-set-to-store table and `data.obs_keys`."""
     config = ml_collections.ConfigDict(config.to_dict())
     objective = config.objective
-    columns = _objective_columns(objective)
+    columns = objective_columns(objective)
     categories = {c: tuple(map(str, store.obs_categories(c))) for c in columns}
     if objective.token_set:
         token_set = TokenSet.from_folder(objective.token_set)
@@ -67,11 +72,19 @@ def resolve_config(config, store):
     if config.model.vocab_size not in (-1, None, len(token_set)):
         raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the token set "
                          f"has {len(token_set)} tokens; set it to -1 to take the token set's")
+    return _with_token_set(config, token_set, tables, categories)
+
+
+def _with_token_set(config, token_set: TokenSet, tables: SentenceTables, categories: dict):
+    """`config` (changed in place) with the token set's fields: vocab size, gene set, its
+    positions in the store's genes, the categories and the obs keys the pipeline must read."""
+    objective = config.objective
     config.model.vocab_size = len(token_set)
     objective.gene_set = tuple(token_set.genes)
     objective.gene_positions = tuple(int(p) for p in tables.gene_positions)
-    objective.categories = ml_collections.ConfigDict({c: v for c, v in categories.items()})
-    config.data.obs_keys = tuple(dict.fromkeys([*config.data.get("obs_keys", ()), *columns]))
+    objective.categories = ml_collections.ConfigDict(dict(categories))
+    config.data.obs_keys = tuple(dict.fromkeys([*config.data.get("obs_keys", ()),
+                                                *objective_columns(objective)]))
     return config
 
 
@@ -90,7 +103,7 @@ def sentence_tables(objective):
     if not objective.get("gene_positions"):
         raise ValueError("config.objective has no gene_positions: the config was not resolved "
                          "against the store (scfm_jax.objectives.scmulan.resolve_config)")
-    categories = tuple((c, tuple(objective.categories[c])) for c in _objective_columns(objective))
+    categories = tuple((c, tuple(objective.categories[c])) for c in objective_columns(objective))
     return _cached_tables(objective.token_set, tuple(objective.gene_set),
                           tuple(objective.gene_positions), categories,
                           tuple(objective.metadata_columns), tuple(objective.cell_type_columns),
@@ -145,5 +158,58 @@ def pretraining_loss(model: ScMulan, batch: Mapping[str, jax.Array], key: jax.Ar
     return sentence_loss(model, sentences, objective.mse_weight)
 
 
+def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with a token set of the configured size (genes G0..Gn, two categories per
+    objective column) in place of one built from a store: the same shapes for a plan."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    objective = config.objective
+    columns = objective_columns(objective)
+    categories = {column: ("a", "b") for column in columns}
+    genes = [f"G{i}" for i in range(int(objective.num_genes))]
+    token_set = TokenSet.build(genes, categories, objective.cell_type_columns)
+    tables = SentenceTables.create(token_set, genes, categories, objective.metadata_columns,
+                                   objective.cell_type_columns, objective.organ_columns)
+    vocab_size = config.model.vocab_size
+    config = _with_token_set(config, token_set, tables, categories)
+    if vocab_size not in (-1, None):   # a configured vocabulary size stands in a plan
+        config.model.vocab_size = vocab_size
+    return config
+
+
+def embed_cells(model: ScMulan, batch: Mapping[str, jax.Array], objective) -> jax.Array:
+    """Cell embeddings [B, D] of a pipeline batch as `annotate` computes them: the prompt
+    `expressed genes + <PCT>`, three greedy tokens generated, the official embedding read."""
+    tables = sentence_tables(objective)
+    genes, levels, count = expressed_gene_tokens(batch, tables, model.cfg.expression_level)
+    cells, width = genes.shape[0], genes.shape[1] + 1
+    position = jnp.arange(width)[None, :]
+    count = count[:, None]
+    ids = jnp.where(position < count, jnp.pad(jnp.maximum(genes, 0), ((0, 0), (0, 1))), 0)
+    ids = jnp.where(position == count, tables.token_set.id(CELL_TYPE_TASK), ids)
+    levels = jnp.where(position < count, jnp.pad(levels, ((0, 0), (0, 1))), 0)
+    *_, embedding = generation.generate_tokens(
+        model, ids.astype(jnp.int32), levels.astype(jnp.int32), (count[:, 0] + 1).astype(jnp.int32),
+        jax.random.key(0), jnp.zeros((model.cfg.vocab_size,), bool), max_new_tokens=3, top_k=1,
+        temperature=1.0, gamma=1.0)
+    return embedding.astype(jnp.float32)
+
+
+def load_official(path, *, key: str | None = None, vocabulary=None) -> OfficialModel:
+    """An official scMulan `.pt` (`{'model_args', 'model'}`; one weight set, so `key` is not
+    used); `vocabulary`: the symbol list its genes are aligned through, if given."""
+    from scfm_jax.interop.scmulan_torch import load_official_checkpoint
+
+    model_config, model = load_official_checkpoint(path)
+    if vocabulary is not None and not isinstance(vocabulary, Vocabulary):
+        vocabulary = load_vocabulary(vocabulary)
+    return OfficialModel(model_config, model, vocabulary)
+
+
+OFFICIAL_CHECKPOINT = OfficialCheckpoint(
+    description="an scMulan checkpoint (keys model_args/model)",
+    recognises=lambda keys: {"model_args", "model"} <= keys, load=load_official)
+
 OBJECTIVE = Objective(name="scmulan", build_model=ScMulan, loss=pretraining_loss,
-                      resolve_config=resolve_config, weight_metric="loss_positions")
+                      resolve_config=resolve_config, weight_metric="loss_positions",
+                      plan_config=plan_config, embed=embed_cells, embedding_key="X_scmulan",
+                      official_checkpoint=OFFICIAL_CHECKPOINT)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from scfm_jax.data.pipeline import Pipeline, split_cells
+from scfm_jax.data.pipeline import Pipeline, device_fields, split_cells
 from scfm_jax.data.store import CellStore
 from scfm_jax.objectives import get_objective
 from scfm_jax.train import config_checks, partitioning
@@ -29,8 +29,6 @@ from scfm_jax.train import workdir as workdir_lib
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
 from scfm_jax.train.state import Trainer, cached_trainer
-
-HOST_ONLY_FIELDS = ("cell_index",)  # pipeline fields that stay on the host (int64 bookkeeping)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -44,8 +42,7 @@ def resolve_config(config: ml_collections.ConfigDict, store: CellStore) -> ml_co
 
 
 def host_to_device(local_batch: dict, trainer: Trainer) -> dict:
-    device_fields = {k: v for k, v in local_batch.items() if k not in HOST_ONLY_FIELDS}
-    return partitioning.global_batch(device_fields, trainer.mesh, trainer.rules)
+    return partitioning.global_batch(device_fields(local_batch), trainer.mesh, trainer.rules)
 
 
 def make_pipelines(config: ml_collections.ConfigDict, store: CellStore

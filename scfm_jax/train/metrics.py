@@ -1,5 +1,6 @@
 """Training metrics: TensorBoard event files (tensorboardX, no TensorFlow), a JSON-lines log, and
-the device peak FLOP/s that MFU is measured against.
+the device peak FLOP/s that MFU is measured against (the data sheet's, from `train.chips`, or a
+measured matmul for chips it does not know).
 
 Only process 0 writes. A resumed run appends to the same files; readers keep the last record of a
 step (`read_metrics`), since steps after the last checkpoint of a killed run are logged twice.
@@ -13,14 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense matmul peaks per chip (FLOP/s) for the dtypes training uses, from the vendors' data sheets.
-_KNOWN_PEAKS = {
-    ("tpu v4", "bfloat16"): 275e12, ("tpu v5 lite", "bfloat16"): 197e12,
-    ("tpu v5e", "bfloat16"): 197e12, ("tpu v5p", "bfloat16"): 459e12,
-    ("tpu v6 lite", "bfloat16"): 918e12, ("tpu v6e", "bfloat16"): 918e12,
-    ("nvidia h100", "bfloat16"): 989e12, ("nvidia h200", "bfloat16"): 989e12,
-    ("nvidia a100", "bfloat16"): 312e12, ("nvidia a100", "float32"): 19.5e12,
-}
+from scfm_jax.train import chips
 
 
 class MetricsWriter:
@@ -80,10 +74,9 @@ def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5,
 @functools.lru_cache(maxsize=None)
 def device_peak_flops(dtype_name: str) -> tuple[float, str]:
     """(peak FLOP/s per device, where the number comes from) for the first local device."""
-    kind = jax.local_devices()[0].device_kind.lower()
-    for (name, dtype), peak in _KNOWN_PEAKS.items():
-        if kind.startswith(name) and dtype == dtype_name:
-            return peak, "data sheet"
+    peak = chips.published_peak_flops(jax.local_devices()[0].device_kind, dtype_name)
+    if peak is not None:
+        return peak, "data sheet"
     return measure_matmul_peak(jnp.dtype(dtype_name)), "measured matmul"
 
 

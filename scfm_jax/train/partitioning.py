@@ -43,16 +43,16 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
-    """A mesh over `devices` (default: every device of every process).
+    """A mesh over `devices` (default: every device of every process), laid out along the
+    physical axes of their slice: real devices and libtpu's compile-only topology devices alike
+    (`jax.make_mesh` reads their coordinates), so the plan compiles the layout training runs on.
 
     Axes are Auto so `with_sharding_constraint` on logical names works inside the model.
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def logical_rules(config) -> tuple[tuple[str, object], ...]:

@@ -23,42 +23,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import AxisType
 
-from scfm_jax.train import config_checks, partitioning
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    name: str
-    hbm_bytes: float          # HBM per chip
-    peak_flops: float         # dense bf16 matmul FLOP/s per chip
-    hbm_bandwidth: float      # bytes/s per chip
-    source: str
+from scfm_jax.train import chips, config_checks, partitioning
+from scfm_jax.train.chips import GiB, Chip
 
 
-GiB = 2**30
-# Published per-chip figures (the vendors' system-architecture pages, read 2026-12).
-CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
-}
-# GPUs, for `train --dry-run` and benchmarks/bench_gpu.sh: SXM parts, dense bf16 (the data
-# sheets quote twice that with 2:4 sparsity).
-GPUS = {
-    "nvidia h200": Chip("NVIDIA H200", 141e9, 989e12, 4.8e12,
-                        "https://www.nvidia.com/en-us/data-center/h200/"),
-    "nvidia h100": Chip("NVIDIA H100", 80e9, 989e12, 3.35e12,
-                        "https://www.nvidia.com/en-us/data-center/h100/"),
-    "nvidia a100": Chip("NVIDIA A100 80GB", 80e9, 312e12, 2.039e12,
-                        "https://www.nvidia.com/en-us/data-center/a100/"),
-}
-# jax's device_kind of each chip (compile-only devices report the same)
-DEVICE_KINDS = {"tpu v4": CHIPS["v4"], "tpu v5 lite": CHIPS["v5e"], "tpu v5e": CHIPS["v5e"],
-                "tpu v5p": CHIPS["v5p"], "tpu v5": CHIPS["v5p"], "tpu v6 lite": CHIPS["v6e"],
-                "tpu v6e": CHIPS["v6e"], **GPUS}
 # Slice shapes by chip count. v5e and v6e slices are named by chips (v5e-8: 8 chips, 2x4); v4 and
 # v5p by TensorCores, two per chip, which the compiler joins as one "megacore" device (v5p-8:
 # 4 chips, 2x2x1). The shapes are the ones Cloud TPU offers (the pages above).
@@ -74,13 +43,13 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 @dataclasses.dataclass(frozen=True)
 class Topology:
     name: str                 # what the user typed
-    generation: str           # key of CHIPS
+    generation: str           # key of chips.TPUS
     topology_name: str        # what libtpu accepts, e.g. v5e:2x4
     num_chips: int
 
     @property
     def chip(self) -> Chip:
-        return CHIPS[self.generation]
+        return chips.TPUS[self.generation]
 
 
 def parse_topology(name: str) -> Topology:
@@ -127,22 +96,6 @@ def topology_devices(topology: Topology) -> list:
         dims = [int(d) for d in topology.topology_name.split(":")[1].split("x")]
         options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
     return list(topologies.get_topology_desc(topology.topology_name, "tpu", **options).devices)
-
-
-def chip_of_devices(devices) -> Chip | None:
-    """The published figures of these devices' chip; None for CPUs and unknown kinds."""
-    kind = devices[0].device_kind.lower()
-    for prefix, chip in sorted(DEVICE_KINDS.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(prefix):
-            return chip
-    return None
-
-
-def make_mesh(mesh_config, devices) -> jax.sharding.Mesh:
-    """The train loop's mesh over `devices`, laid out along the slice's physical axes."""
-    shape = partitioning.mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(shape, partitioning.MESH_AXES, devices=devices,
-                         axis_types=(AxisType.Auto,) * len(partitioning.MESH_AXES))
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -271,67 +224,43 @@ def analyse(compiled, row: PlanRow) -> PlanRow:
 
 # ---------------------------------------------------------------------------------- the steps
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_batch: int) -> dict:
-    """The train loop's device batch (the pipeline's fields but `cell_index`) as sharded shapes."""
-    fields = {"gene_ids": ((global_batch, bucket), jnp.int32),
-              "counts": ((global_batch, bucket), jnp.float32),
-              "total_counts": ((global_batch,), jnp.float32),
-              "num_nonzero": ((global_batch,), jnp.int32)}
-    for key in config.data.get("obs_keys", ()):
-        fields[f"obs/{key}"] = ((global_batch,), jnp.int32)
+def abstract_batch(config: ml_collections.ConfigDict, mesh, bucket: int, global_batch: int,
+                   pipeline_class=None) -> dict:
+    """The train loop's device batch as sharded shapes: the pipeline's schema
+    (`data.pipeline.batch_schema`, `pipeline_class` default `Pipeline`) for the config's obs keys,
+    host-only fields left out, padded to `bucket`."""
+    from scfm_jax.data.pipeline import batch_schema
+
     rules = partitioning.logical_rules(config)
-    return {name: jax.ShapeDtypeStruct(shape, dtype,
-                                       sharding=partitioning.batch_sharding(mesh, len(shape),
-                                                                            rules))
-            for name, (shape, dtype) in fields.items()}
+    schema = batch_schema(pipeline_class, tuple(config.data.get("obs_keys", ())))
+    batch = {}
+    for name, field in schema.items():
+        if not field.on_host:
+            shape = field.shape(global_batch, bucket)
+            batch[name] = jax.ShapeDtypeStruct(
+                shape, jnp.dtype(field.dtype),
+                sharding=partitioning.batch_sharding(mesh, len(shape), rules))
+    return batch
 
 
 def plan_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config with the fields a store would fill in set from the config itself, so a plan
-    needs no store (scFoundation: `model.num_genes`; scMulan: a token set of the config's sizes)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.model.name == "scmulan":
-        return _synthetic_scmulan_config(config)
-    if config.model.get("num_genes") in (-1, None):
-        raise ValueError("config.model.num_genes is -1 (taken from a store): pass "
-                         "--config.model.num_genes=N (19264 for the released vocabulary)")
-    return config
+    needs no store (the model's objective says how: `Objective.plan_config`)."""
+    from scfm_jax.objectives import get_objective
+
+    objective = get_objective(config.model.name)
+    if objective.plan_config is None:
+        raise ValueError(f"model {config.model.name!r} cannot be planned without a store: its "
+                         "objective has no plan_config")
+    return objective.plan_config(config)
 
 
-def _synthetic_scmulan_config(config):
-    """scMulan's token set is built from a store; for a plan, one of the configured size (genes
-    G0..Gn, two categories per objective column) gives the same shapes."""
-    from scfm_jax.data.cell_sentence import SentenceTables, TokenSet
-    from scfm_jax.objectives import scmulan
-
-    objective = config.objective
-    columns = scmulan._objective_columns(objective)
-    categories = {column: ("a", "b") for column in columns}
-    genes = [f"G{i}" for i in range(int(objective.num_genes))]
-    token_set = TokenSet.build(genes, categories, objective.cell_type_columns)
-    tables = SentenceTables.create(token_set, genes, categories, objective.metadata_columns,
-                                   objective.cell_type_columns, objective.organ_columns)
-    if config.model.vocab_size in (-1, None):
-        config.model.vocab_size = len(token_set)
-    objective.gene_set = tuple(token_set.genes)
-    objective.gene_positions = tuple(int(p) for p in tables.gene_positions)
-    objective.categories = ml_collections.ConfigDict(categories)
-    config.data.obs_keys = tuple(dict.fromkeys([*config.data.get("obs_keys", ()), *columns]))
-    return config
-
-
-def embed_step(graphdef):
-    """(params, buffers, sparse batch) -> cell embeddings, as `scfm-jax embed` computes them
-    (scFoundation)."""
-    from scfm_jax.models.scfoundation import pool_cell_embeddings
-    from scfm_jax.objectives.scfoundation import inference_inputs
-
+def embed_step(graphdef, objective, objective_config):
+    """(params, buffers, batch) -> cell embeddings: the model's `Objective.embed`, as store-scale
+    inference runs it."""
     def embed(params, buffers, batch):
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, buffers))
-        inputs = inference_inputs(batch, num_genes=model.num_genes, pad_value=model.pad_value)
-        encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
-                               inputs["encoder_padding_mask"])
-        return pool_cell_embeddings(encoded, inputs["encoder_lengths"])
+        return objective.embed(model, batch, objective_config)
     return embed
 
 
@@ -341,12 +270,11 @@ def compile_step(trainer, step: str, bucket: int, global_batch: int):
     state = trainer.abstract_sharded_state()
     if step == "train":
         return trainer.compiled_train_step(state, batch), batch
-    if trainer.config.model.name != "scfoundation":
-        raise ValueError("--step embed: cell embedding is scFoundation's (scMulan: use --step train)")
-    batch = {k: v for k, v in batch.items() if k in ("gene_ids", "counts", "total_counts")}
-    jitted = jax.jit(embed_step(trainer.graphdef), in_shardings=(
-        trainer.state_sharding.params, trainer.state_sharding.buffers,
-        {k: v.sharding for k, v in batch.items()}))
+    if trainer.objective.embed is None:
+        raise ValueError(f"--step embed: model {trainer.objective.name!r} has no cell embedding")
+    jitted = jax.jit(embed_step(trainer.graphdef, trainer.objective, trainer.config.objective),
+                     in_shardings=(trainer.state_sharding.params, trainer.state_sharding.buffers,
+                                   {k: v.sharding for k, v in batch.items()}))
     with jax.set_mesh(trainer.mesh), nnx.logical_axis_rules(trainer.rules):
         return jitted.lower(state.params, state.buffers, batch).compile(), batch
 
@@ -358,7 +286,7 @@ def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", buck
     from scfm_jax.train.state import Trainer
 
     global_batch = int(global_batch or config.data.global_batch_size)
-    mesh = make_mesh(config.mesh, devices)
+    mesh = partitioning.make_mesh(config.mesh, devices)
     partitioning.check_batch_divisible(global_batch, mesh, config.train.grad_accum_steps,
                                        partitioning.logical_rules(config))
     trainer = Trainer(config, get_objective(config.model.name), mesh)
@@ -513,7 +441,7 @@ def format_largest_collectives(rows: list[PlanRow], n: int) -> str:
 def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
     """`scfm-jax train --dry-run`: the plan of the train loop's own Trainer (its mesh over the
     devices at hand), printed."""
-    chip = chip_of_devices(list(trainer.mesh.devices.flat))
+    chip = chips.chip_of_devices(list(trainer.mesh.devices.flat))
     rows = [plan_trainer_bucket(trainer, chip, bucket=int(b), global_batch=global_batch)
             for b in buckets]
     if jax.process_index() == 0:

@@ -19,7 +19,7 @@ from flax import nnx
 from scfm_jax.configs import scfoundation_tiny
 from scfm_jax.data import datasets, host_ops
 from scfm_jax.data.convert import convert
-from scfm_jax.data.pipeline import Pipeline, split_cells
+from scfm_jax.data.pipeline import Pipeline, device_fields, split_cells
 from scfm_jax.data.store import CellStore
 from scfm_jax.objectives import get_objective
 from scfm_jax.objectives.scfoundation import masked_mse, pretraining_inputs
@@ -81,7 +81,7 @@ def heldout_vs_baseline(config, workdir: Path, num_batches: int = 8) -> dict:
 
     totals = np.zeros(3)
     for index in range(num_batches):
-        batch = {k: jnp.asarray(v) for k, v in pipeline.batch(index).items() if k != "cell_index"}
+        batch = {k: jnp.asarray(v) for k, v in device_fields(pipeline.batch(index)).items()}
         model_mse, baseline_mse, weight = errors(model, batch, jax.random.key(10_000 + index))
         totals += np.array([float(model_mse) * float(weight), float(baseline_mse) * float(weight),
                             float(weight)])
