@@ -194,21 +194,14 @@ def _check_annotation(output, reference):
                                rtol=0)
 
 
-@pytest.mark.slow   # a minute of generation compiles on two cores
-def test_store_annotation_on_one_device_matches_the_anndata_path(scmulan, tmp_path):
+@pytest.mark.slow   # a minute of generation compiles on two cores per mesh
+@pytest.mark.parametrize("devices, chunk_cells", [(1, 4), (4, 3)])
+def test_store_annotation_matches_the_anndata_path(scmulan, tmp_path, devices, chunk_cells):
     assert list(scmulan["reference"].obs["cell_type_scmulan"]) == list(
         scmulan["expected"]["pred_cell_type"])
     scmulan_tasks.annotate_store(scmulan["annotator"], scmulan["store"], tmp_path / "types",
-                                 batch_size=4, chunk_cells=4, progress=False,
-                                 devices=jax.devices()[:1])
-    _check_annotation(tmp_path / "types", scmulan["reference"])
-
-
-@pytest.mark.slow
-def test_store_annotation_on_four_devices_matches_the_anndata_path(scmulan, tmp_path):
-    scmulan_tasks.annotate_store(scmulan["annotator"], scmulan["store"], tmp_path / "types",
-                                 batch_size=4, chunk_cells=3, progress=False,
-                                 devices=jax.devices()[:4])
+                                 batch_size=4, chunk_cells=chunk_cells, progress=False,
+                                 devices=jax.devices()[:devices])
     _check_annotation(tmp_path / "types", scmulan["reference"])
 
 
