@@ -2,6 +2,7 @@
 
     scfm-jax embed --checkpoint models.ckpt --input cells.h5ad --output embedded.h5ad
     scfm-jax embed --checkpoint models.ckpt --output-type gene --input cells.h5ad --output genes.zarr
+    scfm-jax embed --checkpoint runs/100m --store gs://bucket/store --output gs://bucket/embeddings
 
 The input's genes (var_names, `--gene-column`, or the csv's columns) are aligned with the
 vocabulary (missing genes as zeros, columns reordered, extra genes dropped). Outputs:
@@ -9,6 +10,8 @@ vocabulary (missing genes as zeros, columns reordered, extra genes dropped). Out
   gene, gene_batch a zarr array [cells, vocabulary genes, decoder width]; gene_batch runs all
                    cells as one batch (the key stabiliser spans them), as the official tool does
   gene_expression  an h5ad whose X is the predicted expression, var the vocabulary
+With `--store`, every device of every process embeds a cell store's cells into a resumable zarr
+output (docs/inference.md); `scfm_jax.analysis.store_inference.to_anndata` reads it back.
 """
 from __future__ import annotations
 
