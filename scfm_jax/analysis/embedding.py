@@ -25,7 +25,7 @@ from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data.host_ops import (COUNT_TOLERANCE, bucket_length, non_count_positions,
                                    padded_csr_rows)
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
-from scfm_jax.errors import InputError, UnknownName, UsageError
+from scfm_jax.errors import CheckpointError, InputError, MissingInput, UnknownName, UsageError
 from scfm_jax.objectives.scfoundation import inference_inputs
 
 def model_and_vocabulary(model, vocabulary: Vocabulary | None):
@@ -299,3 +299,147 @@ def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
     adata.uns[layer_added] = _settings(model, vocabulary, alignment, layer=str(layer),
                                        target=target, masked=masked,
                                        folds=folds if masked else None)
+
+
+# ------------------------------------------------------------------ files and stores (the CLI's API)
+
+OUTPUT_TYPES = ("cell", "gene", "gene_batch", "gene_expression")
+# get_embedding.py's --version: cell embeddings come from `cell`, gene modes from `gene`.
+DEFAULT_KEY = {"cell": "cell", "gene": "gene", "gene_batch": "gene", "gene_expression": "gene"}
+OBSM_KEY = "X_scfoundation"
+
+
+def load_scfoundation(checkpoint, *, key: str = "cell", step: int | None = None,
+                      vocabulary=None) -> LoadedModel:
+    """`load`, refusing anything but an scFoundation model with a pointer to `annotate`."""
+    from scfm_jax.analysis.loading import load
+
+    loaded = load(checkpoint, key=key, step=step, vocabulary=vocabulary)
+    if loaded.kind != "scfoundation":
+        raise CheckpointError(f"--checkpoint {checkpoint} is an scMulan checkpoint; `scfm-jax embed` runs "
+                         f"scFoundation models. Use `scfm-jax annotate --checkpoint {checkpoint}` "
+                         "for scMulan embeddings and cell types")
+    return loaded
+
+
+def read_cells(path, *, layer: str | None = None, pre_normalized: str = "F"):
+    """(AnnData with the matrix to embed in X, the raw totals of `pre_normalized='A'` or None)
+    from an h5ad (X, a layer, or 'raw') or a csv with cells as rows, genes as columns."""
+    from scfm_jax.data.anndata_io import read_csv_matrix, read_h5ad
+
+    path = Path(path)
+    if path.suffix == ".h5ad":
+        adata = read_h5ad(path)
+        if layer is not None:
+            matrix, var, _ = matrix_source(adata, layer)
+            adata = anndata.AnnData(matrix, obs=adata.obs, var=var, obsm=dict(adata.obsm),
+                                    uns=dict(adata.uns))
+    elif path.suffix == ".csv":
+        if not path.is_file():
+            raise MissingInput(f"--input {path}: no such file")
+        adata = read_csv_matrix(path)
+    else:
+        raise InputError(f"--input {path}: expected a .h5ad or .csv file")
+    if adata.n_obs == 0:
+        raise InputError(f"--input {path} holds no cells")
+    totals = None
+    if pre_normalized == "A":
+        last = adata.X[:, -1]
+        totals = np.asarray(last.toarray() if sp.issparse(last) else last, np.float64).ravel()
+        adata = adata[:, :-1].copy()
+    return adata, totals
+
+
+def embed_file(model: LoadedModel, adata: anndata.AnnData, output, *, totals=None,
+               output_type: str = "cell", pool: str = "all", tgthighres: str = "t4",
+               pre_normalized: str = "F", input_type: str = "singlecell",
+               batch_size: int | None = None, gene_column: str | None = None,
+               min_coverage: float = 0.5, progress: bool = True) -> Path:
+    """`get_embedding.py` on a file's cells, written atomically to `output`:
+      cell             the cells (h5ad) with obsm["X_scfoundation"]
+      gene, gene_batch a zarr array [cells, vocabulary genes, decoder width]; gene_batch runs all
+                       cells as one batch (the key stabiliser spans them), as the official tool does
+      gene_expression  an h5ad whose X is the predicted expression, var the vocabulary
+    """
+    import pandas as pd
+    import zarr
+
+    from scfm_jax.analysis.output_checks import require_finite_array
+    from scfm_jax.data.anndata_io import atomic_output, check_writable, write_h5ad
+    from scfm_jax.output_safety import OWNER_KEY, owner_record
+
+    output = Path(output)
+    suffix = ".zarr" if output_type in ("gene", "gene_batch") else ".h5ad"
+    if output.suffix != suffix:
+        raise UsageError(f"--output-type {output_type} writes a{' zarr array' if suffix == '.zarr' else 'n h5ad file'}; name the output *{suffix} (got {output})")
+    if suffix == ".h5ad":
+        check_writable(adata, output.absolute().parent)
+    net, vocabulary = model.model, model.vocabulary
+    matrix, _ = aligned_matrix(adata, vocabulary, gene_column=gene_column,
+                               min_coverage=min_coverage, counts_expected=False)
+    if totals is not None:
+        matrix = sp.hstack([matrix, sp.csr_matrix(totals[:, None])], format="csr")
+    options = dict(tgthighres=tgthighres, pre_normalized=pre_normalized, input_type=input_type,
+                   cell_names=list(adata.obs_names), progress=progress)
+    settings = {"checkpoint": model.source, "key": model.key, "output_type": output_type,
+                "tgthighres": tgthighres, "pre_normalized": pre_normalized,
+                "input_type": input_type, "vocabulary": vocabulary.name}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    with atomic_output(output) as temporary:
+        if output_type == "cell":
+            embeddings = inference.cell_embeddings(net, matrix, pool=pool,
+                                                   batch_size=batch_size or 16, **options)
+            require_finite(embeddings, adata.obs_names, f"{OBSM_KEY} of {model.source}")
+            adata.obsm[OBSM_KEY] = embeddings
+            adata.uns["scfoundation"] = dict(settings, pool=pool)
+            adata.uns[OWNER_KEY] = owner_record("embed")
+            write_h5ad(adata, temporary)
+        elif output_type == "gene_expression":
+            predicted = inference.predicted_expression(net, matrix, batch_size=batch_size or 4,
+                                                       **options)
+            require_finite(predicted, adata.obs_names, f"expression predicted by {model.source}")
+            result = anndata.AnnData(predicted, obs=adata.obs.copy(),
+                                     var=pd.DataFrame(index=pd.Index(vocabulary.symbols,
+                                                                     name="gene_name")))
+            result.uns["scfoundation"] = settings
+            result.uns[OWNER_KEY] = owner_record("embed")
+            write_h5ad(result, temporary)
+        else:
+            width = net.decoder_norm.num_features
+            array = zarr.open_array(str(temporary), mode="w", dtype="float32",
+                                    shape=(adata.n_obs, net.num_genes, width),
+                                    chunks=(1, net.num_genes, width))
+            array.attrs.update(dict(settings, cells=list(map(str, adata.obs_names)),
+                                    genes=list(vocabulary.symbols),
+                                    **{OWNER_KEY: owner_record("embed")}))
+            whole = output_type == "gene_batch"
+            inference.gene_embeddings(net, matrix, batch_size=adata.n_obs if whole else
+                                      batch_size or 4, stabilizer_scope="batch" if whole else
+                                      "cell", out=array, **options)
+            require_finite_array(array, adata.obs_names, f"gene embeddings of {model.source}")
+    return output
+
+
+def embed_store(model: LoadedModel, store, output, *, selection=None, tgthighres: str = "t4",
+                pool: str = "all", pre_normalized: str = "F", min_coverage: float = 0.5,
+                batch_size: int | None = None, chunk_cells: int = 4096, overwrite: bool = False,
+                progress: bool = True, devices=None) -> dict:
+    """Cell embeddings of a whole cell store (or a `store_inference.Selection` of it) on every
+    device of every process, into a resumable zarr output `[cells, width]` (see
+    `store_inference`); returns the run's summary. Bring them back with
+    `store_inference.to_anndata`."""
+    from scfm_jax.analysis import store_inference
+    from scfm_jax.data.store import CellStore
+
+    store = store if isinstance(store, CellStore) else CellStore.open(store)
+    model_, vocabulary = model_and_vocabulary(model, None)
+    task = inference.store_cell_task(model_, vocabulary, store.vocabulary, tgthighres=tgthighres,
+                                     pool=pool, pre_normalized=pre_normalized,
+                                     min_coverage=min_coverage)
+    return store_inference.run(
+        task, store, str(output), selection=selection or store_inference.Selection(),
+        checkpoint=store_inference.checkpoint_identity(model.source, model.step, model.key),
+        config=model.config, options=dict(tgthighres=tgthighres, pool=pool,
+                                          pre_normalized=pre_normalized),
+        batch_size=batch_size, chunk_cells=chunk_cells, overwrite=overwrite, progress=progress,
+        devices=devices)

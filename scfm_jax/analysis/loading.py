@@ -133,8 +133,6 @@ def checkpoint_kind(path: Path) -> str:
                      + f". Its top-level keys are {sorted(keys)}")
 
 
-# the name `scfm-jax embed`/`annotate` import until they move onto the public one
-_checkpoint_kind = checkpoint_kind
 
 
 def load(path: str | Path, *, key: str | None = None, step: int | None = None,

@@ -133,17 +133,25 @@ def _num_batches(csr, num_genes, batch_size, single_bucket) -> int:
     return sum(-(-int(np.sum(buckets == b)) // batch_size) for b in np.unique(buckets))
 
 
+def cell_forward(model: ScFoundation, batch, *, tgthighres, normalize, log_total, pool):
+    """Pooled encoder embeddings of a padded batch (traced; the one cell-embedding forward)."""
+    inputs = inference_inputs(batch, num_genes=model.num_genes, tgthighres=tgthighres,
+                              normalize=normalize, log_total=log_total, pad_value=model.pad_value)
+    encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
+                           inputs["encoder_padding_mask"])
+    return pool_cell_embeddings(encoded, inputs["encoder_lengths"], pool)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "output", "num_genes", "tgthighres",
                                              "normalize", "log_total", "pool", "stabilizer_scope"))
 def _forward(graphdef, state, batch, *, output, num_genes, tgthighres, normalize, log_total, pool,
              stabilizer_scope):
     model = nnx.merge(graphdef, state)
+    if output == "cell":
+        return cell_forward(model, batch, tgthighres=tgthighres, normalize=normalize,
+                            log_total=log_total, pool=pool)
     inputs = inference_inputs(batch, num_genes=num_genes, tgthighres=tgthighres,
                               normalize=normalize, log_total=log_total, pad_value=model.pad_value)
-    if output == "cell":
-        encoded = model.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
-                               inputs["encoder_padding_mask"])
-        return pool_cell_embeddings(encoded, inputs["encoder_lengths"], pool)
     result = model(inputs["encoder_values"], inputs["encoder_gene_ids"],
                    inputs["encoder_padding_mask"], inputs["decoder_values"],
                    output="embedding" if output == "gene" else "expression",
@@ -220,3 +228,64 @@ def predicted_expression(model: ScFoundation, counts, *, tgthighres: str = "t4",
                 pre_normalized=pre_normalized, input_type=input_type, batch_size=batch_size,
                 stabilizer_scope=stabilizer_scope, out=out, cell_names=cell_names,
                 progress=progress, description="predicted expression")
+
+
+def store_cell_task(model: ScFoundation, vocabulary, store_vocabulary, *, tgthighres: str = "t4",
+                    pool: str = "all", pre_normalized: str = "F", min_coverage: float = 0.5):
+    """The cell-embedding task of `store_inference.run`: a store's rows (on `store_vocabulary`)
+    aligned onto the model's `vocabulary`, bucketed as `cell_embeddings` does, pooled embeddings
+    out."""
+    from scfm_jax.analysis.store_inference import StoreTask
+    from scfm_jax.data.vocabulary import align_genes
+
+    if pool not in ("all", "max"):
+        raise ValueError(f"pool must be 'all' or 'max', got {pool!r}")
+    if pre_normalized == "A":
+        raise ValueError("pre_normalized='A' needs a total-count column, which a store does not "
+                         "have; a store holds counts (F) or normalised values (T)")
+    num_genes = model.num_genes
+    same_genes = tuple(store_vocabulary.symbols) == tuple(vocabulary.symbols)
+    alignment = None if same_genes else align_genes(list(store_vocabulary.symbols), vocabulary)
+    # what `prepare` decides for single cells: counts (F) are normalised on the device
+    options = dict(normalize=pre_normalized == "F", log_total=True)
+
+    def prepare_rows(rows, cells):
+        csr = rows.to_csr(len(store_vocabulary))
+        if alignment is not None:
+            csr = alignment.apply(csr, min_fraction=min_coverage)
+        csr, totals, _ = prepare(csr, num_genes, pre_normalized=pre_normalized,
+                                 cell_names=[f"store cell {c}" for c in cells])
+        items = [(csr.indices[csr.indptr[i]:csr.indptr[i + 1]],
+                  csr.data[csr.indptr[i]:csr.indptr[i + 1]], totals[i])
+                 for i in range(csr.shape[0])]
+        return items, [bucket_length(len(genes), num_genes) for genes, _, _ in items]
+
+    def batch(items, width):
+        gene_ids = np.full((len(items), width), -1, np.int32)
+        counts = np.zeros((len(items), width), np.float32)
+        for row, (genes, values, _) in enumerate(items):
+            gene_ids[row, :len(genes)] = genes
+            counts[row, :len(genes)] = values
+        totals = np.array([total for _, _, total in items], np.float32)
+        return {"gene_ids": gene_ids, "counts": counts, "total_counts": totals}
+
+    def forward(model, batch):
+        return {"embedding": cell_forward(model, batch, tgthighres=tgthighres, pool=pool,
+                                          **options)}
+
+    dims = _cell_embedding_width(model, pool)
+    widths = sorted({bucket_length(n, num_genes) for n in range(1, num_genes + 1)})
+    return StoreTask(
+        name="embed", model=model, arrays={"embedding": ((dims,), "float32")}, widths=widths,
+        prepare=prepare_rows, batch=batch, dummy=lambda width: (np.zeros(1, np.int32),
+                                                                 np.ones(1, np.float32), 1.0),
+        forward=forward, finish=lambda items, out: out,
+        attributes={"obsm_key": "X_scfoundation"})
+
+
+def _cell_embedding_width(model: ScFoundation, pool: str) -> int:
+    probe = jax.eval_shape(lambda m: cell_forward(
+        m, {"gene_ids": jnp.zeros((1, 32), jnp.int32), "counts": jnp.ones((1, 32)),
+            "total_counts": jnp.ones((1,))}, tgthighres="t4", normalize=True, log_total=True,
+        pool=pool), model)
+    return int(probe.shape[-1])

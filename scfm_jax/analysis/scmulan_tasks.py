@@ -8,10 +8,13 @@ the final-LayerNorm output the official code reads (`hidden_states[-1][0, -2]`).
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Sequence
 
 import anndata
 import jax
+import ml_collections
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data import cell_sentence, host_ops
 from scfm_jax.data.cell_sentence import TokenSet
-from scfm_jax.errors import InputError, UsageError
+from scfm_jax.errors import CheckpointError, InputError, MissingCheckpoint, UnknownName, UsageError
 from scfm_jax.models import generation
 from scfm_jax.models.scmulan import ScMulan
 
@@ -185,3 +188,192 @@ def smooth_cell_types(adata: anndata.AnnData, *, type_key: str = "cell_type_scmu
     adata.obs[type_key + "_smoothed"] = pd.Categorical(smoothed)
     adata.obs[type_key + "_smoothing_score"] = scores
     return adata
+
+
+def cell_type_categories(token_set: TokenSet) -> list[str]:
+    """The labels annotation can give, in a fixed order (the codes of a store output)."""
+    return sorted(token_set.cell_type_terms - {UNCLASSIFIED}) + [UNCLASSIFIED]
+
+
+def store_annotation_task(model: ScMulan, token_set: TokenSet, store_vocabulary, *,
+                          counts: bool = False):
+    """The annotation task of `store_inference.run`: a store's rows (on `store_vocabulary`, which
+    must name scMulan's gene-set symbols) to prompts, bucketed by prompt length as `annotate`
+    does; fine and coarse types (codes into `cell_type_categories`) and embeddings out."""
+    from scfm_jax.analysis.store_inference import StoreTask
+
+    columns = pd.Index(store_vocabulary.symbols).get_indexer(list(token_set.genes))
+    if (columns < 0).mean() > 0.5:
+        raise InputError(f"only {(columns >= 0).sum()} of the {len(columns)} scMulan genes are in "
+                         f"the store's vocabulary {store_vocabulary.name!r}; convert the store with "
+                         "--vocabulary scmulan")
+    categories = cell_type_categories(token_set)
+    code = {name: i for i, name in enumerate(categories)}
+    gene_set_columns = scipy.sparse.csr_matrix(
+        (np.ones(int((columns >= 0).sum()), np.float32),
+         (columns[columns >= 0], np.flatnonzero(columns >= 0))),
+        shape=(len(store_vocabulary), len(columns)))
+
+    def prepare(rows, cells):
+        matrix = rows.to_csr(len(store_vocabulary))
+        if counts:
+            matrix = host_ops.log_normalise(matrix)
+        matrix = (matrix @ gene_set_columns).tocsr()
+        if not counts:
+            _check_log_normalised(matrix, "the store's values")
+        prompts = cell_sentence.annotation_prompts(matrix, token_set,
+                                                   num_levels=model.cfg.expression_level,
+                                                   cell_names=[f"store cell {c}" for c in cells])
+        return prompts, [-(-len(ids) // LENGTH_QUANTUM) * LENGTH_QUANTUM for ids, _ in prompts]
+
+    def batch(prompts, width):
+        ids, levels, lengths = cell_sentence.pad_prompts(prompts, width)
+        return {"ids": ids, "levels": levels, "lengths": lengths}
+
+    def forward(model, batch):
+        tokens, _, count, embedding = generation.generate_tokens(
+            model, batch["ids"], batch["levels"], batch["lengths"], jax.random.key(0),
+            np.zeros((model.cfg.vocab_size,), bool), max_new_tokens=3, top_k=1,
+            temperature=1.0, gamma=1.0)
+        return {"tokens": tokens, "count": count, "embedding": embedding.astype(np.float32)}
+
+    def finish(prompts, out):
+        types = [read_cell_types(ids, out["tokens"][row, :out["count"][row]], token_set)
+                 for row, (ids, _) in enumerate(prompts)]
+        return {"embedding": out["embedding"],
+                "cell_type": np.array([code[fine] for _, fine in types], np.int32),
+                "cell_type_coarse": np.array([code[coarse] for coarse, _ in types], np.int32)}
+
+    longest = len(token_set.genes) + 2
+    widths = list(range(LENGTH_QUANTUM, longest + LENGTH_QUANTUM, LENGTH_QUANTUM))
+    task_id = token_set.id(cell_sentence.CELL_TYPE_TASK)
+    return StoreTask(
+        name="annotate", model=model,
+        arrays={"embedding": ((model.cfg.n_embd,), "float32"), "cell_type": ((), "int32"),
+                "cell_type_coarse": ((), "int32")},
+        widths=widths, prepare=prepare, batch=batch,
+        dummy=lambda width: (np.array([task_id], np.int32), np.zeros(1, np.int32)),
+        forward=forward, finish=finish,
+        attributes={"obsm_key": "X_scmulan",
+                    "obs_keys": {"cell_type": "cell_type_scmulan",
+                                 "cell_type_coarse": "cell_type_scmulan_coarse"},
+                    "categories": {"cell_type": categories, "cell_type_coarse": categories}})
+
+
+# ------------------------------------------------------------------ files and stores (the CLI's API)
+
+GENE_LIST_FILE = "total_gene_list_42117.txt"
+
+
+@dataclasses.dataclass
+class Annotator:
+    """An scMulan model with its token set, the symbol list its genes are aligned through, and
+    where it came from."""
+
+    model: ScMulan
+    token_set: TokenSet
+    gene_list: object   # a vocabulary.Vocabulary
+    source: str
+    config: ml_collections.ConfigDict   # has `.model`; the whole experiment config for our runs
+    step: int | None = None
+
+
+def load_annotator(checkpoint, *, vocabulary=None, gene_list=None) -> Annotator:
+    """An official scMulan `.pt` (with `vocabulary`, the folder with token_set.tsv, gene_set.txt
+    and meta_categories.json; `gene_list`: the 42,117-symbol list, by default the folder's
+    total_gene_list_42117.txt or 'scmulan') or a scfm-jax training workdir (its config carries
+    the token set, its vocabulary the genes)."""
+    from pathlib import Path
+
+    from scfm_jax.analysis.loading import checkpoint_kind, load
+    from scfm_jax.data import vocabulary as vocabulary_lib
+
+    path = Path(checkpoint)
+    if path.is_dir() or "://" in str(checkpoint):
+        from scfm_jax.objectives.scmulan import token_set_from_config
+        loaded = load(checkpoint)
+        if loaded.kind != "scmulan":
+            raise CheckpointError(f"{checkpoint} holds a {loaded.kind} model, not scMulan")
+        return Annotator(loaded.model, token_set_from_config(loaded.config), loaded.vocabulary,
+                         loaded.source, loaded.config, loaded.step)
+    if not path.is_file():
+        raise MissingCheckpoint(f"--checkpoint {checkpoint}: no such file or training workdir")
+    if checkpoint_kind(path) != "scmulan":
+        raise CheckpointError(f"--checkpoint {checkpoint} is a scFoundation checkpoint; "
+                         "`scfm-jax annotate` runs scMulan models (use `scfm-jax embed` for it)")
+    if vocabulary is None:
+        raise UsageError("an official .pt checkpoint needs --vocabulary: the folder with "
+                         "token_set.tsv, gene_set.txt and meta_categories.json")
+    token_set = TokenSet.from_folder(vocabulary)
+    if gene_list is None:
+        local = Path(vocabulary) / GENE_LIST_FILE
+        gene_list = str(local) if local.is_file() else "scmulan"
+    genes = vocabulary_lib.load_vocabulary(gene_list)
+    symbols = set(genes.symbols)
+    missing = [g for g in token_set.genes if g not in symbols]
+    if missing:
+        raise InputError(f"{len(missing)} scMulan genes are not in the gene list {gene_list} "
+                         f"(e.g. {missing[:5]}); use the 42,117-symbol list of scMulan")
+    loaded = load(path)
+    if loaded.model.cfg.vocab_size != len(token_set):
+        raise CheckpointError(f"the checkpoint has {loaded.model.cfg.vocab_size} tokens but the "
+                         f"vocabulary folder {vocabulary} has {len(token_set)}; they do not "
+                         "belong together")
+    return Annotator(loaded.model, token_set, genes, loaded.source, loaded.config)
+
+
+def gene_set_expression(adata: anndata.AnnData, token_set, gene_list, *, layer=None,
+                        counts=False, gene_column=None, min_coverage=0.5):
+    """[cells, 2,000 gene-set genes] log1p-normalised CSR, aligned through the symbol list, and
+    the alignment report."""
+    from scfm_jax.data import vocabulary
+
+    if layer is not None and layer not in adata.layers:
+        raise UnknownName(f"the input has no layer {layer!r} (layers: {list(adata.layers)})")
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    if counts:
+        matrix = host_ops.log_normalise(matrix)
+    alignment = vocabulary.align_genes(adata.var, gene_list, gene_column=gene_column)
+    aligned = alignment.apply(matrix, min_fraction=min_coverage)
+    columns = np.array([gene_list.index_of(g) for g in token_set.genes])
+    return aligned[:, columns].tocsr(), alignment.report
+
+
+def annotate_anndata(annotator: Annotator, adata: anndata.AnnData, *, layer=None, counts=False,
+                     gene_column=None, min_coverage=0.5, batch_size=16, smooth: int = 0,
+                     progress=True) -> anndata.AnnData:
+    """Cell types and embeddings of any AnnData (genes by symbol or Ensembl ID, aligned through
+    the symbol list), written into it: obs cell_type_scmulan(_coarse), obsm X_scmulan, and with
+    `smooth` the kNN-smoothed type over that many neighbours."""
+    expression, report = gene_set_expression(
+        adata, annotator.token_set, annotator.gene_list, layer=layer, counts=counts,
+        gene_column=gene_column, min_coverage=min_coverage)
+    print(f"genes: {report.summary()}", file=sys.stderr)
+    work = anndata.AnnData(expression, obs=pd.DataFrame(index=adata.obs_names),
+                           var=pd.DataFrame(index=list(annotator.token_set.genes)))
+    annotate(annotator.model, annotator.token_set, work, batch_size=batch_size, progress=progress)
+    for column in ("cell_type_scmulan", "cell_type_scmulan_coarse"):
+        adata.obs[column] = work.obs[column].values
+    adata.obsm["X_scmulan"] = work.obsm["X_scmulan"]
+    if smooth:
+        smooth_cell_types(adata, n_neighbors=smooth)
+    return adata
+
+
+def annotate_store(annotator: Annotator, store, output, *, selection=None, counts=False,
+                   batch_size=None, chunk_cells=4096, overwrite=False, progress=True,
+                   devices=None) -> dict:
+    """Cell types (codes into the output's categories) and embeddings of a whole cell store on
+    every device of every process, into a resumable zarr output (see `store_inference`)."""
+    from scfm_jax.analysis import store_inference
+    from scfm_jax.data.store import CellStore
+
+    store = store if isinstance(store, CellStore) else CellStore.open(store)
+    task = store_annotation_task(annotator.model, annotator.token_set, store.vocabulary,
+                                 counts=counts)
+    return store_inference.run(
+        task, store, str(output), selection=selection or store_inference.Selection(),
+        checkpoint=store_inference.checkpoint_identity(annotator.source, annotator.step),
+        config=annotator.config, options={"counts": counts},
+        batch_size=batch_size, chunk_cells=chunk_cells, overwrite=overwrite, progress=progress,
+        devices=devices)

@@ -280,8 +280,9 @@ def official_vocabulary(vocabulary, num_genes: int, path) -> Vocabulary:
     if not isinstance(vocabulary, Vocabulary):
         vocabulary = load_vocabulary(vocabulary)
     if len(vocabulary) != num_genes:
-        raise CheckpointError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but {path} "
-                         f"has {num_genes}; pass the vocabulary the checkpoint was trained with")
+        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
+                         f"checkpoint's model has {num_genes} ({path}); pass the vocabulary the "
+                         "checkpoint was trained with (a gene_name<TAB>index file)")
     return vocabulary
 
 

@@ -497,7 +497,10 @@ def main(argv) -> int:
                         on_row=lambda row: print(
                             f"  remat={row.remat} batch {row.global_batch}: "
                             f"{'fits' if row.fits else 'does not fit'} "
-                            f"({row.compile_seconds:.0f} s to compile)", file=sys.stderr, flush=True))
+                            f"({row.compile_seconds:.0f} s to compile"
+                            + (f"; roofline {row.roofline_seconds * 1e3:.3g} ms per step"
+                               if row.roofline_seconds else "") + ")",
+                            file=sys.stderr, flush=True))
         all_rows = [row for _, rows in results.values() for row in rows]
         print(format_rows(all_rows, chip))
         for policy, (best, _) in results.items():

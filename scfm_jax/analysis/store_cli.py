@@ -1,0 +1,63 @@
+"""The command-line options that `scfm-jax embed` and `scfm-jax annotate` share for a cell store:
+what to read (`--store`, `--cells`, `--obs-filter`), the resumable output, and joining the other
+processes of a multi-host run (the flags `launch/local_processes.sh`, SLURM and TPU pods pass)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scfm_jax.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("a whole cell store, on every device of every process")
+    group.add_argument("--store", default=None,
+                       help="cell store (folder, gs:// or s3:// URL) to run instead of --input; "
+                            "--output is then a resumable zarr output (rerun to resume)")
+    group.add_argument("--cells", default=None, metavar="START:STOP",
+                       help="only the store's cells START..STOP-1")
+    group.add_argument("--obs-filter", default=None, metavar="COLUMN=VALUE",
+                       help="only the store's cells whose obs COLUMN is VALUE")
+    group.add_argument("--chunk-cells", type=int, default=4096,
+                       help="cells per output chunk: the unit of writing and of resuming")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output of this command (never the input, never a "
+                            "folder of other files); with --store, one of another checkpoint, "
+                            "store or options")
+    group.add_argument("--coordinator-address", "--coordinator_address", default=None,
+                       help="host:port of process 0 of a multi-process run")
+    group.add_argument("--num-processes", "--num_processes", type=int, default=None)
+    group.add_argument("--process-id", "--process_id", type=int, default=None)
+    group.add_argument("--auto-distributed", "--auto_distributed", action="store_true",
+                       help="jax.distributed.initialize() with no arguments (TPU pods, SLURM)")
+    group.add_argument("--num-cpu-devices", "--num_cpu_devices", type=int, default=None,
+                       help="simulated CPU devices in this process")
+
+
+def check_source(args) -> None:
+    if (args.input is None) == (args.store is None):
+        raise UsageError("give exactly one of --input (a file) and --store (a cell store)")
+    if args.store is None and (args.cells or args.obs_filter):
+        raise UsageError("--cells and --obs-filter apply to --store runs")
+
+
+def join_processes(args) -> None:
+    """Set the CPU device count and join a multi-process run, before JAX touches a device."""
+    import jax
+
+    if args.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.auto_distributed:
+        jax.distributed.initialize()
+
+
+def report(output, summary: dict) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        rate = summary["computed"] / max(summary["seconds"], 1e-9)
+        print(f"wrote {output}: {summary['cells']} cells in {summary['chunks']} chunks "
+              f"({summary['skipped_chunks']} already done); {summary['computed']} computed on mesh "
+              f"{summary['mesh']} at {rate:.1f} cells/s", file=sys.stderr)
