@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scfm_jax.errors import InputError, UnknownName
 from scfm_jax.tasks.output_folder import check_output, staged_output
 from scfm_jax.tasks.task_models import (TaskModel, add_task_arguments, counts_on_model_genes,
                                          load_task_model)
@@ -75,7 +76,7 @@ def _context_embeddings(task_model: TaskModel, counts: sp.csr_matrix, labels, ce
         print(f"context embeddings: {counts.shape[0] - len(kept)} cells without any of the model's "
               "genes are left out", file=sys.stderr)
     if not len(kept):
-        raise ValueError("no cell expresses any of the model's genes; check --gene-column")
+        raise InputError("no cell expresses any of the model's genes; check --gene-column")
     categories = pd.Categorical(labels[kept]) if labels is not None else None
     codes = categories.codes.copy() if categories is not None else np.zeros(len(kept), int)
     num_groups = (len(categories.categories) if categories is not None else 0) + 1
@@ -121,7 +122,7 @@ def expression_by_gene(genes, cells: anndata.AnnData, *, label_key: str | None =
     matrix, var, where = matrix_source(cells, layer)
     require_counts(cells, layer, matrix, where)
     if label_key is not None and label_key not in cells.obs:
-        raise KeyError(f"the cells' obs has no label column {label_key!r} (columns: "
+        raise UnknownName(f"the cells' obs has no label column {label_key!r} (columns: "
                        f"{list(cells.obs.columns)})")
     counts, report = counts_on_model_genes(task_model, matrix, var, gene_column=gene_column,
                                            min_coverage=min_coverage)
@@ -166,13 +167,13 @@ def default_key(genes: anndata.AnnData) -> str:
     for key in (CONTEXT_KEY, *TOKEN_KEYS.values()):
         if key in genes.obsm:
             return key
-    raise KeyError(f"the genes' obsm has no gene embedding (keys: {list(genes.obsm)})")
+    raise UnknownName(f"the genes' obsm has no gene embedding (keys: {list(genes.obsm)})")
 
 
 def candidates(genes: anndata.AnnData, min_cells: int = MIN_CELLS) -> np.ndarray:
     """Positions of the genes with a non-zero count in at least `min_cells` cells."""
     if "n_cells_expressed" not in genes.obs:
-        raise KeyError("genes.obs has no 'n_cells_expressed': make the genes with "
+        raise UnknownName("genes.obs has no 'n_cells_expressed': make the genes with "
                        "gene_embeddings(model, cells)")
     return np.flatnonzero(genes.obs["n_cells_expressed"].to_numpy() >= min_cells)
 
@@ -192,7 +193,7 @@ def gene_modules(genes: anndata.AnnData, key: str | None = None, *, resolution: 
     key = key or default_key(genes)
     chosen = candidates(genes, min_cells)
     if len(chosen) < 3:
-        raise ValueError(f"only {len(chosen)} genes are expressed in at least {min_cells} cells; "
+        raise InputError(f"only {len(chosen)} genes are expressed in at least {min_cells} cells; "
                          "modules need more (check the gene alignment)")
     sub = anndata.AnnData(obs=pd.DataFrame(index=genes.obs_names[chosen]),
                           obsm={key: np.asarray(genes.obsm[key], np.float32)[chosen]})
@@ -218,9 +219,9 @@ def score_modules(cells: anndata.AnnData, genes: anndata.AnnData, *, seed: int =
     import scanpy as sc
 
     if MODULE_KEY not in genes.obs:
-        raise KeyError("genes.obs has no 'module': run gene_modules first")
+        raise UnknownName("genes.obs has no 'module': run gene_modules first")
     if list(genes.var_names) != list(cells.obs_names):
-        raise ValueError("genes and cells do not belong together: make the genes from these cells")
+        raise InputError("genes and cells do not belong together: make the genes from these cells")
     expression = anndata.AnnData(sp.csr_matrix(genes.X.T), obs=pd.DataFrame(index=cells.obs_names),
                                  var=pd.DataFrame(index=genes.obs_names))
     modules = genes.obs[MODULE_KEY].dropna()
@@ -286,7 +287,7 @@ def tf_rankings(genes: anndata.AnnData, tfs, key: str | None = None, *, top: int
     position = {name: i for i, name in enumerate(names)}
     found = [tf for tf in tfs if tf in position]
     if not found:
-        raise KeyError(f"none of the TFs {list(tfs)[:5]} is among the genes")
+        raise UnknownName(f"none of the TFs {list(tfs)[:5]} is among the genes")
     unit = _unit_rows(np.asarray(genes.obsm[key])[pool])
     frames = []
     for tf in found:
@@ -303,7 +304,7 @@ def read_reference(reference) -> pd.DataFrame:
     frame = reference if isinstance(reference, pd.DataFrame) else pd.read_csv(reference, sep="\t")
     missing = {"tf", "target"} - set(frame.columns)
     if missing:
-        raise ValueError(f"the reference edge list needs columns tf and target; it lacks "
+        raise InputError(f"the reference edge list needs columns tf and target; it lacks "
                          f"{sorted(missing)} (columns: {list(frame.columns)})")
     return frame[["tf", "target"]].astype(str).drop_duplicates(ignore_index=True)
 
@@ -455,7 +456,7 @@ def main(argv=None) -> int:
     output = check_output(args.output, "gene_embeddings.h5ad", args.overwrite)
     cells = read_h5ad(args.input)
     if args.label_key is not None and args.label_key not in cells.obs:
-        raise KeyError(f"--label-key {args.label_key!r} is not a column of {args.input}'s obs "
+        raise UnknownName(f"--label-key {args.label_key!r} is not a column of {args.input}'s obs "
                        f"(columns: {list(cells.obs.columns)})")
     reference = read_reference(args.reference) if args.reference else None
     task_model = load_task_model(args.checkpoint, vocabulary=args.vocabulary,

@@ -16,6 +16,7 @@ from pathlib import Path
 import anndata
 import pandas as pd
 
+from scfm_jax.errors import UnknownName
 from scfm_jax.tasks.output_folder import check_output, staged_output
 from scfm_jax.tasks.task_models import TaskModel, add_task_arguments, load_task_model
 
@@ -81,7 +82,7 @@ def integration_benchmark(adata: anndata.AnnData, label_key: str, batch_key: str
     evaluation.scored_cells(adata, label_key, batch_key)   # bad keys fail before any compute
     for key in obsm_keys:
         if key not in adata.obsm:
-            raise KeyError(f"the input's obsm has no {key!r} (keys: {list(adata.obsm)})")
+            raise UnknownName(f"the input's obsm has no {key!r} (keys: {list(adata.obsm)})")
     sources = {key: "obsm of the input" for key in obsm_keys}
     for checkpoint in checkpoints:
         task_model = load_task_model(checkpoint, vocabulary=vocabulary, token_set=token_set,

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from scfm_jax.errors import InputError, OutputError, UsageError
 from scfm_jax.tasks.perturbation_data import (SUBGROUPS, PerturbationData, Split, column_split,
                                               read_perturbations, simulation_split)
 from scfm_jax.tasks.perturbation_gears import GearsPredictor, HeadSettings
@@ -61,11 +62,11 @@ def chosen_predictors(predictors, checkpoint, scmulan_checkpoint) -> list[str]:
         return available
     unknown = [p for p in predictors if p not in PREDICTORS]
     if unknown:
-        raise ValueError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(PREDICTORS)}")
+        raise UsageError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(PREDICTORS)}")
     needs = [p for p in predictors if p not in available]
     if needs:
         flag = "--scmulan-checkpoint" if needs[0] in SCMULAN_PREDICTORS else "--checkpoint"
-        raise ValueError(f"predictor {needs[0]!r} needs a model: give {flag}")
+        raise UsageError(f"predictor {needs[0]!r} needs a model: give {flag}")
     return list(predictors)
 
 
@@ -78,7 +79,7 @@ def _fm_predictors(chosen, data: PerturbationData, view: TrainingView, checkpoin
 
     loaded = _load(checkpoint, key=scfoundation_key, vocabulary=vocabulary)
     if loaded.kind != "scfoundation":
-        raise ValueError(f"--checkpoint {loaded.source} holds a {loaded.kind} model; the "
+        raise InputError(f"--checkpoint {loaded.source} holds a {loaded.kind} model; the "
                          "perturbation head runs on scFoundation (scMulan: --scmulan-checkpoint)")
     require_genes(data.perturbed_genes, loaded.vocabulary.symbols, checkpoint_label(loaded))
     out, embedding = {}, None
@@ -178,7 +179,7 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
     split.settings.update(condition_key=condition_key, control=control, context_key=context_key,
                           total_key=total_key)
     if not split.test:
-        raise ValueError("the split leaves no test condition; use more perturbations or a "
+        raise InputError("the split leaves no test condition; use more perturbations or a "
                          "smaller training gene fraction")
     view = TrainingView.of(data, split.train)
     leaked = set(view.data.perturbations) & set(split.test)
@@ -233,11 +234,11 @@ def _prepare_output(target: Path, overwrite: bool) -> Path:
     target = target.expanduser().absolute()
     if target.exists():
         if not target.is_dir():
-            raise FileExistsError(f"--output {target} is a file; give a folder")
+            raise OutputError(f"--output {target} is a file; give a folder")
         foreign = [p.name for p in target.iterdir()
                    if p.name not in OUTPUT_FILES + ("gears_checkpoints",)]
         if foreign and not overwrite:
-            raise FileExistsError(f"--output {target} holds {foreign[0]!r}, not written by "
+            raise OutputError(f"--output {target} holds {foreign[0]!r}, not written by "
                                   "`scfm-jax perturb`; choose another folder or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     return target

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfm_jax.data.host_ops import COUNT_TOLERANCE, non_count_positions
+from scfm_jax.errors import InputError, UnknownName, UsageError
 
 SUBGROUPS = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 NO_CONTEXT = "all"
@@ -84,13 +85,13 @@ def _counts_matrix(adata: anndata.AnnData, layer: str | None) -> tuple[sp.csr_ma
     if layer is None:
         layer = "counts" if "counts" in adata.layers else None
     if layer is not None and layer not in adata.layers:
-        raise KeyError(f"the input has no layer {layer!r} (layers: {list(adata.layers)}); "
+        raise UnknownName(f"the input has no layer {layer!r} (layers: {list(adata.layers)}); "
                        "name the layer that holds raw counts")
     matrix = adata.X if layer is None else adata.layers[layer]
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     csr = sp.csr_matrix(matrix, dtype=np.float64)
     if len(non_count_positions(csr.data, COUNT_TOLERANCE)):
-        raise ValueError(f"{where} does not hold raw counts (non-integer values); give the layer "
+        raise InputError(f"{where} does not hold raw counts (non-integer values); give the layer "
                          "with integer counts (--layer)")
     return csr, where
 
@@ -118,31 +119,31 @@ def read_perturbations(adata: anndata.AnnData, *, condition_key: str = "conditio
     for key, what in ((condition_key, "--condition-key"), (context_key, "--context-key"),
                       (total_key, "--total-key")):
         if key is not None and key not in adata.obs:
-            raise KeyError(f"obs has no column {key!r} ({what}); columns: {list(adata.obs)}")
+            raise UnknownName(f"obs has no column {key!r} ({what}); columns: {list(adata.obs)}")
     raw = adata.obs[condition_key].astype(str).to_numpy()
     is_control = raw == control
     if not is_control.any():
         examples = ", ".join(sorted(set(raw))[:5])
-        raise ValueError(f"no control cells: no cell has {condition_key} == {control!r} "
+        raise InputError(f"no control cells: no cell has {condition_key} == {control!r} "
                          f"(values include {examples}); name the control label with --control")
     conditions = np.array(["" if c else canonical(name) for name, c in zip(raw, is_control)],
                           dtype=object)
     empty = sorted(set(raw[~is_control & (conditions == "")]))
     if empty:
-        raise ValueError(f"condition {empty[0]!r} names no perturbed gene; if it is a control, "
+        raise InputError(f"condition {empty[0]!r} names no perturbed gene; if it is a control, "
                          f"relabel it {control!r}")
     contexts = (np.full(adata.n_obs, NO_CONTEXT, dtype=object) if context_key is None
                 else adata.obs[context_key].astype(str).to_numpy().astype(object))
     for context in sorted(set(contexts)):
         if not (is_control & (contexts == context)).any():
-            raise ValueError(f"context {context!r} ({context_key}) has no control cells; "
+            raise InputError(f"context {context!r} ({context_key}) has no control cells; "
                              "control means are per context: add its controls or drop its cells")
     counts, _ = _counts_matrix(adata, layer)
     totals = None
     if total_key is not None:
         totals = adata.obs[total_key].to_numpy(np.float64)
         if not np.all(totals > 0):
-            raise ValueError(f"obs[{total_key!r}] (--total-key) has totals <= 0; it must hold "
+            raise InputError(f"obs[{total_key!r}] (--total-key) has totals <= 0; it must hold "
                              "each cell's total count")
     return PerturbationData(expression=log_normalise(counts, totals), counts=counts,
                             genes=tuple(map(str, adata.var_names)), conditions=conditions,
@@ -175,7 +176,7 @@ def simulation_split(perturbations, *, seed: int = 1, train_gene_fraction: float
                      combo_seen2_train_fraction: float = 0.75) -> Split:
     """GEARS's simulation split of the perturbation names (see the module docstring)."""
     if not 0 < train_gene_fraction < 1:
-        raise ValueError(f"the training gene fraction must be in (0, 1), got {train_gene_fraction}")
+        raise UsageError(f"the training gene fraction must be in (0, 1), got {train_gene_fraction}")
     perturbations = sorted(set(perturbations))
     genes = sorted({gene for p in perturbations for gene in genes_of(p)})
     rng = np.random.RandomState(seed)
@@ -210,16 +211,16 @@ def column_split(adata: anndata.AnnData, data: PerturbationData, split_key: str)
     """The split a user's obs column gives (`train` / `test` per cell; a condition is one or the
     other); test conditions get the simulation subgroups by which of their genes train has."""
     if split_key not in adata.obs:
-        raise KeyError(f"obs has no split column {split_key!r}; columns: {list(adata.obs)}")
+        raise UnknownName(f"obs has no split column {split_key!r}; columns: {list(adata.obs)}")
     labels = adata.obs[split_key].astype(str).to_numpy()
     unknown = sorted(set(labels[~data.is_control]) - {"train", "test"})
     if unknown:
-        raise ValueError(f"split column {split_key!r} holds {unknown[0]!r}; perturbed cells must "
+        raise InputError(f"split column {split_key!r} holds {unknown[0]!r}; perturbed cells must "
                          "be 'train' or 'test'")
     frame = pd.DataFrame({"condition": data.conditions, "split": labels})[~data.is_control]
     both = frame.groupby("condition")["split"].nunique()
     if (both > 1).any():
-        raise ValueError(f"condition {both[both > 1].index[0]!r} has cells in train and test in "
+        raise InputError(f"condition {both[both > 1].index[0]!r} has cells in train and test in "
                          f"{split_key!r}; a condition belongs to one side")
     by_condition = frame.groupby("condition")["split"].first()
     train = sorted(by_condition[by_condition == "train"].index)

@@ -26,6 +26,7 @@ from scfm_jax.analysis.loading import LoadedModel
 from scfm_jax.analysis.scfoundation_inference import prepare
 from scfm_jax.data.host_ops import bucket_length, padded_csr_rows
 from scfm_jax.data.vocabulary import align_genes
+from scfm_jax.errors import InputError
 from scfm_jax.objectives.scfoundation import inference_inputs
 from scfm_jax.tasks.perturbation_predictors import GeneTable
 
@@ -44,7 +45,7 @@ def require_genes(genes, symbols, label: str) -> None:
     known = set(symbols)
     absent = [g for g in genes if g not in known]
     if absent:
-        raise ValueError(f"perturbed gene {absent[0]!r} is not in the vocabulary of {label} "
+        raise InputError(f"perturbed gene {absent[0]!r} is not in the vocabulary of {label} "
                          f"({len(absent)} of {len(genes)} perturbed genes are absent: "
                          f"{', '.join(absent[:5])}); drop those conditions or give a checkpoint "
                          "whose vocabulary has them")
@@ -63,12 +64,12 @@ def scmulan_token_table(loaded: LoadedModel, vocabulary_folder: str | Path | Non
     from scfm_jax.data.cell_sentence import TokenSet
 
     if loaded.kind != "scmulan":
-        raise ValueError(f"{loaded.source} holds a {loaded.kind} model, not scMulan")
+        raise InputError(f"{loaded.source} holds a {loaded.kind} model, not scMulan")
     folder = Path(vocabulary_folder) if vocabulary_folder else Path(loaded.source).parent
     token_set = TokenSet.from_folder(folder)
     table = np.asarray(loaded.model.wte[...], np.float32)
     if table.shape[0] != len(token_set):
-        raise ValueError(f"the scMulan checkpoint has {table.shape[0]} tokens but {folder} has "
+        raise InputError(f"the scMulan checkpoint has {table.shape[0]} tokens but {folder} has "
                          f"{len(token_set)}; give the token set it was trained with")
     return GeneTable("scmulan_tokens", token_set.genes, table[token_set.gene_ids],
                      checkpoint_label(loaded))

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from scfm_jax.errors import InputError
 from scfm_jax.models.gears_head import GearsHead
 from scfm_jax.tasks.perturbation_data import genes_of
 from scfm_jax.tasks.perturbation_fm import ControlEmbeddings
@@ -91,7 +92,7 @@ def graph_from_file(path: str | Path, genes: list[str]) -> np.ndarray:
     table = pd.read_csv(path, sep=None, engine="python")
     for column in ("source", "target"):
         if column not in table:
-            raise ValueError(f"{path}: a gene graph needs columns source, target (and optionally "
+            raise InputError(f"{path}: a gene graph needs columns source, target (and optionally "
                              f"weight); it has {list(table.columns)}")
     index = {g: i for i, g in enumerate(genes)}
     adjacency = np.zeros((len(genes), len(genes)))
@@ -263,7 +264,7 @@ class GearsPredictor(Predictor):
     def predict(self, condition: str, context: str) -> np.ndarray:
         pool = np.flatnonzero(self.control_contexts == context)
         if not len(pool):
-            raise ValueError(f"context {context!r} has no control cells in the training data")
+            raise InputError(f"context {context!r} has no control cells in the training data")
         pool = pool[:self.settings.max_prediction_controls]
         head = nnx.merge(self.graphdef, self.params, self.constants)
         perturbed = np.repeat(self.multi_hot([condition]), len(pool), axis=0)

@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from scfm_jax.errors import InputError
 from scfm_jax.tasks.perturbation_data import PerturbationData, genes_of
 
 RIDGE = 0.1
@@ -66,7 +67,7 @@ class Predictor:
 
     def control(self, context: str) -> np.ndarray:
         if context not in self.controls:
-            raise ValueError(f"context {context!r} has no control cells in the training data")
+            raise InputError(f"context {context!r} has no control cells in the training data")
         return self.controls[context]
 
 
@@ -124,7 +125,7 @@ class GeneTable:
         index = {symbol: i for i, symbol in enumerate(self.symbols)}
         absent = [g for g in genes if g not in index]
         if absent and missing == "error":
-            raise ValueError(f"perturbed gene {absent[0]!r} is not in the vocabulary of "
+            raise InputError(f"perturbed gene {absent[0]!r} is not in the vocabulary of "
                              f"{self.checkpoint or self.name} ({len(absent)} such genes: "
                              f"{', '.join(absent[:5])}); drop those conditions or use a model "
                              "whose vocabulary has them")
