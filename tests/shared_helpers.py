@@ -64,14 +64,14 @@ def shared_path(*parts: str) -> Path:
         pytest.skip("../shared (reference fixtures, vocabularies and real data) is absent; "
                     f"{SET_SHARED}")
     name = "/".join(parts)
-    left_out = _left_out(parts)
+    copy = committed_copy(parts)
+    left_out = _left_out(parts) if copy is not None else []
     if left_out:
         by_reason = {}
         for left, reason in left_out:
             by_reason.setdefault(reason, []).append(left.rsplit("/", 1)[-1])
         missing = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
         pytest.skip(f"{name} needs {missing}; {SET_SHARED}")
-    copy = committed_copy(parts)
     if copy is not None and copy.exists():
         return copy
     where = "the shared folder" if root is not None else "../shared (absent)"
