@@ -91,14 +91,14 @@ def test_bad_inputs_are_one_line_errors(cells, tmp_path, capsys, case, message):
 
 def test_scmulan_embedding_is_the_annotation_embedding(cells):
     """X_scmulan of the scored is `scfm-jax annotate`'s embedding (first generated type token)."""
-    from scfm_jax.analysis import annotate_cli, scmulan_tasks
+    from scfm_jax.analysis import scmulan_tasks
     from scfm_jax.tasks.task_models import load_task_model
 
     subset = cells[:12].copy()
     model = load_task_model(shared_path("fixtures", "scmulan-tiny", "ckpt.pt"),
                             token_set=shared_path("data", "scmulan"))
     integration.embed_checkpoint(model, subset, "X_scmulan", batch_size=4, progress=False)
-    expression, _ = annotate_cli.gene_set_expression(subset, model.token_set, model.vocabulary,
+    expression, _ = scmulan_tasks.gene_set_expression(subset, model.token_set, model.vocabulary,
                                                      counts=True)
     one = anndata.AnnData(expression[:1], obs=pd.DataFrame(index=subset.obs_names[:1]),
                           var=pd.DataFrame(index=list(model.token_set.genes)))

@@ -274,15 +274,15 @@ def official_vocabulary(vocabulary, num_genes: int, path) -> Vocabulary:
     if vocabulary is None:
         if num_genes != OFFICIAL_GENES:
             raise CheckpointError(f"{path} has {num_genes} genes, not the released {OFFICIAL_GENES}; "
-                             "pass the vocabulary it was trained with: "
+                                  "pass the vocabulary it was trained with: "
                              "load(path, vocabulary='genes.tsv')")
         vocabulary = "scfoundation"
     if not isinstance(vocabulary, Vocabulary):
         vocabulary = load_vocabulary(vocabulary)
     if len(vocabulary) != num_genes:
-        raise ValueError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
-                         f"checkpoint's model has {num_genes} ({path}); pass the vocabulary the "
-                         "checkpoint was trained with (a gene_name<TAB>index file)")
+        raise CheckpointError(f"vocabulary {vocabulary.name!r} has {len(vocabulary)} genes but the "
+                              f"checkpoint's model has {num_genes} ({path}); pass the vocabulary "
+                              "the checkpoint was trained with (a gene_name<TAB>index file)")
     return vocabulary
 
 

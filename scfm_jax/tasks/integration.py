@@ -38,9 +38,9 @@ def embed_checkpoint(task_model: TaskModel, adata: anndata.AnnData, key_added: s
                              min_coverage=min_coverage, key_added=key_added,
                              batch_size=batch_size, progress=progress)
         return
-    from scfm_jax.analysis import annotate_cli, scmulan_tasks
+    from scfm_jax.analysis import scmulan_tasks
 
-    expression, report = annotate_cli.gene_set_expression(
+    expression, report = scmulan_tasks.gene_set_expression(
         adata, task_model.token_set, task_model.vocabulary, layer=layer, counts=True,
         gene_column=gene_column, min_coverage=min_coverage)
     if progress:

@@ -8,7 +8,6 @@ carries it in its config.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -39,18 +38,18 @@ def load_task_model(checkpoint, *, vocabulary=None, token_set=None, key: str = "
     """`checkpoint`: an official scFoundation `models.ckpt` (weight set `key`; `vocabulary`: its
     gene list, default the released 19,264 genes), an official scMulan `.pt` (`token_set`: its
     folder), or a scfm-jax training workdir of either model."""
-    from scfm_jax.analysis import annotate_cli
-    from scfm_jax.analysis.loading import _checkpoint_kind, load
+    from scfm_jax.analysis.loading import checkpoint_kind, load
+    from scfm_jax.analysis.scmulan_tasks import load_annotator
 
     path = Path(str(checkpoint))
-    if path.is_file() and _checkpoint_kind(path) == "scmulan":
+    if path.is_file() and checkpoint_kind(path) == "scmulan":
         if token_set is None:
             raise UsageError(f"{path} is an official scMulan checkpoint: pass --token-set (the "
                              "folder with token_set.tsv, gene_set.txt, meta_categories.json and "
                              "total_gene_list_42117.txt)")
-        tokens, gene_list, model = annotate_cli._official_model(argparse.Namespace(
-            checkpoint=str(path), vocabulary=str(token_set), gene_list=None))
-        return TaskModel("scmulan", model, gene_list, str(path), tokens)
+        annotator = load_annotator(path, vocabulary=str(token_set))
+        return TaskModel("scmulan", annotator.model, annotator.gene_list, str(path),
+                         annotator.token_set)
     loaded = load(checkpoint, key=key, vocabulary=vocabulary if path.is_file() else None)
     if loaded.kind == "scmulan":
         from scfm_jax.objectives.scmulan import token_set_from_config
