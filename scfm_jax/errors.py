@@ -83,9 +83,17 @@ NAMED_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EACCES: "permission denied"}
 
 
+# TensorStore reports a storage failure (a missing bucket, denied credentials, an unreachable
+# server) as a ValueError whose message starts with the status code: about the user's storage.
+STORAGE_STATUSES = ("NOT_FOUND:", "PERMISSION_DENIED:", "UNAUTHENTICATED:", "UNAVAILABLE:",
+                    "DEADLINE_EXCEEDED:", "RESOURCE_EXHAUSTED:")
+
+
 def is_user_error(error: BaseException) -> bool:
     """Whether `main.py` reports `error` in one line (else it is a bug and keeps its traceback)."""
     if isinstance(error, ScfmError) or isinstance(error, NAMED_OS_ERRORS):
+        return True
+    if type(error) is ValueError and str(error).startswith(STORAGE_STATUSES):
         return True
     return isinstance(error, OSError) and error.errno in NAMED_ERRNOS
 

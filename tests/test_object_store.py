@@ -71,7 +71,10 @@ def bucket_tree(url) -> dict[str, bytes]:
 
 
 def local_tree(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """A folder's files, less the converter's lock file (a local folder's only; buckets are not
+    locked), which holds no data."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")

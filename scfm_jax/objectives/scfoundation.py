@@ -275,7 +275,7 @@ def official_vocabulary(vocabulary, num_genes: int, path) -> Vocabulary:
         if num_genes != OFFICIAL_GENES:
             raise CheckpointError(f"{path} has {num_genes} genes, not the released {OFFICIAL_GENES}; "
                                   "pass the vocabulary it was trained with: "
-                             "load(path, vocabulary='genes.tsv')")
+                                  "load(path, vocabulary='genes.tsv')")
         vocabulary = "scfoundation"
     if not isinstance(vocabulary, Vocabulary):
         vocabulary = load_vocabulary(vocabulary)
