@@ -74,6 +74,7 @@ def run(args) -> None:
     if args.store:
         return _run_store(args, embedding.load_scfoundation(
             args.checkpoint, key=key, step=args.step, vocabulary=args.vocabulary))
+    embedding.require_output_suffix(args.output_type, args.output)
     check_output(args.output, command="embed", inputs=[args.input], overwrite=args.overwrite)
     adata, totals = embedding.read_cells(args.input, layer=args.layer,
                                          pre_normalized=args.pre_normalized)

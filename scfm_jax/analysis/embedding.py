@@ -350,6 +350,17 @@ def read_cells(path, *, layer: str | None = None, pre_normalized: str = "F"):
     return adata, totals
 
 
+def require_output_suffix(output_type: str, output) -> Path:
+    """`output` as a Path, refused unless its suffix is what `output_type` writes."""
+    output = Path(output)
+    suffix = ".zarr" if output_type in ("gene", "gene_batch") else ".h5ad"
+    if output.suffix != suffix:
+        what = "a zarr array" if suffix == ".zarr" else "an h5ad file"
+        raise UsageError(f"--output-type {output_type} writes {what}; name the output *{suffix} "
+                         f"(got {output})")
+    return output
+
+
 def embed_file(model: LoadedModel, adata: anndata.AnnData, output, *, totals=None,
                output_type: str = "cell", pool: str = "all", tgthighres: str = "t4",
                pre_normalized: str = "F", input_type: str = "singlecell",
@@ -368,11 +379,8 @@ def embed_file(model: LoadedModel, adata: anndata.AnnData, output, *, totals=Non
     from scfm_jax.data.anndata_io import atomic_output, check_writable, write_h5ad
     from scfm_jax.output_safety import OWNER_KEY, owner_record
 
-    output = Path(output)
-    suffix = ".zarr" if output_type in ("gene", "gene_batch") else ".h5ad"
-    if output.suffix != suffix:
-        raise UsageError(f"--output-type {output_type} writes a{' zarr array' if suffix == '.zarr' else 'n h5ad file'}; name the output *{suffix} (got {output})")
-    if suffix == ".h5ad":
+    output = require_output_suffix(output_type, output)
+    if output.suffix == ".h5ad":
         check_writable(adata, output.absolute().parent)
     net, vocabulary = model.model, model.vocabulary
     matrix, _ = aligned_matrix(adata, vocabulary, gene_column=gene_column,
