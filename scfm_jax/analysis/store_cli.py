@@ -43,14 +43,9 @@ def check_source(args) -> None:
 
 def join_processes(args) -> None:
     """Set the CPU device count and join a multi-process run, before JAX touches a device."""
-    import jax
+    from scfm_jax.train.partitioning import join_processes as join
 
-    if args.num_cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
-    if args.coordinator_address:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif args.auto_distributed:
-        jax.distributed.initialize()
+    join(args)
 
 
 def report(output, summary: dict) -> None:

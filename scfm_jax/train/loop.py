@@ -339,12 +339,7 @@ def _parse(argv):
 
 def main(argv) -> int:
     args = _parse(argv)
-    if args.num_cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
-    if args.coordinator_address:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif args.auto_distributed:
-        jax.distributed.initialize()
+    partitioning.join_processes(args)
     summary = train(args.config, args.workdir, dry_run=args.dry_run)
     if summary.get("dry_run"):
         return 0

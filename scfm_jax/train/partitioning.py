@@ -178,3 +178,15 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: 
     if global_batch_size % jax.process_count():
         raise UsageError(f"config.data.global_batch_size={global_batch_size} must be divisible by "
                          f"the number of processes ({jax.process_count()})")
+
+
+def join_processes(args) -> None:
+    """From a command's parsed flags (`num_cpu_devices`, `coordinator_address`, `num_processes`,
+    `process_id`, `auto_distributed`): set the CPU device count and join a multi-process run,
+    before JAX touches a device."""
+    if args.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.auto_distributed:
+        jax.distributed.initialize()
