@@ -58,7 +58,9 @@ class _GroupSums:
     def __setitem__(self, rows, values):
         if self.sums is None:
             self.sums = np.zeros((self.num_groups,) + values.shape[1:], np.float64)
-        np.add.at(self.sums, self.groups[rows], values)
+        groups = self.groups[rows]
+        for group in np.unique(groups):
+            self.sums[group] += values[groups == group].sum(axis=0, dtype=np.float64)
 
 
 def _safe_name(label) -> str:
