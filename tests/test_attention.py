@@ -49,17 +49,22 @@ def _grads(fn, q, k, v, w):
     return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_blockwise_gradients_match_reference(causal):
-    q, k, v, w = _qkv(2)
+def _blockwise_and_reference(causal):
+    """(reference attention, blockwise attention with 8-wide blocks) on the test's lengths."""
     lengths = jnp.array(LENGTHS)
     if causal:
         reference, kwargs = _causal_reference, dict(is_causal=True)
     else:
         reference = functools.partial(_masked_reference, lengths=lengths)
         kwargs = dict(key_lengths=lengths)
-    blockwise = functools.partial(attention.dot_product_attention, implementation="blockwise",
-                                  block_size=8, **kwargs)
+    return reference, functools.partial(attention.dot_product_attention,
+                                        implementation="blockwise", block_size=8, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_gradients_match_reference(causal):
+    q, k, v, w = _qkv(2)
+    reference, blockwise = _blockwise_and_reference(causal)
     for got, want in zip(_grads(blockwise, q, k, v, w), _grads(reference, q, k, v, w)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -205,14 +210,7 @@ def test_blockwise_in_several_passes_matches_reference(monkeypatch, causal):
     are the reference's."""
     monkeypatch.setattr(attention, "CPU_TILE_BYTES", 1)
     q, k, v, w = _qkv(9)
-    lengths = jnp.array(LENGTHS)
-    if causal:
-        reference, kwargs = _causal_reference, dict(is_causal=True)
-    else:
-        reference = functools.partial(_masked_reference, lengths=lengths)
-        kwargs = dict(key_lengths=lengths)
-    blockwise = functools.partial(attention.dot_product_attention, implementation="blockwise",
-                                  block_size=8, **kwargs)
+    reference, blockwise = _blockwise_and_reference(causal)
     program = jax.jit(blockwise).lower(q, k, v).as_text()
     assert "tensor<4x1x37x3x8xf32>" in program   # the batch split into 4 passes of one cell
     np.testing.assert_allclose(blockwise(q, k, v), reference(q, k, v), atol=1e-5, rtol=0)
