@@ -119,7 +119,7 @@ def test_embed_store_command_on_every_device_with_a_filter_and_refusals(scfounda
     output = tmp_path / "donor_a"
     assert run_command(EMBED_STORE, tmp_path, "--quiet") == 0
     assert "'data': 8" in capsys.readouterr().err   # every device of the conftest's eight
-    back = store_inference.to_anndata(output, store)
+    back = store_inference.to_anndata(output)   # the store found from another folder than the run's
     np.testing.assert_allclose(back.obsm["X_scfoundation"], scfoundation["reference"][[0, 2]],
                                atol=1e-5, rtol=1e-5)
     one = store_inference.to_anndata(output, store, cells=[2])

@@ -143,9 +143,13 @@ def checkpoint_identity(source: str, step: int | None = None, key: str | None = 
 
 
 def store_identity(store: CellStore) -> dict:
-    """The store's content (its manifest lists every shard's digests) and, for the record, URL."""
+    """The store's content (its manifest lists every shard's digests) and, for the record, URL.
+
+    A local store is recorded by its absolute path, so `to_anndata` finds it from any folder.
+    """
     manifest = json.dumps(store.manifest, sort_keys=True).encode()
-    return {"url": str(store.url), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+    local = store_lib.local_path(store.url)
+    return {"url": str(local) if local is not None else str(store.url), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "num_cells": store.num_cells}
 
 
