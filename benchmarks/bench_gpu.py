@@ -25,7 +25,8 @@ from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import scmulan
 from scfm_jax.train import chips, partitioning, plan
 from scfm_jax.train.metrics import measure_matmul_peak
-from scfm_jax.train.state import Trainer, loop_free_model_config, split_model
+from scfm_jax.train.trainer import Trainer, loop_free_model_config
+from scfm_jax.train.train_state import split_model
 from scfm_jax.objectives import get_objective
 
 
@@ -61,7 +62,7 @@ def bench_train(config, batch_size: int, expressed: int, steps: int, peak: float
     batch = partitioning.global_batch(
         synthetic_batch(batch_size, config.model.num_genes, expressed, width), mesh, trainer.rules)
     state = [trainer.init_state(0)]
-    compiled = trainer.compiled_train_step(state[0], batch)
+    compiled = trainer.compile_train_step(state[0], batch)
 
     def step():
         state[0], metrics = compiled(state[0], batch)

@@ -30,7 +30,7 @@ from scfm_jax.data.convert import convert
 from scfm_jax.data.store import CellStore
 from scfm_jax.objectives import get_objective
 from scfm_jax.train import loop, partitioning
-from scfm_jax.train.state import Trainer
+from scfm_jax.train.trainer import Trainer
 
 
 def synthetic_store(folder: Path, cells: int, genes: int = 765, seed: int = 0) -> str:
@@ -53,13 +53,13 @@ def run(trainer, state, pipeline, steps: int, sync: bool):
     with pipeline.iterate(0) as batches:
         _, local = next(batches)
         batch = loop.host_to_device(local, trainer)
-        state, metrics = trainer.compiled_train_step(state, batch)(state, batch)
+        state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics)
         start = time.perf_counter()
         for _ in range(steps):
             _, local = next(batches)
             batch = loop.host_to_device(local, trainer)
-            state, metrics = trainer.compiled_train_step(state, batch)(state, batch)
+            state, metrics = trainer.train_step(state, batch)
             if sync:
                 float(metrics["loss"])
             else:
@@ -88,7 +88,7 @@ def main():
         state = trainer.init_state(0)
         pipeline, _ = loop.make_pipelines(config, CellStore.open(store_path))
         batch = loop.host_to_device(pipeline.batch(0), trainer)
-        step = trainer.compiled_train_step(state, batch)
+        step = trainer.compile_train_step(state, batch)
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         start = time.perf_counter()

@@ -322,7 +322,7 @@ def reference_rss_column(sizes, max_gb: float, threads: int,
 def train_step_memory(impls=("xla", "auto"), genes: int = 19_264) -> None:
     """XLA memory of one compiled (not run) 100M train step on a cell expressing `genes` genes."""
     from scfm_jax.train import partitioning
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
     from scfm_jax.objectives import get_objective
 
     print(f"\n100M train step, one cell, {genes:,} expressed genes (compiled only)")
@@ -342,7 +342,7 @@ def train_step_memory(impls=("xla", "auto"), genes: int = 19_264) -> None:
                                             ("counts", (1, genes), jnp.float32),
                                             ("total_counts", (1,), jnp.float32),
                                             ("num_nonzero", (1,), jnp.int32))}
-        memory = trainer.compiled_train_step(trainer.abstract_sharded_state(),
+        memory = trainer.compile_train_step(trainer.abstract_sharded_state(),
                                              batch).memory_analysis()
         print(f"{impl:<16}{memory.temp_size_in_bytes / 1e9:>12.2f}"
               f"{memory.argument_size_in_bytes / 1e9:>14.2f}", flush=True)

@@ -22,7 +22,7 @@ from scfm_jax.data.host_ops import smallest_bucket
 from scfm_jax.objectives import get_objective
 from scfm_jax.train import partitioning
 from scfm_jax.train.metrics import measure_matmul_peak
-from scfm_jax.train.state import Trainer
+from scfm_jax.train.trainer import Trainer
 
 
 def synthetic_batch(cells: int, genes: int, expressed: int, width: int, seed: int = 0) -> dict:
@@ -53,7 +53,7 @@ def bench(name: str, cells: int, expressed: int, steps: int, peak: float,
         synthetic_batch(cells, config.model.num_genes, expressed, width), mesh, trainer.rules)
     state = trainer.init_state(0)
     start = time.perf_counter()
-    compiled = trainer.compiled_train_step(state, batch)
+    compiled = trainer.compile_train_step(state, batch)
     compile_seconds = time.perf_counter() - start
     flops = trainer.model_flops(batch)  # forward + backward, recomputation not counted
     state, metrics = compiled(state, batch)

@@ -26,7 +26,7 @@ from scfm_jax.objectives.scfoundation import masked_mse, pretraining_inputs
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import plot_loss_curves
-from scfm_jax.train.state import Trainer
+from scfm_jax.train.trainer import Trainer
 
 
 def demo_config(store: str, steps: int):

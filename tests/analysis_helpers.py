@@ -11,7 +11,7 @@ from scfm_jax.objectives import get_objective
 from scfm_jax.train import partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter
-from scfm_jax.train.state import Trainer
+from scfm_jax.train.trainer import Trainer
 
 # pbmc68k_reduced cells with 193..224 expressed genes: one inference bucket (224) and one training
 # width (256), so each test compiles a forward once.

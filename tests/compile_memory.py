@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from scfm_jax.objectives import get_objective  # noqa: E402
 from scfm_jax.train import partitioning  # noqa: E402
-from scfm_jax.train.state import Trainer  # noqa: E402
+from scfm_jax.train.trainer import Trainer  # noqa: E402
 
 
 def main():
@@ -37,7 +37,7 @@ def main():
             batch[name] = jax.ShapeDtypeStruct(
                 shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape), trainer.rules))
         state = trainer.abstract_sharded_state()
-        compiled = trainer.compiled_train_step(state, batch)
+        compiled = trainer.compile_train_step(state, batch)
         memory = compiled.memory_analysis()
         state_bytes = sum(jnp.dtype(leaf.dtype).itemsize
                           * _prod(leaf.sharding.shard_shape(leaf.shape))

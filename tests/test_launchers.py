@@ -17,7 +17,7 @@ from shared_helpers import REPO_ROOT
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics
-from scfm_jax.train.state import Trainer
+from scfm_jax.train.trainer import Trainer
 from scfm_jax.objectives import get_objective
 from test_train import _open, _overrides
 from train_helpers import make_store, tiny_config

@@ -132,7 +132,7 @@ def test_scmulan_plans_without_a_store():
     """A token set of the config's size stands in for the store's; the train step traces on it."""
     from scfm_jax.configs import scmulan_tiny
     from scfm_jax.objectives import get_objective
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
 
     config = plan.plan_config(scmulan_tiny.get_config())
     assert len(config.objective.gene_set) == config.objective.num_genes
@@ -190,7 +190,7 @@ def test_the_mesh_follows_the_slice_not_the_order_devices_are_given():
 
 @needs_libtpu
 def test_tiny_train_step_compiles_for_tpu_and_its_memory_is_sane(tiny_rows):
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
     from scfm_jax.objectives import get_objective
 
     for name, row in tiny_rows.items():
@@ -295,7 +295,7 @@ def test_bfloat16_step_compiles_the_kernels_for_tpu():
     config.model.dtype = "bfloat16"
     config.mesh.update(data=1, fsdp=len(devices), tensor=1)
     from scfm_jax.objectives import get_objective
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
 
     trainer = Trainer(config, get_objective("scfoundation"), partitioning.make_mesh(config.mesh, devices))
     compiled, _ = plan.compile_step(trainer, "train", 64, 8)
@@ -325,7 +325,7 @@ def test_1b_state_is_split_over_every_chip_of_v5e_64():
     two copies on 64 chips: 2.0x; the gene tables, replicated over `tensor`, add 1-2%.)"""
     from scfm_jax.configs import scfoundation_1b
     from scfm_jax.objectives import get_objective
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
 
     config = scfoundation_1b.get_config()
     devices = plan.topology_devices(plan.parse_topology("v5e-64"))

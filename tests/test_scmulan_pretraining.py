@@ -141,7 +141,7 @@ def test_train_loop_pretrains_and_the_checkpoint_annotates(store, resolved, tmp_
     from scfm_jax.analysis import scmulan_tasks
     from scfm_jax.train import loop, partitioning
     from scfm_jax.train.checkpointing import Checkpoints
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
     from scfm_jax.objectives import get_objective
 
     summary = loop.train(resolved, tmp_path / "run", progress=False)

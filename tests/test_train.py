@@ -13,7 +13,7 @@ from scfm_jax.objectives import get_objective
 from scfm_jax.train import loop, partitioning
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import read_metrics
-from scfm_jax.train.state import Trainer
+from scfm_jax.train.trainer import Trainer
 from scfm_jax.configs import scfoundation_tiny
 from train_helpers import make_store, tiny_config
 
@@ -85,10 +85,6 @@ def test_parameters_are_sharded_by_the_rules(store):
 def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
     """XLA's cost analysis counts a loop body once, so MFU's FLOPs come from the loop-free model
     (layers unrolled): the same count whatever the remat, attention chunking or micro-batching."""
-    import contextlib
-
-    from scfm_jax.models import layers
-
     rng = np.random.default_rng(0)
     gene_ids = np.stack([np.sort(rng.choice(120, 64, replace=False)) for _ in range(8)])
     counts = rng.integers(1, 50, (8, 64)).astype(np.float32)
@@ -102,11 +98,10 @@ def test_model_flops_count_every_layer_chunk_and_micro_batch(store):
         config.model.encoder.depth, config.model.decoder.depth = 2, 3
         config.model.remat_policy, config.model.decoder.chunk_size = remat, chunk
         config.train.grad_accum_steps = accum
+        # the reference: the loop-free step compiled with its layer scans unrolled
+        config.model.unroll_layers = name == "loop-free"
         trainer = Trainer(config, get_objective("scfoundation"), mesh)
-        # the reference: the loop-free step compiled with its layer scan unrolled
-        unrolled = layers.unrolled_layers() if name == "loop-free" else contextlib.nullcontext()
-        with unrolled:
-            compiled = trainer.compiled_train_step(trainer.abstract_sharded_state(), batch)
+        compiled = trainer.compile_train_step(trainer.abstract_sharded_state(), batch)
         counted[name] = (trainer.model_flops(batch), compiled.cost_analysis()["flops"])
     np.testing.assert_allclose(counted["looped"][0], counted["loop-free"][0], rtol=0.02)
     # the compiled loop-free step (plus the optimiser update) is what model_flops counts
@@ -219,17 +214,17 @@ def test_checkpoints_in_another_folder_load_from_the_workdir(store, tmp_path, mo
 
 def test_same_seed_same_losses_and_resume_continues_exactly(store, tmp_path):
     config = tiny_config(store, steps=6)
-    one_device = jax.devices()[:1]
-    full = loop.train(config, tmp_path / "full", progress=False, devices=one_device)
-    again = loop.train(config, tmp_path / "again", progress=False, devices=one_device)
+    trainer = loop.make_trainer(config, devices=jax.devices()[:1])   # one compile for every run
+    full = loop.train(config, tmp_path / "full", progress=False, trainer=trainer)
+    again = loop.train(config, tmp_path / "again", progress=False, trainer=trainer)
     assert full["losses"] == again["losses"]
     assert all(math.isfinite(v) for v in full["losses"].values())
 
     # Stop after 3 steps (a checkpoint, as on preemption), then resume in the same workdir.
-    stopped = loop.train(config, tmp_path / "resumed", progress=False, devices=one_device,
+    stopped = loop.train(config, tmp_path / "resumed", progress=False, trainer=trainer,
                          stop_after=3)
     assert stopped["stopped_early"] and stopped["final_step"] == 3
-    resumed = loop.train(config, tmp_path / "resumed", progress=False, devices=one_device)
+    resumed = loop.train(config, tmp_path / "resumed", progress=False, trainer=trainer)
     assert resumed["start_step"] == 3
     assert {s: resumed["losses"][s] for s in (4, 5, 6)} == {s: full["losses"][s] for s in (4, 5, 6)}
     assert (tmp_path / "full" / "config.json").exists()

@@ -6,8 +6,9 @@ import importlib
 _EXPORTS = {
     "load": "loading", "LoadedModel": "loading",
     "embed_cells": "embedding", "embed_genes": "embedding", "enhance": "embedding",
-    "fit_classifier": "annotation", "fine_tune": "annotation", "predict": "annotation",
-    "Classifier": "annotation",
+    "fit_classifier": "scfoundation_classifier", "fine_tune": "scfoundation_classifier",
+    "predict": "scfoundation_classifier",
+    "Classifier": "scfoundation_classifier",
     "knn_transfer": "evaluation", "label_transfer": "evaluation",
     "pca_baseline": "evaluation", "harmony_baseline": "evaluation",
     "compare_embeddings": "evaluation",

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
-from scfm_jax.analysis.annotation import labelled_codes, scores, split_cells
+from scfm_jax.analysis.scfoundation_classifier import labelled_codes, scores, split_cells
 from scfm_jax.data.host_ops import log_normalise, non_count_positions
 from scfm_jax.errors import InputError, UnknownName
 

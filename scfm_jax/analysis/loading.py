@@ -87,7 +87,7 @@ def load_workdir(workdir: str | Path | None, step: int | None = None, *,
     workdir), else where the workdir's config.json says (`train.checkpoint_dir`)."""
     from scfm_jax.train import partitioning
     from scfm_jax.train.checkpointing import Checkpoints
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
 
     workdir = None if workdir is None else Path(workdir)
     if directory is None and workdir is not None:

@@ -9,9 +9,7 @@ sharded as they are created (the train code places the whole state with a jitted
 build the same with or without a mesh. Activations are pinned at block boundaries with `constrain`,
 a no-op unless rules are active (`nnx.logical_axis_rules(...)`) and a mesh is set.
 """
-import contextlib
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -246,31 +244,18 @@ def depth(stacked: nnx.Module) -> int:
     return int(jax.tree.leaves(nnx.state(stacked))[0].shape[0])
 
 
-_UNROLL = threading.local()
-
-
-@contextlib.contextmanager
-def unrolled_layers():
-    """Within this context `scan` unrolls the layer loop, so XLA's cost analysis (which counts a
-    loop body once) sees every layer: for counting FLOPs, not for running."""
-    previous = getattr(_UNROLL, "on", False)
-    _UNROLL.on = True
-    try:
-        yield
-    finally:
-        _UNROLL.on = previous
-
-
 def scan(stacked: nnx.Module, carry: Any,
          step: Callable[[nnx.Module, Any, jax.Array, Any], tuple[Any, Any]], remat_policy: str,
-         per_layer: Any = None) -> tuple[Any, Any]:
+         per_layer: Any = None, unroll: bool = False) -> tuple[Any, Any]:
     """`carry, out = step(layer, carry, index, per_layer[index])` through a `stack`'s layers.
 
     One `lax.scan` whatever the remat policy (so the program holds one layer's code); with a
     policy other than "none" the step is checkpointed and the backward pass recomputes one layer
     at a time. (Per-layer `jax.checkpoint` in an unrolled loop saved no memory on XLA:CPU: its
     scheduler hoisted every recomputation.) Returns the final carry and the outputs stacked on a
-    leading layer axis; `step` must not mutate the layer.
+    leading layer axis; `step` must not mutate the layer. `unroll` (a model config's
+    `unroll_layers`) unrolls the loop so XLA's cost analysis, which counts a loop body once, sees
+    every layer: for counting FLOPs, not for running.
     """
     policy = check_remat_policy(remat_policy)
     graphdef, state = nnx.split(stacked)
@@ -283,4 +268,4 @@ def scan(stacked: nnx.Module, carry: Any,
     if policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
     return jax.lax.scan(body, carry, (state, jnp.arange(count, dtype=jnp.int32), per_layer),
-                        unroll=count if getattr(_UNROLL, "on", False) else 1)
+                        unroll=count if unroll else 1)

@@ -77,6 +77,7 @@ class ScFoundationConfig:
     dtype: str = "float32"      # compute dtype; parameters stay float32
     remat_policy: str = "none"
     attention_impl: str = "auto"  # both attentions: see scfm_jax.models.attention
+    unroll_layers: bool = False   # unroll the layer scans (FLOP counting; see layers.scan)
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any]) -> "ScFoundationConfig":
@@ -266,7 +267,8 @@ class ScFoundation(nnx.Module):
             layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             return layer(x, lengths, layer_key), None
 
-        x, _ = layers.scan(self.encoder_layers, x, step, self.cfg.remat_policy)
+        x, _ = layers.scan(self.encoder_layers, x, step, self.cfg.remat_policy,
+                           unroll=self.cfg.unroll_layers)
         return self.encoder_norm(x)
 
     def decode(self, encoded: jax.Array, gene_ids: jax.Array, padding_mask: jax.Array,
@@ -291,7 +293,7 @@ class ScFoundation(nnx.Module):
         x, _ = layers.scan(
             self.decoder_layers, x,
             lambda layer, x, *_: (layer(x, stabilizer_scope=stabilizer_scope), None),
-            self.cfg.remat_policy)
+            self.cfg.remat_policy, unroll=self.cfg.unroll_layers)
         x = self.norm(self.decoder_norm(x))
         if output == "embedding":
             return x

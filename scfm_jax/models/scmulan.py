@@ -43,6 +43,7 @@ class ScMulanConfig:
     remat_policy: str = "none"
     attention: str = "dot_product"
     attention_impl: str = "auto"  # see scfm_jax.models.attention
+    unroll_layers: bool = False   # unroll the layer scan (FLOP counting; see layers.scan)
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any]) -> "ScMulanConfig":
@@ -173,7 +174,8 @@ class ScMulan(nnx.Module):
         head_dim] each), the prefill of a generation cache.
         """
         x = self.embed(ids, levels)
-        x, kv = layers.scan(self.blocks, x, lambda block, h, *_: block(h), self.cfg.remat_policy)
+        x, kv = layers.scan(self.blocks, x, lambda block, h, *_: block(h), self.cfg.remat_policy,
+                            unroll=self.cfg.unroll_layers)
         hidden = self.ln_f(x)
         return (hidden, kv) if return_kv else hidden
 

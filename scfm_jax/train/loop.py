@@ -32,7 +32,7 @@ from scfm_jax.train import config_checks, partitioning
 from scfm_jax.train import workdir as workdir_lib
 from scfm_jax.train.checkpointing import Checkpoints
 from scfm_jax.train.metrics import MetricsWriter, device_peak_flops
-from scfm_jax.train.state import Trainer, cached_trainer
+from scfm_jax.train.trainer import Trainer
 
 
 class TrainingDiverged(ModelError, FloatingPointError):
@@ -149,8 +149,7 @@ def evaluate(trainer: Trainer, state, pipeline: Pipeline, num_batches: int, seed
     for index in range(num_batches):
         batch = host_to_device(pipeline.batch(index), trainer)
         key_data = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
-        losses.append(trainer.compiled_eval_step(state, batch, key_data)(state, batch, key_data)
-                      ["loss"])
+        losses.append(trainer.eval_step(state, batch, key_data)["loss"])
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -178,14 +177,25 @@ def _diverged(step: int, loss: float, checkpoints: Checkpoints) -> TrainingDiver
         f"lower config.train.learning_rate or check the data")
 
 
+def make_trainer(config: ml_collections.ConfigDict, devices=None) -> Trainer:
+    """The Trainer `train` builds for `config` (resolved against its store) over `devices`; hold
+    it and pass it to several `train` calls of one experiment to reuse its compiled steps."""
+    config = resolve_config(config, CellStore.open(config.data.store))
+    return Trainer(config, get_objective(config.model.name),
+                   partitioning.make_mesh(config.mesh, devices=devices))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True,
-          devices=None, stop_after: int | None = None, dry_run: bool = False) -> dict:
+          devices=None, stop_after: int | None = None, dry_run: bool = False,
+          trainer: Trainer | None = None) -> dict:
     """Run (or resume) the experiment in `workdir`; returns a summary of the run.
 
     `devices` (default: all devices of all processes) is the set the mesh is built over.
     `stop_after` ends the run early at that step with a checkpoint, as a preemption would; the
     schedule still follows `config.train.steps`, so a later call resumes the same run.
     `dry_run` compiles the train step of every bucket, prints the plan table and returns.
+    `trainer` (from `make_trainer`, same config) reuses its compiled steps instead of building
+    one; its mesh replaces `devices`.
     """
     # -- setup
     workdir = Path(workdir)
@@ -194,9 +204,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     config_checks.check_store(config, store)
     config = resolve_config(config, store)
     lead = jax.process_index() == 0
-    mesh = partitioning.make_mesh(config.mesh, devices=devices)
+    if trainer is None:
+        trainer = Trainer(config, get_objective(config.model.name),
+                          partitioning.make_mesh(config.mesh, devices=devices))
+    elif trainer.config.to_json(sort_keys=True) != config.to_json(sort_keys=True):
+        raise ValueError("train(trainer=...): the trainer was built for another config; build "
+                         "it with make_trainer(config)")
+    mesh = trainer.mesh
     train_config = config.train
-    trainer = cached_trainer(config, get_objective(config.model.name), mesh)
     partitioning.check_batch_divisible(config.data.global_batch_size, mesh,
                                        train_config.grad_accum_steps, trainer.rules)
     if dry_run:
@@ -253,9 +268,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                 if not trainer.has_train_step(batch):  # a new bucket: compile outside the rates
                     with window.paused():
                         jax.block_until_ready(state)
-                        trainer.compiled_train_step(state, batch)
+                        trainer.compile_train_step(state, batch)
                         trainer.model_flops(batch)
-                state, metrics = trainer.compiled_train_step(state, batch)(state, batch)
+                state, metrics = trainer.train_step(state, batch)
                 step += 1
                 pending.add(step, metrics)
                 window.add(config.data.global_batch_size,

@@ -270,7 +270,7 @@ def compile_step(trainer, step: str, bucket: int, global_batch: int):
     batch = abstract_batch(trainer.config, trainer.mesh, bucket, global_batch)
     state = trainer.abstract_sharded_state()
     if step == "train":
-        return trainer.compiled_train_step(state, batch), batch
+        return trainer.compile_train_step(state, batch), batch
     if trainer.objective.embed is None:
         raise UsageError(f"--step embed: model {trainer.objective.name!r} has no cell embedding")
     jitted = jax.jit(embed_step(trainer.graphdef, trainer.objective, trainer.config.objective),
@@ -284,7 +284,7 @@ def plan_bucket(config, devices, chip: Chip | None, *, step: str = "train", buck
                 global_batch: int | None = None) -> PlanRow:
     """Compile one (step, bucket) of `config` for `devices` and analyse it."""
     from scfm_jax.objectives import get_objective
-    from scfm_jax.train.state import Trainer
+    from scfm_jax.train.trainer import Trainer
 
     global_batch = int(global_batch or config.data.global_batch_size)
     mesh = partitioning.make_mesh(config.mesh, devices)

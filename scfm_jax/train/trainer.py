@@ -1,15 +1,13 @@
-"""Train state, optimiser, and the jitted init / train / eval steps on a mesh.
+"""`Trainer`: one experiment's init, train step and eval step, compiled for a mesh.
 
-The state is a pytree of global arrays: trainable `params` (nnx.Param), `buffers` (every other
-model variable, e.g. the performer's random projections), the optax state, the step and the RNG
-key. It is initialised directly sharded (abstract shapes first, then a jitted init with output
+`trainer.train_step(state, batch)` runs a step, compiling it the first time a batch shape (a
+bucket) is seen. The state (`train.train_state.TrainState`, a pytree of global arrays) is
+initialised directly sharded (abstract shapes first, then a jitted init with output
 shardings), so no host ever holds the whole model. Random draws inside a step come from
 `fold_in(key, step)` only, so a step is a pure function of (state, batch).
 """
 import dataclasses
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,40 +15,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from scfm_jax.train import partitioning
-from scfm_jax.models import layers
 from scfm_jax.objectives import Objective
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array      # int32 scalar: the number of optimiser updates applied
-    params: nnx.State    # trainable parameters (float32)
-    buffers: nnx.State   # non-trainable model variables
-    opt_state: Any
-    key: jax.Array       # uint32 raw key data (Orbax stores plain arrays)
-
-
-def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up to the peak, then cosine decay to `end_learning_rate_fraction` of it."""
-    warmup = min(int(train.warmup_steps), max(int(train.steps) - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
-        decay_steps=max(int(train.steps), warmup + 1),
-        end_value=train.learning_rate * train.end_learning_rate_fraction)
-
-
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    transforms = []
-    if train.grad_clip_norm:
-        transforms.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    transforms.append(optax.adamw(make_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
-                                  weight_decay=train.weight_decay))
-    return optax.chain(*transforms)
-
-
-def split_model(model: nnx.Module):
-    return nnx.split(model, nnx.Param, ...)
+from scfm_jax.train import partitioning
+from scfm_jax.train.train_state import (TrainState, apply_gradients, init_train_state,
+                                        make_optimizer, make_schedule, split_model)
 
 
 @dataclasses.dataclass
@@ -78,9 +46,7 @@ class Trainer:
     def _init(self, key_data) -> TrainState:
         key = jax.random.wrap_key_data(key_data)
         model = self.objective.build_model(self.config.model, rngs=nnx.Rngs(params=key))
-        _, params, buffers = split_model(model)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                          opt_state=self.optimizer.init(params), key=key_data)
+        return init_train_state(model, self.optimizer, key_data)
 
     def _state_sharding(self, abstract_state: TrainState) -> TrainState:
         params = partitioning.state_shardings(abstract_state.params, self.mesh, self.rules)
@@ -167,13 +133,9 @@ class Trainer:
             buffers = jax.lax.cond(due, self._refreshed, lambda _, b, __: b, state.params, buffers,
                                    jax.random.fold_in(key, 1))
         loss, metrics, grads = self._grads(state.params, buffers, batch, jax.random.fold_in(key, 0))
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        learning_rate=self.schedule(state.step))
-        new_state = state.replace(step=state.step + 1, params=params, buffers=buffers,
-                                  opt_state=opt_state)
-        return new_state, metrics
+        return apply_gradients(state, grads, self.optimizer, buffers=buffers), metrics
 
     def _eval_step(self, state: TrainState, batch, key_data) -> dict:
         loss, metrics = self._loss(state.params, state.buffers, batch,
@@ -192,8 +154,9 @@ class Trainer:
         """Whether the train step for this batch's shapes is compiled and its FLOPs counted."""
         return all(self._signature(kind, batch) in self._compiled for kind in ("train", "flops"))
 
-    def compiled_train_step(self, state: TrainState, batch):
-        """The train step compiled for this batch's shapes (one executable per bucket)."""
+    def compile_train_step(self, state: TrainState, batch):
+        """The train step compiled for this batch's shapes (one executable per bucket, kept);
+        `state` and `batch` may be abstract (shapes and shardings)."""
         signature = self._signature("train", batch)
         if signature not in self._compiled:
             jitted = jax.jit(self._train_step,
@@ -203,14 +166,18 @@ class Trainer:
                 self._compiled[signature] = jitted.lower(state, batch).compile()
         return self._compiled[signature]
 
+    def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        """(new state, metrics on the device) of one optimiser step; `state` is donated."""
+        return self.compile_train_step(state, batch)(state, batch)
+
     def model_flops(self, batch) -> float:
         """Model FLOPs per device of one train step: forward and backward of the loss.
 
         XLA's cost analysis counts a loop body once, and the compiled step loops over layers,
         attention chunks and micro-batches. So the count comes from the loss gradient of the
-        loop-free model (`loop_free_model_config`, layers unrolled) on one micro-batch, lowered
-        and not compiled, times the micro-batches, over the devices. Recomputation is not counted:
-        this is the numerator of MFU, not of hardware utilisation.
+        loop-free model (`loop_free_model_config`: layers unrolled, one chunk, no remat) on one
+        micro-batch, lowered and not compiled, times the micro-batches, over the devices.
+        Recomputation is not counted: this is the numerator of MFU, not of hardware utilisation.
         """
         signature = self._signature("flops", batch)
         if signature not in self._compiled:
@@ -224,16 +191,16 @@ class Trainer:
 
             micro_batch = {k: jax.ShapeDtypeStruct((v.shape[0] // accum, *v.shape[1:]), v.dtype)
                            for k, v in batch.items()}
-            with layers.unrolled_layers():
-                lowered = jax.jit(jax.grad(loss)).lower(
-                    self.abstract_state.params, self.abstract_state.buffers, micro_batch,
-                    jax.random.key(0))
+            lowered = jax.jit(jax.grad(loss)).lower(
+                self.abstract_state.params, self.abstract_state.buffers, micro_batch,
+                jax.random.key(0))
             analysis = lowered.cost_analysis() or {}
             self._compiled[signature] = (float(analysis.get("flops", 0.0)) * accum
                                          / self.mesh.size)
         return self._compiled[signature]
 
-    def compiled_eval_step(self, state: TrainState, batch, key_data):
+    def eval_step(self, state: TrainState, batch, key_data) -> dict:
+        """The loss and metrics of a batch under a fixed key, compiled on first use per shape."""
         signature = self._signature("eval", batch)
         if signature not in self._compiled:
             replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -241,32 +208,15 @@ class Trainer:
                 self.state_sharding, self._batch_sharding(batch), replicated))
             with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
                 self._compiled[signature] = jitted.lower(state, batch, key_data).compile()
-        return self._compiled[signature]
-
-
-_TRAINERS: dict = {}
-
-
-def cached_trainer(config: ml_collections.ConfigDict, objective: Objective, mesh: Mesh) -> Trainer:
-    """One Trainer (and its compiled steps) per (config, mesh) in this process.
-
-    Resuming, evaluating or re-running an experiment in the same process (tests, notebooks, the
-    demo) reuses the executables instead of compiling again.
-    """
-    key = (config.to_json(sort_keys=True), objective.name, mesh.axis_names, mesh.devices.shape,
-           tuple(d.id for d in mesh.devices.flat))
-    if key not in _TRAINERS:
-        _TRAINERS.clear()  # keep one: executables of large models are big
-        _TRAINERS[key] = Trainer(config, objective, mesh)
-    return _TRAINERS[key]
+        return self._compiled[signature](state, batch, key_data)
 
 
 def loop_free_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same model with fewer loops: no remat, one attention chunk, exact attention as XLA ops
-    (the blockwise and flash paths loop over key blocks); the layer scan is unrolled by
-    `layers.unrolled_layers`."""
+    """The same model with fewer loops: the layer scan unrolled, no remat, one attention chunk,
+    exact attention as XLA ops (the blockwise and flash paths loop over key blocks)."""
     config = ml_collections.ConfigDict(model_config.to_dict())
     config.remat_policy = "none"
+    config.unroll_layers = True
     if "attention_impl" in config:
         config.attention_impl = "xla"
 
@@ -278,4 +228,3 @@ def loop_free_model_config(model_config: ml_collections.ConfigDict) -> ml_collec
                 node[name] = 2**31 - 1
     unchunk(config)
     return config
-

@@ -1,13 +1,16 @@
-"""Cell-type annotation: a head on frozen embeddings, or the scFoundation encoder fine-tuned with it.
+"""scFoundation's cell-type classifier: a head on frozen embeddings, or the encoder fine-tuned with it.
 
-`fit_classifier` trains logistic regression (or a one-hidden-layer MLP) with optax on an `obsm`
-embedding; `fine_tune` trains the encoder and the head together (the official fine-tuning recipe:
-encoder, pooled tokens, standardised, then the head). Both hold out a stratified part of the
-labelled cells and report accuracy and macro-F1 on it. `predict` writes `obs["cell_type_pred"]`.
+`fit_classifier` trains logistic regression (or a one-hidden-layer MLP) on an `obsm` embedding;
+`fine_tune` trains the encoder and the head together (the official fine-tuning recipe: encoder,
+pooled tokens, standardised, then the head). Both take their optimiser steps as pretraining does
+(`train.train_state`: a functional TrainState and `apply_gradients`), hold out a stratified part of
+the labelled cells and report accuracy and macro-F1 on it. `predict` writes `obs["cell_type_pred"]`.
+(scMulan annotates zero-shot by generation: `analysis.scmulan_tasks.annotate`.)
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -29,6 +32,7 @@ from scfm_jax.errors import InputError, UnknownName, UsageError
 from scfm_jax.models import layers
 from scfm_jax.models.scfoundation import ScFoundation, pool_cell_embeddings
 from scfm_jax.objectives.scfoundation import inference_inputs
+from scfm_jax.train.train_state import apply_gradients, init_train_state, split_model
 
 
 class Standardization(nnx.Variable):
@@ -60,12 +64,13 @@ class _EncoderClassifier(nnx.Module):
     def __init__(self, encoder: ScFoundation, head: Head, *, tgthighres: str, pool: str,
                  options: dict):
         self.encoder, self.head = encoder, head
-        self.tgthighres, self.pool, self.options = tgthighres, pool, dict(options)
+        self.tgthighres, self.pool = tgthighres, pool
+        self.options = tuple(sorted(options.items()))  # static and hashable: part of the graphdef
 
     def __call__(self, batch) -> jax.Array:
         inputs = inference_inputs(batch, num_genes=self.encoder.num_genes,
                                   tgthighres=self.tgthighres, pad_value=self.encoder.pad_value,
-                                  **self.options)
+                                  **dict(self.options))
         encoded = self.encoder.encode(inputs["encoder_values"], inputs["encoder_gene_ids"],
                                       inputs["encoder_padding_mask"])
         return self.head(pool_cell_embeddings(encoded, inputs["encoder_lengths"], self.pool))
@@ -167,19 +172,15 @@ def fit_classifier(adata: anndata.AnnData, label_key: str,
     x = np.asarray(adata.obsm[embedding_key], np.float32)[labelled]
     head = Head(*_standardization(x[train]), len(classes), hidden=hidden,
                 rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(head, optax.adamw(learning_rate, weight_decay=weight_decay),
-                              wrt=nnx.Param)
-
-    @nnx.jit
-    def step(head, optimizer, x, y):
-        def loss_fn(head):
-            return optax.softmax_cross_entropy_with_integer_labels(head(x), y).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(head)
-        optimizer.update(head, grads)
-        return loss
-
+    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+    graphdef, state = _train_state(head, optimizer, seed)
     x_train, y_train = jnp.asarray(x[train]), jnp.asarray(codes[train])
-    losses = [float(step(head, optimizer, x_train, y_train)) for _ in range(steps)]
+    weights = jnp.ones(len(train), jnp.float32)
+    losses = []
+    for _ in range(steps):
+        state, loss = _step(graphdef, optimizer, state, x_train, y_train, weights)
+        losses.append(float(loss))
+    head = nnx.merge(graphdef, state.params, state.buffers)
     probabilities = np.asarray(jax.nn.softmax(_logits(head, jnp.asarray(x[test])), axis=-1))
     report = _report(probabilities, codes[test], classes, losses, (len(train), len(test)))
     if verbose:
@@ -211,14 +212,22 @@ def _training_batches(csr, totals, cells: np.ndarray, codes: np.ndarray, batch_s
                codes[padded].astype(np.int32), weights)
 
 
-@nnx.jit
-def _fine_tune_step(network, optimizer, batch, labels, weights):
-    def loss_fn(network):
-        losses = optax.softmax_cross_entropy_with_integer_labels(network(batch), labels)
+def _train_state(network: nnx.Module, optimizer: optax.GradientTransformation, seed: int):
+    """(graphdef, TrainState at step 0) of a network, as pretraining initialises its state."""
+    key_data = jax.random.key_data(jax.random.key(seed))
+    return split_model(network)[0], init_train_state(network, optimizer, key_data)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer"))
+def _step(graphdef, optimizer, state, inputs, labels, weights):
+    """(state after one optimiser step on the weighted cross-entropy, the loss): the functional
+    step of `train.train_state`, compiled once per (network structure, optimiser, shapes)."""
+    def loss_fn(params):
+        network = nnx.merge(graphdef, params, state.buffers)
+        losses = optax.softmax_cross_entropy_with_integer_labels(network(inputs), labels)
         return jnp.sum(losses * weights) / jnp.sum(weights)
-    loss, grads = nnx.value_and_grad(loss_fn)(network)
-    optimizer.update(network, grads)
-    return loss
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return apply_gradients(state, grads, optimizer), loss
 
 
 def fine_tune(model, adata: anndata.AnnData, label_key: str, *, layer: str | None = None,
@@ -253,9 +262,10 @@ def fine_tune(model, adata: anndata.AnnData, label_key: str, *, layer: str | Non
         return jax.tree_util.tree_map_with_path(
             lambda path, _: "head" if path[0].key == "head" else "encoder", params)
 
-    optimizer = nnx.Optimizer(network, optax.multi_transform(
+    optimizer = optax.multi_transform(
         {"encoder": optax.adamw(encoder_learning_rate, weight_decay=0.0),
-         "head": optax.adamw(head_learning_rate, weight_decay=1e-4)}, label_of), wrt=nnx.Param)
+         "head": optax.adamw(head_learning_rate, weight_decay=1e-4)}, label_of)
+    graphdef, state = _train_state(network, optimizer, seed)
     rng = np.random.default_rng(seed)
     epoch_losses = []
     for epoch in range(epochs):
@@ -264,10 +274,11 @@ def fine_tune(model, adata: anndata.AnnData, label_key: str, *, layer: str | Non
                 list(_training_batches(csr, totals, train, codes, batch_size, rng,
                                        encoder.num_genes)),
                 desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress, unit="batch"):
-            loss = _fine_tune_step(network, optimizer, batch, labels, weights)
+            state, loss = _step(graphdef, optimizer, state, batch, labels, weights)
             batch_losses.append((float(loss), float(weights.sum())))
         losses, counts = np.asarray(batch_losses).T
         epoch_losses.append(float(np.sum(losses * counts) / np.sum(counts)))
+    network = nnx.merge(graphdef, state.params, state.buffers)
     classifier = Classifier(head=network.head, classes=classes, report={},
                             encoder=network.encoder, vocabulary=vocabulary,
                             embed_options=dict(embed_options, layer=layer,
