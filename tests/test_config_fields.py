@@ -148,3 +148,34 @@ def test_config_data_vocabulary_is_enforced(tmp_path):
     with pytest.raises(UsageError, match="carries the vocabulary .*convert the data with "
                                          "--vocabulary scfoundation"):
         config_checks.check_store(config, store)
+
+
+
+@pytest.mark.parametrize("config_name, group, misspelt", [
+    ("scfoundation_tiny", "model", "n_heads"),
+    ("scfoundation_tiny", "model.decoder", "head_dims"),
+    ("scmulan_tiny", "model", "n_heads"),
+])
+def test_model_configs_refuse_unknown_fields(config_name, group, misspelt):
+    """A misspelt architecture field is refused by name (one mechanism for every model), not
+    silently ignored while the default is built."""
+    from flax import nnx
+
+    from scfm_jax.errors import UsageError
+    from scfm_jax.objectives import get_objective
+    from scfm_jax.train.plan import plan_config
+
+    config = _load(REPO_ROOT / "configs" / f"{config_name}.py")
+    if "num_genes" in config.model:
+        config.model.num_genes = 30    # what a store would give; scMulan's plan_config builds its own
+    config = plan_config(config)
+    section = config
+    for part in group.split("."):
+        section = section[part]
+    objective = get_objective(config.model.name)
+    build = lambda: objective.build_model(config.model, rngs=nnx.Rngs(0))  # noqa: E731
+    nnx.eval_shape(build)   # builds as configured
+    section[misspelt] = 8
+    with pytest.raises(UsageError, match=rf"config\.{group} has unknown field\(s\) "
+                                         rf"\['{misspelt}'\]"):
+        nnx.eval_shape(build)

@@ -45,7 +45,6 @@ def model_config_from_args(model_args: Mapping[str, Any]) -> ml_collections.Conf
         n_embd=int(model_args["n_embd"]),
         expression_level=int(model_args.get("expression_level", 10)),
         bias=bool(model_args.get("bias", True)),
-        block_size=int(model_args.get("block_size", 1000)),
         dtype="float32", remat_policy="none", attention="dot_product"))
 
 

@@ -9,8 +9,9 @@ sharded as they are created (the train code places the whole state with a jitted
 build the same with or without a mesh. Activations are pinned at block boundaries with `constrain`,
 a no-op unless rules are active (`nnx.logical_axis_rules(...)`) and a mesh is set.
 """
+import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +47,25 @@ REMAT_POLICIES = {
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, used by both original models (Flax's is 1e-6)
 ATTENTION_KINDS = ("performer", "dot_product")
+
+
+# The field of every `config.model` that is not architecture: which model it is.
+MODEL_NAME_FIELD = "name"
+
+
+def config_fields(cls, section: Mapping[str, Any], where: str, *, not_architecture=()
+                  ) -> dict[str, Any]:
+    """The values of `section` (a ConfigDict or mapping) for the fields of dataclass `cls`.
+
+    A key that is not a field of `cls` (a misspelt `--config.model.n_heads=8`) is a UsageError
+    naming `where` and the known fields, rather than a setting silently ignored. `name` and
+    `not_architecture` (keys read by training, e.g. how often buffers are refreshed) pass.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - known - {MODEL_NAME_FIELD, *not_architecture})
+    if unknown:
+        raise UsageError(f"{where} has unknown field(s) {unknown}; known: {sorted(known)}")
+    return {name: section[name] for name in known if name in section}
 
 
 def with_axes(init: Callable, names: Sequence[str | None]) -> Callable:

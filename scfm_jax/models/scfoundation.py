@@ -52,16 +52,12 @@ class DecoderConfig:
     chunk_size: int = 2048           # genes per chunk of the linear-attention scan
 
 
-# Fields of `config.model` that configure training, not the architecture.
-_NOT_ARCHITECTURE = {"name", "redraw_interval"}
+# A field of `config.model.decoder` that configures training, not the architecture.
+_NOT_ARCHITECTURE = ("redraw_interval",)
 
 
 def _fields(cls, section: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known - _NOT_ARCHITECTURE)
-    if unknown:
-        raise UsageError(f"{where} has unknown field(s) {unknown}; known: {sorted(known)}")
-    return {name: section[name] for name in known if name in section}
+    return layers.config_fields(cls, section, where, not_architecture=_NOT_ARCHITECTURE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,9 +47,7 @@ class ScMulanConfig:
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any]) -> "ScMulanConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: model_config[k] for k in fields if k in model_config}
-        config = cls(**values)
+        config = cls(**layers.config_fields(cls, model_config, "config.model"))
         if config.vocab_size <= 0:
             raise UsageError(
                 f"scMulan vocab_size is {config.vocab_size}: resolve it from the token set first "
