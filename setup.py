@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # configs/ sits at the top level for users (`--config configs/x.py`) and is installed as
-    # `scfm_jax.configs`, so the demo and `analysis.load` work from an installed package too.
+    # `scfm_jax.configs`, so the demo and `analysis.load` work from an installed package too; in
+    # a checkout, scfm_jax/__init__.py maps `scfm_jax.configs` onto the folder beside it.
     packages=find_packages(include=["scfm_jax", "scfm_jax.*"]) + ["scfm_jax.configs"],
     package_dir={"scfm_jax.configs": "configs"},
     package_data={"scfm_jax": ["py.typed"]},

@@ -5,11 +5,11 @@ bf16 compute.
   scfm-jax train --config configs/scfoundation_100m.py --workdir runs/100m \
       --config.data.store=gs://bucket/store --config.mesh.fsdp=8
 """
-from scfm_jax.configs import scfoundation_tiny
+from scfm_jax.train.config_checks import base_config
 
 
 def get_config():
-    config = scfoundation_tiny.get_config()
+    config = base_config(__file__, "scfoundation_tiny")
     model = config.model
     model.num_genes = 19264
     model.bin_num = 100

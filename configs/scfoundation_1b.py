@@ -10,11 +10,11 @@ the per-chip bytes.
   scfm-jax train --config configs/scfoundation_1b.py --workdir /mnt/gcs/runs/1b \
       --config.data.store=gs://bucket/store --auto_distributed
 """
-from scfm_jax.configs import scfoundation_100m
+from scfm_jax.train.config_checks import base_config
 
 
 def get_config():
-    config = scfoundation_100m.get_config()
+    config = base_config(__file__, "scfoundation_100m")
     model = config.model
     model.encoder.update(width=1536, depth=32, heads=12, mlp_dim=6144)
     model.decoder.update(width=1024, depth=8, heads=16, head_dim=64, mlp_dim=4096)

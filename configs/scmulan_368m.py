@@ -5,11 +5,11 @@ rest (data, train, mesh, objective) as scmulan_tiny. Point `objective.token_set`
 vocabulary folder to continue from the released weights' token set; with a token set built from a
 store instead, pass `--config.model.vocab_size=-1`.
 """
-from scfm_jax.configs import scmulan_tiny
+from scfm_jax.train.config_checks import base_config
 
 
 def get_config():
-    config = scmulan_tiny.get_config()
+    config = base_config(__file__, "scmulan_tiny")
     config.model.update(vocab_size=2222, n_layer=24, n_head=16, n_embd=1120, bias=False,
                         expression_level=10, remat_policy="dots")
     config.objective.num_genes = 2000

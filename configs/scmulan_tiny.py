@@ -8,11 +8,11 @@ pbmc68k_reduced (the demo store); set them to your store's columns.
 """
 import ml_collections
 
-from scfm_jax.configs import scfoundation_tiny
+from scfm_jax.train.config_checks import base_config
 
 
 def get_config():
-    config = scfoundation_tiny.get_config()
+    config = base_config(__file__, "scfoundation_tiny")
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "scmulan"

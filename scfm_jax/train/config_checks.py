@@ -89,6 +89,16 @@ def load_config(spec: str):
                          "the file") from None
 
 
+def base_config(config_file: str, name: str, argument: str = ""):
+    """The config `name` (e.g. "scfoundation_tiny") of the folder of `config_file` (a config's
+    `__file__`): what a config that starts from another calls. It loads the file beside it by its
+    path, so a checkout's configs build on each other however they are loaded (`--config`,
+    ml_collections' config_flags, `import scfm_jax.configs.x`) and whether or not the package is
+    installed; an edit to the base config is seen by every config built on it."""
+    path = Path(config_file).with_name(f"{name}.py")
+    return load_config(f"{path}:{argument}" if argument else str(path))
+
+
 def _parse_value(text: str, current):
     """The Python value of an override's text, read as the current value's type reads it."""
     if isinstance(current, str):
