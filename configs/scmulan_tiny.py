@@ -25,6 +25,7 @@ def get_config():
     model.attention = "dot_product"  # exact causal attention (the only kind scMulan has)
     model.dtype = "float32"        # compute dtype; parameters and optimiser state stay float32
     model.remat_policy = "none"    # "none" | "full" | "dots"
+    model.unroll_layers = False    # True: the layer scan unrolled (the trainer counts FLOPs so)
     model.attention_impl = "auto"  # "auto" | "xla" | "cudnn" | "pallas" | "blockwise" (README)
 
     config.objective = objective = ml_collections.ConfigDict()

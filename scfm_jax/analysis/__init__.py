@@ -5,6 +5,7 @@ import importlib
 # package) do not pay for scikit-learn and scanpy at start-up.
 _EXPORTS = {
     "load": "loading", "LoadedModel": "loading",
+    "embed": "model_embedding",
     "embed_cells": "embedding", "embed_genes": "embedding", "enhance": "embedding",
     "fit_classifier": "scfoundation_classifier", "fine_tune": "scfoundation_classifier",
     "predict": "scfoundation_classifier",

@@ -105,7 +105,9 @@ def aligned_matrix(adata: anndata.AnnData, vocabulary: Vocabulary, *, layer: str
     return aligned, alignment
 
 
-def _settings(model, vocabulary, alignment, **options) -> dict:
+def embedding_settings(model, vocabulary, alignment, **options) -> dict:
+    """What `adata.uns[key]` records of a result: the options, the model's source, the vocabulary
+    and the gene coverage report."""
     source = model.source if isinstance(model, LoadedModel) else type(model).__name__
     settings = dict(options, model=source, vocabulary=vocabulary.name,
                     coverage=alignment.report.summary(),
@@ -140,7 +142,7 @@ def embed_cells(model, adata: anndata.AnnData, *, layer: str | None = None,
         progress=progress)
     require_finite(embeddings, adata.obs_names, key_added)
     adata.obsm[key_added] = embeddings
-    adata.uns[key_added] = _settings(model, vocabulary, alignment, layer=str(layer),
+    adata.uns[key_added] = embedding_settings(model, vocabulary, alignment, layer=str(layer),
                                      tgthighres=tgthighres, pool=pool,
                                      pre_normalized=pre_normalized, input_type=input_type)
 
@@ -204,7 +206,7 @@ def embed_genes(model, adata: anndata.AnnData, *, layer: str | None = None,
                               cell_names=list(adata.obs_names), progress=progress)
     mean = (accumulator.total / accumulator.cells).astype(np.float32)
     adata.varm[key_added] = _to_input_genes(mean, alignment)
-    adata.uns[f"{key_added}_genes"] = _settings(model, vocabulary, alignment, layer=str(layer),
+    adata.uns[f"{key_added}_genes"] = embedding_settings(model, vocabulary, alignment, layer=str(layer),
                                                 tgthighres=tgthighres, cells=int(adata.n_obs))
     return per_cell
 
@@ -296,7 +298,7 @@ def enhance(model, adata: anndata.AnnData, target: str = "a5", *,
             cell_names=list(adata.obs_names), progress=progress)
     require_finite(predicted, adata.obs_names, layer_added)
     adata.layers[layer_added] = _to_input_genes(predicted.T, alignment).T
-    adata.uns[layer_added] = _settings(model, vocabulary, alignment, layer=str(layer),
+    adata.uns[layer_added] = embedding_settings(model, vocabulary, alignment, layer=str(layer),
                                        target=target, masked=masked,
                                        folds=folds if masked else None)
 

@@ -211,14 +211,18 @@ class Trainer:
         return self._compiled[signature](state, batch, key_data)
 
 
+# The `config.model` fields that make a model loop, and their loop-free values: no remat, the
+# layer scan unrolled, exact attention as XLA ops (the blockwise and flash paths loop over key
+# blocks). A model sets only those its config has (a model without a layer scan has none).
+LOOP_FREE_FIELDS = {"remat_policy": "none", "unroll_layers": True, "attention_impl": "xla"}
+
+
 def loop_free_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same model with fewer loops: the layer scan unrolled, no remat, one attention chunk,
-    exact attention as XLA ops (the blockwise and flash paths loop over key blocks)."""
+    """The same model with fewer loops: `LOOP_FREE_FIELDS` and one attention chunk."""
     config = ml_collections.ConfigDict(model_config.to_dict())
-    config.remat_policy = "none"
-    config.unroll_layers = True
-    if "attention_impl" in config:
-        config.attention_impl = "xla"
+    for name, value in LOOP_FREE_FIELDS.items():
+        if name in config:
+            config[name] = value
 
     def unchunk(node):
         for name in node.keys():

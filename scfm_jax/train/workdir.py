@@ -19,7 +19,7 @@ from scfm_jax.errors import WorkdirError
 from scfm_jax.output_safety import LOCK, FolderLock, check_output
 
 # Fields that may change between a run and its resume: they do not change the parameters.
-RESUMABLE_MODEL_FIELDS = ("model.remat_policy", "model.decoder.chunk_size")
+RESUMABLE_MODEL_FIELDS = ("model.remat_policy", "model.decoder.chunk_size", "model.unroll_layers")
 # What a run writes into its workdir; a workdir holding anything else is not a run's.
 RUN_FILES = (LOCK, "config.json", "metrics.jsonl", ".config.json.tmp", ".metrics.jsonl.tmp")
 RUN_FOLDERS = ("checkpoints", "profile", "tensorboard")
