@@ -32,8 +32,8 @@ def get_config():
     train.steps = 200_000
     train.learning_rate = 1e-4
     train.warmup_steps = 9_766
-    # 64 cells per micro-step: 8 per chip on a v5e-8 (data=8), 16 on a v5p-8, the largest
-    # micro-batch that keeps 20% of a v5e chip's HBM free at the 8,192-gene bucket (docs/speed.md).
+    # 64 cells per micro-step: 8 per chip on a v5e-8 (data=8), 16 on a v5p-8, sized by the plan
+    # to leave HBM headroom at the largest bucket (the `--sweep` rows are in docs/speed.md).
     # 65,536 / grad_accum_steps must divide by the batch shards (data x fsdp).
     train.grad_accum_steps = 1_024
     train.checkpoint_every = 1_000

@@ -47,7 +47,7 @@ def get_config():
     model.dtype = "float32"        # compute dtype; parameters and optimiser state stay float32
     model.remat_policy = "none"    # "none" | "full" | "dots" (save matmul outputs only)
     model.unroll_layers = False    # True: the layer scan unrolled (the trainer counts FLOPs so)
-    model.attention_impl = "auto"  # "auto" | "xla" | "cudnn" | "pallas" | "blockwise" (README)
+    model.attention_impl = "auto"  # "auto" | "xla" | "cudnn" | "pallas" | "blockwise" (docs/attention.md)
 
     # Pretraining objective (model input function, on the device).
     config.objective = objective = ml_collections.ConfigDict()

@@ -26,7 +26,7 @@ def get_config():
     model.dtype = "float32"        # compute dtype; parameters and optimiser state stay float32
     model.remat_policy = "none"    # "none" | "full" | "dots"
     model.unroll_layers = False    # True: the layer scan unrolled (the trainer counts FLOPs so)
-    model.attention_impl = "auto"  # "auto" | "xla" | "cudnn" | "pallas" | "blockwise" (README)
+    model.attention_impl = "auto"  # "auto" | "xla" | "cudnn" | "pallas" | "blockwise" (docs/attention.md)
 
     config.objective = objective = ml_collections.ConfigDict()
     objective.token_set = ""       # "": build from the store; or an official-layout folder

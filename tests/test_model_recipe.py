@@ -2,25 +2,31 @@
 change to train/, data/, analysis or the CLI.
 
 The toy (tests/toy_model/: an architecture, an objective, a config) is registered as the recipe
-says, as a row of `scfm_jax.objectives.OBJECTIVES`; then the plan compiles its train and embed
-steps, `scfm-jax train` trains it two steps on a tiny store, and `scfm_jax.analysis` loads the
-workdir and embeds an AnnData with it.
+says, as a row of `scfm_jax.objectives.OBJECTIVES`, and its config put in a configs/ folder beside
+scfoundation_tiny.py; then the plan compiles its train and embed steps, the page's `scfm-jax
+train` trains it two steps on a tiny store, and `scfm_jax.analysis` loads the workdir and embeds
+an AnnData with it.
 """
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from docs_helpers import run_documented
 from scfm_jax import analysis, objectives
-from scfm_jax.main import main as scfm_jax
 from scfm_jax.train import config_checks, plan
 from scfm_jax.train.metrics import read_metrics
+from shared_helpers import REPO_ROOT
 from toy_model import objective as toy_objective
 from train_helpers import make_store, synthetic_counts
 
-TOY_CONFIG = str(Path(__file__).parent / "toy_model" / "config.py")
 GENES = 40
+# docs/adding_a_model.md, run from a folder holding configs/toy_tiny.py and runs/store
+PLAN = "scfm-jax plan --config configs/toy_tiny.py --topology v5e-1 --config.model.num_genes=40"
+TRAIN = ("scfm-jax train --config configs/toy_tiny.py --workdir runs/toy "
+         "--config.data.store=runs/store")
 
 needs_libtpu = pytest.mark.skipif(
     not plan.libtpu_available(),
@@ -34,14 +40,23 @@ def toy_registered(monkeypatch):
                         toy_objective.OBJECTIVE)
 
 
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A folder with the toy's config in configs/, beside the config it starts from."""
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "scfoundation_tiny.py", tmp_path / "configs")
+    shutil.copy(Path(__file__).parent / "toy_model" / "toy_tiny.py", tmp_path / "configs")
+    return tmp_path
+
+
 def test_the_toy_is_not_known_until_registered():
     with pytest.raises(Exception, match="'toy' is not a known model"):
         objectives.get_objective("toy")
 
 
-def test_a_model_added_by_the_recipe_plans(toy_registered):
+def test_a_model_added_by_the_recipe_plans(toy_registered, project):
     """The plan compiles its train step (counting its FLOPs) and its embed step."""
-    config = config_checks.load_config(TOY_CONFIG)
+    config = config_checks.load_config(str(project / "configs" / "toy_tiny.py"))
     config.model.num_genes = GENES
     config = plan.plan_config(config)
     devices = jax.devices()[:1]
@@ -54,21 +69,19 @@ def test_a_model_added_by_the_recipe_plans(toy_registered):
 
 
 @needs_libtpu
-def test_a_model_added_by_the_recipe_plans_for_a_tpu(toy_registered, capsys):
+def test_a_model_added_by_the_recipe_plans_for_a_tpu(toy_registered, project, capsys):
     """`scfm-jax plan`, the CLI, compiles it for a TPU chip without one."""
-    code = scfm_jax(["plan", "--config", TOY_CONFIG, "--topology", "v5e-1",
-                     f"--config.model.num_genes={GENES}"])
+    code = run_documented(PLAN, project)
     out = capsys.readouterr().out
     assert code == 0, out
     (row,) = [line.split() for line in out.splitlines() if line.startswith("train ")]
     assert row[1:3] == ["64", "8"] and "yes" in row   # bucket, batch; it fits the chip
 
 
-def test_a_model_added_by_the_recipe_trains_and_embeds(toy_registered, tmp_path):
-    store = make_store(tmp_path, num_cells=64, num_genes=GENES)
-    workdir = tmp_path / "run"
-    assert scfm_jax(["train", "--config", TOY_CONFIG, "--workdir", str(workdir),
-                     f"--config.data.store={store}"]) == 0
+def test_a_model_added_by_the_recipe_trains_and_embeds(toy_registered, project):
+    make_store(project / "runs", num_cells=64, num_genes=GENES)
+    assert run_documented(TRAIN, project) == 0
+    workdir = project / "runs" / "toy"
     metrics = read_metrics(workdir)
     assert sorted(metrics) == [1, 2]
     assert all(np.isfinite(m["train/loss"]) and m["train/hidden_genes"] > 0

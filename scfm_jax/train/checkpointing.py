@@ -12,7 +12,8 @@ Saves are asynchronous and atomic (Orbax writes a temporary folder and renames i
 checkpoints are kept, plus the best by evaluation loss. Restoring takes an abstract target with
 shardings, so a checkpoint written on one mesh restores onto any other. They live in
 `<workdir>/checkpoints`, or where `train.checkpoint_dir` says: another folder or a gs:// bucket
-(Orbax 0.12 writes OCDBT checkpoints to gs:// only; s3:// is refused, see README).
+(Orbax 0.12 writes OCDBT checkpoints to gs:// only; s3:// is refused: docs/data.md, "Stores on
+object storage").
 """
 import contextlib
 import functools

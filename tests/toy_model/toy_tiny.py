@@ -1,17 +1,13 @@
 """The toy, tiny: scfoundation_tiny's data, train, mesh and sharding rules with the toy's model and
-objective groups (a config in `configs/` would start with `base_config(__file__,
-"scfoundation_tiny")`; this one lives in tests/, so it names the file)."""
-from pathlib import Path
-
+objective groups. It sits in configs/ beside scfoundation_tiny.py (tests/test_model_recipe.py
+copies both into a configs/ folder, where the recipe puts a model's config)."""
 import ml_collections
 
-from scfm_jax.train.config_checks import load_config
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from scfm_jax.train.config_checks import base_config
 
 
 def get_config():
-    config = load_config(str(CONFIGS / "scfoundation_tiny.py"))
+    config = base_config(__file__, "scfoundation_tiny")
     config.model = ml_collections.ConfigDict(dict(
         name="toy",
         num_genes=-1,      # -1: the size of the training store's vocabulary
