@@ -725,7 +725,7 @@ def test_slurm_job_is_requeued_when_preempted(tmp_path):
 
 def test_default_warm_up_with_few_steps_is_accepted(small_store, tmp_path):
     from scfm_jax.train import config_checks
-    from scfm_jax.train.state import make_schedule
+    from scfm_jax.train.train_state import make_schedule
     config = tiny_config(str(small_store), steps=6)
     config.train.warmup_steps = 50   # the config file's default
     config_checks.check(config, tmp_path / "run")

@@ -86,8 +86,8 @@ def require_counts(adata: anndata.AnnData, layer: str | None, matrix, where: str
               "pass layer='counts'")
     raise InputError(
         f"{where} does not hold raw counts (e.g. {bad[:3].tolist()}; it looks log-normalised), but "
-        f"scFoundation normalises counts itself: {advice}. If these values are log1p(counts / "
-        "total * 1e4), pass pre_normalized='T' instead.")
+        f"raw counts are expected (they are normalised here): {advice}. For scFoundation, if "
+        "these values are log1p(counts / total * 1e4), pass pre_normalized='T' instead.")
 
 
 def aligned_matrix(adata: anndata.AnnData, vocabulary: Vocabulary, *, layer: str | None = None,
