@@ -135,7 +135,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path, capsys, 
     write(counts_adata(seed=1), other)
     status, err = run_cli(capsys, "convert", other, "--output", folder, "--vocabulary",
                           "from-data", "--no-progress", *flags)
-    assert status == 1 and "not part of a cell store" in err[-1] and "analysis.ipynb" in err[-1]
+    assert status == 1 and "convert did not write" in err[-1] and "analysis.ipynb" in err[-1]
     assert unchanged(before, folder)   # nothing deleted, nothing written
 
 
@@ -725,7 +725,7 @@ def test_slurm_job_is_requeued_when_preempted(tmp_path):
 
 def test_default_warm_up_with_few_steps_is_accepted(small_store, tmp_path):
     from scfm_jax.train import config_checks
-    from scfm_jax.train.state import make_schedule
+    from scfm_jax.train.train_state import make_schedule
     config = tiny_config(str(small_store), steps=6)
     config.train.warmup_steps = 50   # the config file's default
     config_checks.check(config, tmp_path / "run")

@@ -17,7 +17,7 @@ import anndata
 import pandas as pd
 
 from scfm_jax.errors import UnknownName
-from scfm_jax.tasks.output_folder import check_output, staged_output
+from scfm_jax.output_safety import check_output, staged_folder
 from scfm_jax.tasks.task_models import TaskModel, add_task_arguments, load_task_model
 
 MODEL_KEYS = {"scfoundation": "X_scfoundation", "scmulan": "X_scmulan"}
@@ -139,9 +139,11 @@ def main(argv=None) -> int:
     from scfm_jax.data.anndata_io import read_h5ad
 
     args = _parser().parse_args(argv)
-    output = check_output(args.output, "integration.csv", args.overwrite)
+    output = args.output
+    check_output(output, command="evaluate", inputs=[args.input], overwrite=args.overwrite,
+                 folder=True)
     adata = read_h5ad(args.input)
-    with staged_output(output) as folder:
+    with staged_folder(output, command="evaluate") as folder:
         table = integration_benchmark(
             adata, args.label_key, args.batch_key, checkpoints=args.checkpoint,
             obsm_keys=args.obsm, layer=args.layer, gene_column=args.gene_column,
