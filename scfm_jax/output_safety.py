@@ -131,16 +131,17 @@ def check_output(output, *, command: str, inputs=(), overwrite: bool | None = Fa
     None where the command writes in place and replaces nothing (train's workdir, a store).
     `folder`: the command writes a folder (an existing empty folder is taken).
     `foreign(output)` lists what in an existing folder or object-store prefix the command did not
-    write (default: `not_written_by`); `output` may then be a URL (gs://, s3://), whose place is
-    not checked."""
+    write (default: `not_written_by`); with it, `output` may be a URL (gs://, s3://), whose place
+    is not checked."""
     remote = "://" in str(output)
     if not remote:
         output = Path(output).expanduser()
         _check_place(output, inputs, flag)
         if not output.exists() and not output.is_symlink():
             return
-    held = (foreign(output) if foreign is not None and (remote or output.is_dir()) else
-            not_written_by(output, command) if not remote and output.is_dir() else [])
+    held = []
+    if remote or output.is_dir():
+        held = (foreign or (lambda folder: not_written_by(folder, command)))(output)
     if held:
         raise OutputError(
             f"{flag} {output} is a folder holding {len(held)} files that scfm-jax {command} did "

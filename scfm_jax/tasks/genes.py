@@ -34,9 +34,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfm_jax.errors import InputError, UnknownName
-from scfm_jax.output_safety import check_output, staged_folder
+from scfm_jax.output_safety import staged_folder
 from scfm_jax.tasks.task_models import (TaskModel, add_task_arguments, counts_on_model_genes,
-                                         load_task_model)
+                                         load_task_model, parse_task_arguments)
 
 TOKEN_KEYS = {"scfoundation": "X_scfoundation_token", "scmulan": "X_scmulan_token"}
 CONTEXT_KEY = "X_scfoundation_context"
@@ -454,10 +454,8 @@ def _parser():
 def main(argv=None) -> int:
     from scfm_jax.data.anndata_io import read_h5ad, write_h5ad
 
-    args = _parser().parse_args(argv)
+    args = parse_task_arguments(_parser(), argv, "genes")
     output = args.output
-    check_output(output, command="genes", inputs=[args.input], overwrite=args.overwrite,
-                 folder=True)
     cells = read_h5ad(args.input)
     if args.label_key is not None and args.label_key not in cells.obs:
         raise UnknownName(f"--label-key {args.label_key!r} is not a column of {args.input}'s obs "
