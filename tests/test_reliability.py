@@ -135,7 +135,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path, capsys, 
     write(counts_adata(seed=1), other)
     status, err = run_cli(capsys, "convert", other, "--output", folder, "--vocabulary",
                           "from-data", "--no-progress", *flags)
-    assert status == 1 and "not part of a cell store" in err[-1] and "analysis.ipynb" in err[-1]
+    assert status == 1 and "convert did not write" in err[-1] and "analysis.ipynb" in err[-1]
     assert unchanged(before, folder)   # nothing deleted, nothing written
 
 

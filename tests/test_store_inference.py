@@ -140,7 +140,7 @@ def test_embed_store_command_on_every_device_with_a_filter_and_refusals(scfounda
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert run_command(EMBED_STORE.replace("donor_a", "foreign"), tmp_path, "--quiet") == 1
-    assert "is not an output" in capsys.readouterr().err
+    assert "scfm-jax embed did not write (e.g. 'notes.txt')" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
     assert run_command(EMBED_STORE, tmp_path, "--input", "x.h5ad") == 2
 

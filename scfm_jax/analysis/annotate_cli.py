@@ -61,9 +61,10 @@ def main(argv=None) -> int:
     store_cli.check_source(args)
     store_cli.join_processes(args)
     from scfm_jax.analysis import scmulan_tasks, store_inference
-    from scfm_jax.data.anndata_io import atomic_output, check_writable, read_h5ad, write_h5ad
-    from scfm_jax.output_safety import OWNER_KEY, check_output, owner_record
+    from scfm_jax.data.anndata_io import check_writable, read_h5ad, write_h5ad
+    from scfm_jax.output_safety import OWNER_KEY, owner_record, staged_output
 
+    store_cli.check_output(args, "annotate")
     if args.store:
         annotator = scmulan_tasks.load_annotator(args.checkpoint, vocabulary=args.vocabulary,
                                                  gene_list=args.gene_list)
@@ -74,7 +75,6 @@ def main(argv=None) -> int:
             overwrite=args.overwrite, progress=not args.quiet)
         store_cli.report(args.output, summary)
         return 0
-    check_output(args.output, command="annotate", inputs=[args.input], overwrite=args.overwrite)
     adata = read_h5ad(args.input)
     check_writable(adata, Path(args.output).absolute().parent)
     annotator = scmulan_tasks.load_annotator(args.checkpoint, vocabulary=args.vocabulary,
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         min_coverage=args.min_coverage, batch_size=args.batch_size or 16, smooth=args.smooth,
         progress=not args.quiet)
     adata.uns[OWNER_KEY] = owner_record("annotate")
-    with atomic_output(args.output) as temporary:
+    with staged_output(args.output) as temporary:
         write_h5ad(adata, temporary)
     counts = adata.obs["cell_type_scmulan"].value_counts()
     print(f"wrote {args.output}: {adata.n_obs} cells; types: "

@@ -68,14 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     from scfm_jax.analysis import embedding
-    from scfm_jax.output_safety import check_output
 
     key = args.key or embedding.DEFAULT_KEY[args.output_type]
+    if not args.store:
+        embedding.require_output_suffix(args.output_type, args.output)
+    store_cli.check_output(args, "embed")
     if args.store:
         return _run_store(args, embedding.load_scfoundation(
             args.checkpoint, key=key, step=args.step, vocabulary=args.vocabulary))
-    embedding.require_output_suffix(args.output_type, args.output)
-    check_output(args.output, command="embed", inputs=[args.input], overwrite=args.overwrite)
     adata, totals = embedding.read_cells(args.input, layer=args.layer,
                                          pre_normalized=args.pre_normalized)
     model = embedding.load_scfoundation(args.checkpoint, key=key, step=args.step,

@@ -378,8 +378,8 @@ def embed_file(model: LoadedModel, adata: anndata.AnnData, output, *, totals=Non
     import zarr
 
     from scfm_jax.analysis.output_checks import require_finite_array
-    from scfm_jax.data.anndata_io import atomic_output, check_writable, write_h5ad
-    from scfm_jax.output_safety import OWNER_KEY, owner_record
+    from scfm_jax.data.anndata_io import check_writable, write_h5ad
+    from scfm_jax.output_safety import OWNER_KEY, owner_record, staged_output
 
     output = require_output_suffix(output_type, output)
     if output.suffix == ".h5ad":
@@ -395,7 +395,7 @@ def embed_file(model: LoadedModel, adata: anndata.AnnData, output, *, totals=Non
                 "tgthighres": tgthighres, "pre_normalized": pre_normalized,
                 "input_type": input_type, "vocabulary": vocabulary.name}
     settings = {k: v for k, v in settings.items() if v is not None}
-    with atomic_output(output) as temporary:
+    with staged_output(output) as temporary:
         if output_type == "cell":
             embeddings = inference.cell_embeddings(net, matrix, pool=pool,
                                                    batch_size=batch_size or 16, **options)

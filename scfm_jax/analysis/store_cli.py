@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from scfm_jax.errors import UsageError
+from scfm_jax.output_safety import OVERWRITE_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk-cells", type=int, default=4096,
                        help="cells per output chunk: the unit of writing and of resuming")
     group.add_argument("--overwrite", action="store_true",
-                       help="replace an existing output of this command (never the input, never a "
-                            "folder of other files); with --store, one of another checkpoint, "
-                            "store or options")
+                       help=OVERWRITE_HELP + "; with --store, an output of another checkpoint, "
+                       "store or options")
     group.add_argument("--coordinator-address", "--coordinator_address", default=None,
                        help="host:port of process 0 of a multi-process run")
     group.add_argument("--num-processes", "--num_processes", type=int, default=None)
@@ -39,6 +39,18 @@ def check_source(args) -> None:
         raise UsageError("give exactly one of --input (a file) and --store (a cell store)")
     if args.store is None and (args.cells or args.obs_filter):
         raise UsageError("--cells and --obs-filter apply to --store runs")
+
+
+def check_output(args, command: str) -> None:
+    """Refuse the --output before anything loads (`output_safety`; with --store, what
+    `store_inference` checks again before it writes)."""
+    if args.store:
+        from scfm_jax.analysis import store_inference
+        store_inference.check_output(args.output, command, args.store)
+    else:
+        from scfm_jax import output_safety
+        output_safety.check_output(args.output, command=command, inputs=[args.input],
+                                   overwrite=args.overwrite)
 
 
 def join_processes(args) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from scfm_jax import output_safety
 from scfm_jax.data import store as store_lib
 from scfm_jax.data.store import CellStore
 from scfm_jax.errors import InputError, MissingInput, OutputError, UsageError
@@ -171,8 +172,13 @@ class _Output:
     def write_run(self, run: dict) -> None:
         self.kvstore.write(RUN_FILE, json.dumps(run, indent=1, sort_keys=True) + "\n").result()
 
-    def is_empty(self) -> bool:
-        return not self.kvstore.list().result()
+    def foreign_keys(self) -> list[str]:
+        """What the output holds that no run wrote (all of it without an inference.json)."""
+        run = self.read_run()
+        ours = () if run is None else (RUN_FILE, DONE, "cell_index/",
+                                       *(f"{name}/" for name in run.get("arrays", {})))
+        keys = sorted(k.decode() for k in self.kvstore.list().result())
+        return [k for k in keys if not k.startswith(ours)] if ours else keys
 
     def clear(self) -> None:
         self.kvstore.delete_range(ts.KvStore.KeyRange()).result()
@@ -204,8 +210,8 @@ def _refusal(url, recorded: dict, run: dict) -> str | None:
                 else recorded.get(field) == run[field])
         if not same:
             return (f"{url} holds {recorded.get('task')} results of another {what} "
-                    f"({_short(recorded.get(field))}, not {_short(run[field])}); give a new "
-                    "--output, or --overwrite to replace it")
+                    f"({_short(recorded.get(field))}, not {_short(run[field])}); nothing was "
+                    "changed. Pass --overwrite to replace it, or choose a new --output")
     return None
 
 
@@ -229,17 +235,22 @@ def _allgather_max(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
 
 
-def _prepare_output(output: _Output, run: dict, overwrite: bool) -> None:
+def check_output(output_url, command: str, store) -> None:
+    """Refuse an output that is the store, lies in it, or holds what no run wrote (`--overwrite`
+    replaces only an output of another checkpoint, store or options, never that)."""
+    local = store_lib.local_path(output_url)
+    source = store.url if isinstance(store, CellStore) else store
+    output_safety.check_output(local if local is not None else str(output_url), command=command,
+                               inputs=[store_lib.local_path(source)], overwrite=None, folder=True,
+                               foreign=lambda _: _Output(output_url).foreign_keys())
+
+
+def _prepare_output(output: _Output, run: dict, store: CellStore, overwrite: bool) -> None:
     """Process 0 checks what is there (refusing another run's results) and records this run."""
     if jax.process_index() == 0:
+        check_output(output.url, run["task"], store)
         recorded = output.read_run()
-        if recorded is None and not output.is_empty():
-            if not overwrite:
-                raise OutputError(f"{output.url} exists and is not an output of `scfm-jax "
-                                      f"{run['task']} --store`; give a new --output, or "
-                                      "--overwrite to replace it")
-            output.clear()
-        elif recorded is not None and _refusal(output.url, recorded, run):
+        if recorded is not None and _refusal(output.url, recorded, run):
             if not overwrite:
                 raise OutputMismatch(_refusal(output.url, recorded, run))
             output.clear()
@@ -298,7 +309,7 @@ def run(task: StoreTask, store: CellStore, output_url: str, *, selection: Select
                   "arrays": {n: [list(s), d] for n, (s, d) in task.arrays.items()},
                   **task.attributes}
     output = _Output(output_url)
-    _prepare_output(output, run_record, overwrite)
+    _prepare_output(output, run_record, store, overwrite)
     layout = dict(task.arrays, cell_index=((), "int64"))
     if jax.process_index() == 0:
         arrays = {name: output.array(name, (len(cells), *shape), dtype, chunk_cells, True)

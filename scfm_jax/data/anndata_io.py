@@ -7,9 +7,6 @@ the input's obs / var can be written before it starts computing.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,20 +74,3 @@ def check_writable(adata: anndata.AnnData, folder, what: str = "--input") -> Non
             raise InputError(f"{what}: its obs / var cannot be written to h5ad "
                              f"({str(error).splitlines()[0]}); convert the offending columns "
                              "(e.g. to str or categorical) first") from None
-
-
-@contextlib.contextmanager
-def atomic_output(output):
-    """Yields a temporary path beside `output` (same name, in a hidden folder); when the block ends
-    without error it replaces `output` (a file or a zarr folder), else it is removed: a reader
-    never sees a half-written output."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        yield scratch / output.name
-        if output.is_dir():
-            shutil.rmtree(output)
-        os.replace(scratch / output.name, output)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

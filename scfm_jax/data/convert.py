@@ -652,19 +652,9 @@ def _foreign_keys(kvstore: ts.KvStore) -> list[str]:
 
 def _check_output(url: str, local: Path | None, kvstore: ts.KvStore, inputs: list[str]):
     """Refuse an --output that holds an input, sits inside one, or holds files not of a store."""
-    if local is not None:
-        if local.exists() and not local.is_dir():
-            raise OutputError(f"--output {url} is a file; name a folder for the store")
-        sources = [p.uri if isinstance(p, SomaInput) else p for p in inputs]
-        # the inputs and the parents; what the folder holds is checked below, key by key
-        check_output(local, command="convert", inputs=sources, ours=lambda path: True)
-        if not local.exists():
-            return
-    foreign = _foreign_keys(kvstore)
-    if foreign:
-        raise OutputError(f"--output {url} holds {len(foreign)} files that are not part of a cell "
-                          f"store (e.g. {foreign[0]!r}); nothing was changed. Choose a new or "
-                          "empty --output folder")
+    sources = [p.uri if isinstance(p, SomaInput) else p for p in inputs]
+    check_output(local if local is not None else url, command="convert", inputs=sources,
+                 overwrite=None, folder=True, foreign=lambda _: _foreign_keys(kvstore))
 
 
 def _delete_store(kvstore: ts.KvStore, local: Path | None):

@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from scfm_jax import errors
+from scfm_jax.output_safety import staged_output
 
 # torch's legacy storage classes (the names its pickles use) and the numpy dtype of each
 STORAGE_DTYPES = {
@@ -411,21 +412,17 @@ def _write_entry(archive: zipfile.ZipFile, name: str, data, align: bool = False)
 def save(obj: Any, path: str | os.PathLike) -> None:
     """Writes `obj` (dicts, lists, tuples, strings, numbers, None, numpy arrays) as `torch.save`
     does in its zip format: `torch.load(path, weights_only=True)` returns the arrays as tensors.
-    The file is written under a temporary name and renamed, so a failure leaves nothing behind."""
-    path = Path(path)
+    The file is written under a temporary name and renamed (`output_safety.staged_output`), so a
+    failure leaves nothing behind."""
     pickled = io.BytesIO()
     pickler = _TorchPickler(pickled)
     pickler.dump(obj)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
-            _write_entry(archive, "archive/data.pkl", pickled.getvalue())
-            _write_entry(archive, "archive/.format_version", b"1")
-            _write_entry(archive, "archive/.storage_alignment", str(_ALIGNMENT).encode())
-            _write_entry(archive, "archive/byteorder", sys.byteorder.encode())
-            for record in pickler.storages:
-                _write_entry(archive, f"archive/data/{record.key}", record.array, align=True)
-            _write_entry(archive, "archive/version", b"3\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with staged_output(path) as temporary, zipfile.ZipFile(temporary, "w",
+                                                           zipfile.ZIP_STORED) as archive:
+        _write_entry(archive, "archive/data.pkl", pickled.getvalue())
+        _write_entry(archive, "archive/.format_version", b"1")
+        _write_entry(archive, "archive/.storage_alignment", str(_ALIGNMENT).encode())
+        _write_entry(archive, "archive/byteorder", sys.byteorder.encode())
+        for record in pickler.storages:
+            _write_entry(archive, f"archive/data/{record.key}", record.array, align=True)
+        _write_entry(archive, "archive/version", b"3\n")

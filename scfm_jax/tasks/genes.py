@@ -34,9 +34,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfm_jax.errors import InputError, UnknownName
-from scfm_jax.tasks.output_folder import check_output, staged_output
+from scfm_jax.output_safety import staged_folder
 from scfm_jax.tasks.task_models import (TaskModel, add_task_arguments, counts_on_model_genes,
-                                         load_task_model)
+                                         load_task_model, parse_task_arguments)
 
 TOKEN_KEYS = {"scfoundation": "X_scfoundation_token", "scmulan": "X_scmulan_token"}
 CONTEXT_KEY = "X_scfoundation_context"
@@ -454,8 +454,8 @@ def _parser():
 def main(argv=None) -> int:
     from scfm_jax.data.anndata_io import read_h5ad, write_h5ad
 
-    args = _parser().parse_args(argv)
-    output = check_output(args.output, "gene_embeddings.h5ad", args.overwrite)
+    args = parse_task_arguments(_parser(), argv, "genes")
+    output = args.output
     cells = read_h5ad(args.input)
     if args.label_key is not None and args.label_key not in cells.obs:
         raise UnknownName(f"--label-key {args.label_key!r} is not a column of {args.input}'s obs "
@@ -469,7 +469,7 @@ def main(argv=None) -> int:
                             progress=not args.quiet)
     modules = gene_modules(genes, resolution=args.resolution, min_size=args.min_module_size)
     columns = score_modules(cells, genes)
-    with staged_output(output) as folder:
+    with staged_folder(output, command="genes") as folder:
         modules.to_csv(folder / "modules.csv", index=False)
         cells.obs[columns].rename_axis("cell").to_csv(folder / "module_scores.csv")
         if args.label_key is not None and columns:

@@ -17,8 +17,9 @@ import anndata
 import pandas as pd
 
 from scfm_jax.errors import UnknownName
-from scfm_jax.tasks.output_folder import check_output, staged_output
-from scfm_jax.tasks.task_models import TaskModel, add_task_arguments, load_task_model
+from scfm_jax.output_safety import staged_folder
+from scfm_jax.tasks.task_models import (TaskModel, add_task_arguments, load_task_model,
+                                         parse_task_arguments)
 
 MODEL_KEYS = {"scfoundation": "X_scfoundation", "scmulan": "X_scmulan"}
 PCA_ROW, HARMONY_ROW = "pca", "harmony"
@@ -138,10 +139,10 @@ def _parser():
 def main(argv=None) -> int:
     from scfm_jax.data.anndata_io import read_h5ad
 
-    args = _parser().parse_args(argv)
-    output = check_output(args.output, "integration.csv", args.overwrite)
+    args = parse_task_arguments(_parser(), argv, "evaluate")
+    output = args.output
     adata = read_h5ad(args.input)
-    with staged_output(output) as folder:
+    with staged_folder(output, command="evaluate") as folder:
         table = integration_benchmark(
             adata, args.label_key, args.batch_key, checkpoints=args.checkpoint,
             obsm_keys=args.obsm, layer=args.layer, gene_column=args.gene_column,

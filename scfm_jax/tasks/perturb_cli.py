@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from scfm_jax.errors import UsageError
+from scfm_jax.output_safety import OVERWRITE_FOLDER_HELP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-controls", type=int,
                         help="embed at most this many control cells (seeded choice)")
     parser.add_argument("--embed-batch-size", type=int, default=8)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --output folder that holds other files")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_FOLDER_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -4,14 +4,14 @@
 split or a user column), fits every predictor on the training view only (`perturbation_predictors`,
 `perturbation_gears`; FM gene tables and frozen control-cell embeddings from `perturbation_fm`),
 predicts each test condition's mean profile per context and scores it (`perturbation_metrics`).
-With `output`, it writes metrics.csv, split.json, predictions.h5ad and perturbation.png.
+With `output`, it writes metrics.csv, split.json, predictions.h5ad and perturbation.png (and the
+GEARS head's checkpoints) into a folder, as every command writes (`scfm_jax.output_safety`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import anndata
@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from scfm_jax.errors import InputError, OutputError, UsageError
+from scfm_jax.errors import InputError, UsageError
+from scfm_jax.output_safety import check_output, staged_folder
 from scfm_jax.tasks.perturbation_data import (SUBGROUPS, PerturbationData, Split, column_split,
                                               read_perturbations, simulation_split)
 from scfm_jax.tasks.perturbation_gears import GearsPredictor, HeadSettings
@@ -32,7 +33,6 @@ SCFOUNDATION_PREDICTORS = ("linear_scfoundation_tokens", "linear_scfoundation_de
                            "gears_scfoundation")
 SCMULAN_PREDICTORS = ("linear_scmulan_tokens",)
 PREDICTORS = BASELINES + SCFOUNDATION_PREDICTORS + SCMULAN_PREDICTORS
-OUTPUT_FILES = ("metrics.csv", "split.json", "predictions.h5ad", "perturbation.png")
 
 
 @dataclasses.dataclass
@@ -168,7 +168,9 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
     `max_controls` caps the control cells embedded for the FM predictors (seeded choice).
     """
     chosen = chosen_predictors(predictors, checkpoint, scmulan_checkpoint)
-    target = _prepare_output(Path(output), overwrite) if output is not None else None
+    if output is not None:
+        check_output(output, command="perturb", overwrite=overwrite, folder=True,
+                     inputs=[] if isinstance(adata, anndata.AnnData) else [adata])
     if not isinstance(adata, anndata.AnnData):
         adata = anndata.read_h5ad(adata)
     data = read_perturbations(adata, condition_key=condition_key, control=control,
@@ -187,10 +189,9 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
     baselines = dict(no_change=NoChange(), train_mean=TrainMean(), additive=Additive(),
                      linear_pca=LinearPCA())
     fitted = {name: baselines[name] for name in chosen if name in baselines}
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) \
-        if target is not None else None
     embedding = None
-    try:
+    with (staged_folder(output, command="perturb") if output is not None else
+          contextlib.nullcontext()) as staging:
         if set(chosen) & set(SCFOUNDATION_PREDICTORS):
             fm, embedding = _fm_predictors(
                 chosen, data, view, checkpoint, scfoundation_key=scfoundation_key,
@@ -221,38 +222,7 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
             embedded_cells=0 if embedding is None else len(embedding.embeddings))
         if staging is not None:
             _write(result, staging)
-            _publish(staging, target)
-            staging = None
-        return result
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _prepare_output(target: Path, overwrite: bool) -> Path:
-    """Refuse an existing folder that holds anything but a previous run's files."""
-    target = target.expanduser().absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise OutputError(f"--output {target} is a file; give a folder")
-        foreign = [p.name for p in target.iterdir()
-                   if p.name not in OUTPUT_FILES + ("gears_checkpoints",)]
-        if foreign and not overwrite:
-            raise OutputError(f"--output {target} holds {foreign[0]!r}, not written by "
-                                  "`scfm-jax perturb`; choose another folder or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Swap the finished staging folder in for the target (the old one is removed after)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{staging.name}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def _write(result: PerturbationResult, folder: Path) -> None:

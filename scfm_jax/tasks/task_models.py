@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from scfm_jax.data.vocabulary import Vocabulary, align_genes
 from scfm_jax.errors import UsageError
+from scfm_jax.output_safety import OVERWRITE_FOLDER_HELP, check_output
 
 
 @dataclasses.dataclass
@@ -88,6 +89,14 @@ def add_task_arguments(parser, batch_size: int) -> None:
     parser.add_argument("--min-coverage", type=float, default=0.5,
                         help="refuse inputs of which less than this fraction of the counts falls "
                              "on the model's genes (default 0.5)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --output folder this command did not write")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_FOLDER_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_task_arguments(parser, argv, command: str):
+    """The arguments of a task command (`add_task_arguments`), its --output folder checked
+    (`output_safety.check_output`) before anything is read or loaded."""
+    args = parser.parse_args(argv)
+    check_output(args.output, command=command, inputs=[args.input], overwrite=args.overwrite,
+                 folder=True)
+    return args

@@ -215,8 +215,5 @@ def check(config, workdir) -> None:
     _require("://" not in checkpoint_dir or checkpoint_dir.startswith("gs://"),
              "train.checkpoint_dir", checkpoint_dir, "must be a folder or a gs:// URL (Orbax "
              "writes checkpoints to gs:// buckets only; mount another bucket as a folder)")
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir} is a file; name a folder for the run")
     workdir_lib.check_workdir(workdir)
 

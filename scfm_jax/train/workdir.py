@@ -38,17 +38,18 @@ def _lock(workdir) -> FolderLock:
                       advice="wait for it to finish, stop it, or choose another --workdir")
 
 
-def is_run_folder(workdir: Path) -> bool:
-    """Whether every entry of an existing folder is something a training run writes."""
-    return all(p.name in RUN_FILES or p.name in RUN_FOLDERS or p.name.startswith("events.out.")
-               for p in Path(workdir).iterdir())
+def not_run_files(workdir: Path) -> list[str]:
+    """The entries of an existing folder that a training run does not write."""
+    return sorted(p.name for p in Path(workdir).iterdir()
+                  if not (p.name in RUN_FILES or p.name in RUN_FOLDERS
+                          or p.name.startswith("events.out.")))
 
 
 def check_workdir(workdir: str | Path) -> None:
     """Refuse a --workdir that is a file, sits under a file, or holds files that are not a run's
     (`output_safety.check_output`): a run writes only its own files into its workdir."""
-    check_output(workdir, command="train", flag="--workdir",
-                 ours=lambda path: path.is_dir() and is_run_folder(path))
+    check_output(workdir, command="train", flag="--workdir", overwrite=None, folder=True,
+                 foreign=not_run_files)
 
 
 def acquire(workdir: str | Path) -> None:
