@@ -56,6 +56,8 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            # `-n 2`: the README's test command runs two workers, one test file each at a time
+            "pytest-xdist>=3",
             "nbclient",
             "nbformat",
             "ipykernel",

@@ -19,7 +19,7 @@ from docs_helpers import (REPO_ROOT, documented_commands, scfm_commands, shell_b
                           commands_in_tests)
 
 README_COMMANDS = ['pip install -e . && scfm-jax demo --workdir runs/demo',
-                   'pip install -e ".[dev]" && python -m pytest -q']
+                   'pip install -e ".[dev]" && python -m pytest -q -n 2']
 
 
 def test_every_documented_command_is_run_by_a_test():
