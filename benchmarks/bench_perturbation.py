@@ -70,7 +70,7 @@ def embedding_child(checkpoint: Path, vocabulary: Path, norman: Path, dtype: str
     for _ in range(2):
         warm = perturbation_fm.control_embeddings(loaded, counts, data.genes, keep,
                                                   progress=False)
-    print(json.dumps(dict(dtype=dtype, cells_per_second=len(counts) / warm.seconds,
+    print(json.dumps(dict(dtype=dtype, cells_per_second=counts.shape[0] / warm.seconds,
                           temp_bytes=planned[0], kept=list(warm.embeddings.shape),
                           peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
 

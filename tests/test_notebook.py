@@ -53,7 +53,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):  # tasks: minutes on 2 cores
                     FINE_TUNE_EPOCHS=1, OUTPUT=str(tmp_path / "analysed.h5ad"),
                     PERTURBATION_DATA=str(norman_path), INTEGRATION_DATA=str(mixology_path),
                     GENE_REFERENCE=None if reference is None else str(reference),
-                    TASK_CELLS=20, HEAD_EPOCHS=1)
+                    TASK_CELLS=16, HEAD_EPOCHS=1)
     NotebookClient(notebook, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
 
