@@ -53,6 +53,9 @@ setup(
         # Leiden (scib-metrics' clustering, `scfm-jax genes` modules)
         "analysis": ["umap-learn", "scib-metrics>=0.5.10", "nbclient", "nbformat", "ipykernel",
                      "harmonypy", "leidenalg", "igraph"],
+        # Arc's cell-eval: tests/test_perturbation.py checks our perturbation metrics against its
+        # (pulls polars, pdex, numba-mwu; leaves jax, numpy and anndata as they are)
+        "cell-eval": ["cell-eval>=0.8"],
         "dev": [
             "pytest>=8",
             "pytest-timeout",
@@ -71,6 +74,7 @@ setup(
             "harmonypy",
             "leidenalg",
             "igraph",
+            "cell-eval>=0.8",     # tests/test_perturbation.py: metrics against cell-eval's
         ],
     },
     entry_points={"console_scripts": ["scfm-jax=scfm_jax.main:main"]},

@@ -135,6 +135,22 @@ def checkpoint_kind(path: Path) -> str:
 
 
 
+def with_compute_dtype(loaded: LoadedModel, dtype: str | None) -> LoadedModel:
+    """The same weights computing in `dtype` (e.g. "bfloat16"; parameters stay float32), or
+    `loaded` itself when `dtype` is None or already its config's `model.dtype`."""
+    import jax.numpy as jnp
+
+    if dtype is None or jnp.dtype(dtype) == jnp.dtype(loaded.config.model.dtype):
+        return loaded
+    config = ml_collections.ConfigDict(loaded.config.to_dict())
+    config.model.dtype = jnp.dtype(dtype).name
+    objective = get_objective(loaded.kind)
+    graphdef, _ = nnx.split(nnx.eval_shape(
+        lambda: objective.build_model(config.model, rngs=nnx.Rngs(0))))
+    _, *state = nnx.split(loaded.model)
+    return dataclasses.replace(loaded, model=nnx.merge(graphdef, *state), config=config)
+
+
 def load(path: str | Path, *, key: str | None = None, step: int | None = None,
          vocabulary: str | Path | Vocabulary | None = None) -> LoadedModel:
     """A ready model from a training workdir or an official checkpoint file.

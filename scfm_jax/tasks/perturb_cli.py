@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-controls", type=int,
                         help="embed at most this many control cells (seeded choice)")
     parser.add_argument("--embed-batch-size", type=int, default=8)
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype of the control-cell embedding (default: the "
+                        "checkpoint config's model.dtype; parameters stay float32)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_FOLDER_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
         predictors=predictors,
         head=HeadSettings(epochs=args.epochs, batch_size=args.batch_size, hidden=args.hidden),
         gene_graph=args.gene_graph, max_controls=args.max_controls,
-        embed_batch_size=args.embed_batch_size, output=args.output, overwrite=args.overwrite,
+        embed_batch_size=args.embed_batch_size, compute_dtype=args.compute_dtype,
+        output=args.output, overwrite=args.overwrite,
         progress=not args.quiet)
     print(perturbation.table(result.metrics, ("mse_de", "pearson_de", "pearson_delta",
                                               "direction_de")))

@@ -71,13 +71,16 @@ def chosen_predictors(predictors, checkpoint, scmulan_checkpoint) -> list[str]:
 
 
 def _fm_predictors(chosen, data: PerturbationData, view: TrainingView, checkpoint, *,
-                   scfoundation_key, vocabulary, max_controls, embed_batch_size, head, gene_graph, seed,
-                   checkpoint_dir, progress):
+                   scfoundation_key, vocabulary, compute_dtype, max_controls, embed_batch_size,
+                   head, gene_graph, seed, checkpoint_dir, progress):
     """The scFoundation-based predictors, with the control cells embedded once."""
     from scfm_jax.tasks.perturbation_fm import (checkpoint_label, control_embeddings,
                                                 require_genes, scfoundation_token_table)
 
-    loaded = _load(checkpoint, key=scfoundation_key, vocabulary=vocabulary)
+    from scfm_jax.analysis.loading import with_compute_dtype
+
+    loaded = with_compute_dtype(_load(checkpoint, key=scfoundation_key, vocabulary=vocabulary),
+                                compute_dtype)
     if loaded.kind != "scfoundation":
         raise InputError(f"--checkpoint {loaded.source} holds a {loaded.kind} model; the "
                          "perturbation head runs on scFoundation (scMulan: --scmulan-checkpoint)")
@@ -157,7 +160,7 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
         scmulan_vocabulary: str | Path | None = None, predictors=None,
         head: HeadSettings | None = None, gene_graph: str | Path | None = None,
         max_controls: int | None = None, embed_batch_size: int = 8,
-        output: str | Path | None = None, overwrite: bool = False,
+        compute_dtype: str | None = None, output: str | Path | None = None, overwrite: bool = False,
         progress: bool = True) -> PerturbationResult:
     """Every chosen predictor fitted on the training conditions and scored on the test ones.
 
@@ -165,7 +168,9 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
     LoadedModel; weight set `scfoundation_key` of an official models.ckpt, `gene` by default as in
     the official GEARS experiment; `vocabulary` its gene list when it is not the released one).
     Without it the baselines and the PCA linear model run alone.
-    `max_controls` caps the control cells embedded for the FM predictors (seeded choice).
+    `max_controls` caps the control cells embedded for the FM predictors (seeded choice);
+    `compute_dtype` ("bfloat16", "float32") overrides the checkpoint config's `model.dtype` for
+    that embedding (None: the config's).
     """
     chosen = chosen_predictors(predictors, checkpoint, scmulan_checkpoint)
     if output is not None:
@@ -195,7 +200,7 @@ def run(adata: anndata.AnnData | str | Path, *, condition_key: str = "condition"
         if set(chosen) & set(SCFOUNDATION_PREDICTORS):
             fm, embedding = _fm_predictors(
                 chosen, data, view, checkpoint, scfoundation_key=scfoundation_key,
-                vocabulary=vocabulary,
+                vocabulary=vocabulary, compute_dtype=compute_dtype,
                 max_controls=max_controls, embed_batch_size=embed_batch_size,
                 head=head or HeadSettings(), gene_graph=gene_graph, seed=seed,
                 checkpoint_dir=None if staging is None else staging / "gears_checkpoints",
