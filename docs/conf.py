@@ -49,6 +49,11 @@ html_title = "scfm-jax"
 NOTEBOOK = REPO / "notebooks" / "analyse_checkpoint.ipynb"
 RENDERED_NOTEBOOK = DOCS / "generated" / "analyse_checkpoint.ipynb"
 
+# autosummary rewrites the pages of existing modules at each build but never deletes the page of a
+# module that was renamed or removed; such a stale page fails the -W build of a reused checkout.
+for stale_page in RENDERED_NOTEBOOK.parent.glob("scfm_jax*.rst"):
+    stale_page.unlink()
+
 
 def _copy_notebook(app):
     RENDERED_NOTEBOOK.parent.mkdir(exist_ok=True)
