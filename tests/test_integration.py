@@ -97,7 +97,7 @@ def test_scmulan_embedding_is_the_annotation_embedding(cells):
     subset = cells[:12].copy()
     model = load_task_model(shared_path("fixtures", "scmulan-tiny", "ckpt.pt"),
                             token_set=shared_path("data", "scmulan"))
-    integration.embed_checkpoint(model, subset, "X_scmulan", batch_size=4, progress=False)
+    model.embed(subset, "X_scmulan", batch_size=4, progress=False)
     expression, _ = scmulan_tasks.gene_set_expression(subset, model.token_set, model.vocabulary,
                                                      counts=True)
     one = anndata.AnnData(expression[:1], obs=pd.DataFrame(index=subset.obs_names[:1]),

@@ -18,39 +18,12 @@ import pandas as pd
 
 from scfm_jax.errors import UnknownName
 from scfm_jax.output_safety import staged_folder
-from scfm_jax.tasks.task_models import (TaskModel, add_task_arguments, load_task_model,
+from scfm_jax.tasks.task_models import (add_task_arguments, load_task_model,
                                          parse_task_arguments)
 
-MODEL_KEYS = {"scfoundation": "X_scfoundation", "scmulan": "X_scmulan"}
 PCA_ROW, HARMONY_ROW = "pca", "harmony"
 PCA_KEY, HARMONY_KEY = "X_pca_hvg", "X_harmony"  # where the baselines are kept in the user's obsm
 N_TOP_GENES = 2000
-
-
-def embed_checkpoint(task_model: TaskModel, adata: anndata.AnnData, key_added: str, *,
-                     layer: str | None = None, gene_column: str | None = None,
-                     min_coverage: float = 0.5, batch_size: int = 16,
-                     progress: bool = True) -> None:
-    """`adata.obsm[key_added]`: the cell embedding of `task_model` from the raw counts."""
-    from scfm_jax import analysis
-
-    if task_model.kind == "scfoundation":
-        analysis.embed_cells(task_model.model, adata, layer=layer, gene_column=gene_column,
-                             min_coverage=min_coverage, key_added=key_added,
-                             batch_size=batch_size, progress=progress)
-        return
-    from scfm_jax.analysis import scmulan_tasks
-
-    expression, report = scmulan_tasks.gene_set_expression(
-        adata, task_model.token_set, task_model.vocabulary, layer=layer, counts=True,
-        gene_column=gene_column, min_coverage=min_coverage)
-    if progress:
-        print(f"genes: {report.summary()}", file=sys.stderr)
-    work = anndata.AnnData(expression, obs=pd.DataFrame(index=adata.obs_names),
-                           var=pd.DataFrame(index=list(task_model.token_set.genes)))
-    scmulan_tasks.annotate(task_model.model, task_model.token_set, work, batch_size=batch_size,
-                           key_added=key_added, progress=progress)
-    adata.obsm[key_added] = work.obsm[key_added]
 
 
 def _unused_key(key: str, taken) -> str:
@@ -88,8 +61,8 @@ def integration_benchmark(adata: anndata.AnnData, label_key: str, batch_key: str
     for checkpoint in checkpoints:
         task_model = load_task_model(checkpoint, vocabulary=vocabulary, token_set=token_set,
                                      key="cell")
-        key = _unused_key(MODEL_KEYS[task_model.kind], sources)
-        embed_checkpoint(task_model, adata, key, layer=layer, gene_column=gene_column,
+        key = _unused_key(task_model.embedding_key, sources)
+        task_model.embed(adata, key, layer=layer, gene_column=gene_column,
                          min_coverage=min_coverage, batch_size=batch_size, progress=progress)
         sources[key] = f"{task_model.kind} {task_model.source}"
     evaluation.pca_baseline(adata, layer=layer, n_top_genes=n_top_genes, hvg_batch_key=batch_key,

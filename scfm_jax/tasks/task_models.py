@@ -9,6 +9,7 @@ carries it in its config.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,39 @@ class TaskModel:
         if self.kind == "scmulan":
             return list(self.token_set.genes)
         return list(self.vocabulary.symbols)
+
+    @property
+    def embedding_key(self) -> str:
+        """Where the model's cell embedding goes in obsm (its objective's: X_scfoundation, ...)."""
+        from scfm_jax.objectives import get_objective
+        return get_objective(self.kind).embedding_key
+
+    def embed(self, adata, key_added: str, *, layer: str | None = None,
+              gene_column: str | None = None, min_coverage: float = 0.5, batch_size: int = 16,
+              progress: bool = True) -> None:
+        """`adata.obsm[key_added]`: the model's cell embedding from the raw counts (scFoundation:
+        the encoder's pooled embedding; scMulan: the last layer's hidden state at the first
+        generated cell-type token, as its authors take it)."""
+        if self.kind == "scfoundation":
+            from scfm_jax import analysis
+            analysis.embed_cells(self.model, adata, layer=layer, gene_column=gene_column,
+                                 min_coverage=min_coverage, key_added=key_added,
+                                 batch_size=batch_size, progress=progress)
+            return
+        import anndata
+        import pandas as pd
+
+        from scfm_jax.analysis import scmulan_tasks
+        expression, report = scmulan_tasks.gene_set_expression(
+            adata, self.token_set, self.vocabulary, layer=layer, counts=True,
+            gene_column=gene_column, min_coverage=min_coverage)
+        if progress:
+            print(f"genes: {report.summary()}", file=sys.stderr)
+        work = anndata.AnnData(expression, obs=pd.DataFrame(index=adata.obs_names),
+                               var=pd.DataFrame(index=list(self.token_set.genes)))
+        scmulan_tasks.annotate(self.model, self.token_set, work, batch_size=batch_size,
+                               key_added=key_added, progress=progress)
+        adata.obsm[key_added] = work.obsm[key_added]
 
 
 def load_task_model(checkpoint, *, vocabulary=None, token_set=None, key: str = "cell") -> TaskModel:
