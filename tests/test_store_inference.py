@@ -190,6 +190,10 @@ def _check_annotation(output, reference):
     back = store_inference.to_anndata(output)
     for column in ("cell_type_scmulan", "cell_type_scmulan_coarse"):
         assert back.obs[column].astype(str).tolist() == reference.obs[column].astype(str).tolist()
+        probability = column + "_probability"
+        np.testing.assert_allclose(back.obs[probability], reference.obs[probability], atol=1e-5,
+                                   rtol=0)   # NaN (Unclassified) where the reference has NaN
+        assert back.obs[probability].notna().any()
     np.testing.assert_allclose(back.obsm["X_scmulan"], reference.obsm["X_scmulan"], atol=1e-5,
                                rtol=0)
 

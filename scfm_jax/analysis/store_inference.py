@@ -14,6 +14,8 @@ Output (a folder or a TensorStore kvstore URL, gs:// or s3://):
     cell_index/      zarr int64 [cells]: the store index of each output row (store order)
     embedding/       zarr float32 [cells, width]
     cell_type/, cell_type_coarse/   (annotate) int32 codes into inference.json's categories
+    cell_type_probability/, cell_type_coarse_probability/   (annotate) float32: the probability
+                     the model gave each type (NaN for Unclassified)
     done/<chunk>     written after a chunk's arrays: a rerun skips the chunks that have one
 
 A chunk is always computed at the bucket widths of its own cells, each batch holding cells of one
@@ -396,7 +398,8 @@ def read_run(output_url: str) -> dict:
 def to_anndata(output_url: str, store: CellStore | str | None = None, *, cells=None,
                shard: int | None = None, key_added: str | None = None):
     """The store's cells with their results, as AnnData for scanpy: counts in X, obs from the
-    store, the embedding in `obsm[key_added]` (default X_<task model>) and annotate's types in obs.
+    store, the embedding in `obsm[key_added]` (default X_<task model>) and annotate's types and
+    their probabilities in obs.
 
     `cells`: store indices to bring back (default all computed; each must be in the output's
     selection); `shard`: the computed cells of one store shard. Only the requested rows are read.
@@ -431,9 +434,11 @@ def to_anndata(output_url: str, store: CellStore | str | None = None, *, cells=N
             if len(rows) else np.zeros((0,))
         if name == "embedding":
             adata.obsm[key_added or run.get("obsm_key", "X_embedding")] = np.asarray(values)
-        else:
+        elif name in run.get("categories", {}):
             adata.obs[run["obs_keys"][name]] = pd.Categorical.from_codes(
                 values, run["categories"][name])
+        else:
+            adata.obs[run["obs_keys"][name]] = np.asarray(values)
     adata.uns[RUN_FILE.split(".")[0]] = {"output": str(output_url), "task": run["task"],
                                         "checkpoint": run["checkpoint"]["source"]}
     return adata
