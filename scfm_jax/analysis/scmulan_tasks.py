@@ -386,9 +386,8 @@ def annotate_store(annotator: Annotator, store, output, *, selection=None, count
     """Cell types (codes into the output's categories) and embeddings of a whole cell store on
     every device of every process, into a resumable zarr output (see `store_inference`)."""
     from scfm_jax.analysis import store_inference
-    from scfm_jax.data.store import CellStore
 
-    store = store if isinstance(store, CellStore) else CellStore.open(store)
+    store = store_inference.open_store(store)
     task = store_annotation_task(annotator.model, annotator.token_set, store.vocabulary,
                                  counts=counts)
     return store_inference.run(
