@@ -55,7 +55,7 @@ def test_model_benchmark_draws_cells_with_every_gene_expressed():
         synthetic_counts(1, 20_000, 19_264)
 
 
-@pytest.mark.slow   # two child processes, each compiling the tiny model's embedding (~1 min)
+@pytest.mark.slow   # two child processes, each compiling the tiny model's embedding (~30 s)
 def test_inference_memory_benchmark_prints_a_row_per_store_size():
     command = [sys.executable, "benchmarks/bench_inference_memory.py", "--cells", "130", "300",
                "--chunk-cells", "128", "--batch-size", "16", "--expressed", "20"]
