@@ -3,7 +3,9 @@
 # jax.distributed.initialize over localhost (CPU collectives use gloo).
 #
 #   launch/local_processes.sh N [DEVICES_PER_PROCESS] -- scfm-jax train --config ... --workdir ...
+#   launch/local_processes.sh 2 4 -- scfm-jax embed --checkpoint ... --store ... --output ...
 #
+# Any scfm-jax subcommand that joins a multi-process run (train, embed, annotate) works.
 # Every process runs the same command with --coordinator-address/--num-processes/--process-id
 # appended; process 0's output goes to the terminal, the others' to <workdir-less> logs in $LOG_DIR.
 set -euo pipefail

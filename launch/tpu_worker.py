@@ -1,11 +1,12 @@
-"""Starts `scfm-jax train` on one TPU VM worker; tpu_pod.sh copies it to every worker and runs it.
+"""Starts a `scfm-jax` subcommand on one TPU VM worker; tpu_pod.sh copies it to every worker and
+runs it there.
 
 The worker's index and the slice's worker addresses come from the GCE metadata server, as JAX's own
 TPU detection reads them (`agent-worker-number`, `worker-network-endpoints`); they are passed as
 explicit coordinator flags, with worker 0 as the coordinator on port $JAX_COORDINATOR_PORT (8482,
 JAX's TPU default). $GCE_METADATA_IP overrides the metadata server's address, as in JAX.
 
-  python3 tpu_worker.py --config CONFIG --workdir WORKDIR [--config.x=y ...]
+  python3 tpu_worker.py SUBCOMMAND [FLAGS ...]    e.g. train --config CONFIG --workdir WORKDIR
 """
 import os
 import sys
@@ -35,7 +36,7 @@ def main() -> None:
     index = int(metadata("agent-worker-number"))
     port = os.environ.get("JAX_COORDINATOR_PORT", "8482")
     os.execv(sys.executable, [
-        sys.executable, "-m", "scfm_jax.main", "train", *sys.argv[1:],
+        sys.executable, "-m", "scfm_jax.main", *sys.argv[1:],
         f"--coordinator-address={workers[0]}:{port}", f"--num-processes={len(workers)}",
         f"--process-id={index}"])
 

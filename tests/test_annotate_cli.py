@@ -46,6 +46,9 @@ def test_annotate_command_reproduces_the_original(inputs, tmp_path):
     assert list(result.obs["cell_type_scmulan_coarse"]) == list(expected["pred_coarse_type"])
     np.testing.assert_allclose(result.obsm["X_scmulan"], expected["cell_emb"], atol=1e-5, rtol=0)
     assert "cell_type_scmulan_smoothed" in result.obs
+    for column in ("cell_type_scmulan", "cell_type_scmulan_coarse"):   # NaN where Unclassified
+        unclassified = result.obs[column].to_numpy() == "Unclassified"
+        assert result.obs[column + "_probability"].isna().to_numpy().tolist() == list(unclassified)
     assert result.n_vars == 2003  # the input is returned whole, with the new columns
 
 

@@ -53,3 +53,19 @@ def test_model_benchmark_draws_cells_with_every_gene_expressed():
     assert all(17_000 <= n <= 19_264 for n in synthetic_counts(4, 18_500, 19_264).getnnz(axis=1))
     with pytest.raises(SystemExit, match="--expressed must be in"):
         synthetic_counts(1, 20_000, 19_264)
+
+
+@pytest.mark.slow   # two child processes, each compiling the tiny model's embedding (~30 s)
+def test_inference_memory_benchmark_prints_a_row_per_store_size():
+    command = [sys.executable, "benchmarks/bench_inference_memory.py", "--cells", "130", "300",
+               "--chunk-cells", "128", "--batch-size", "16", "--expressed", "20"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [("130", "2"), ("300", "3")]
+    for row in rows:   # peak RSS after the first chunk <= the whole run's peak, both real sizes
+        warm, peak = float(row[2]), float(row[3])
+        assert 50 < warm <= peak, row

@@ -44,9 +44,9 @@ def _logged_steps(workdir) -> list[int]:
     return [record["step"] for record in map(json.loads, lines) if "train/loss" in record]
 
 
-def _run(command, env, timeout=900, cleanup=None):
+def _run(command, env, timeout=900, cleanup=None, cwd=REPO_ROOT):
     """Run a launcher in its own session; on a timeout kill its process group (and `cleanup`'s)."""
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=timeout)
@@ -100,9 +100,9 @@ def _assert_same_run(workdir, reference, store):
 
 
 def _pod_env(root, **extra):
-    return _env(FAKE_GCLOUD_ROOT=root, FAKE_TPU_PYTHON=sys.executable, TPU_NAME="sim",
-                ZONE="local-a", ACCELERATOR="v4-16", JAX_PACKAGE="jax",
-                **extra)  # v4-16: 2 workers; plain jax: this machine has no TPU
+    return _env(**{"FAKE_GCLOUD_ROOT": root, "FAKE_TPU_PYTHON": sys.executable, "TPU_NAME": "sim",
+                   "ZONE": "local-a", "ACCELERATOR": "v4-16", "JAX_PACKAGE": "jax",
+                   **extra})  # v4-16: 2 workers; plain jax: this machine has no TPU
 
 
 def _worker_groups(root):
@@ -207,7 +207,7 @@ def test_gpu_host_without_a_gpu_says_so_and_trains_on_the_cpu(store, tmp_path):
     returncode, output = _run(["bash", "launch/gpu_host.sh", "configs/scfoundation_tiny.py",
                                str(tmp_path / "run"), *_overrides(config)], _env())
     assert returncode == 0, output[-5000:]
-    assert "no GPU found" in output and "training on the CPU" in output
+    assert "no GPU found" in output and "running on the CPU" in output
     assert Checkpoints(tmp_path / "run", read_only=True).latest_step() == 2
 
 
@@ -254,3 +254,109 @@ def test_notebook_install_cell_installs_only_from_where_the_user_points(monkeypa
                           (git_url, git_url)):
         [command] = _run_install_cell(monkeypatch, location)
         assert command[1:] == ["-m", "pip", "install", "-q", f"scfm-jax[analysis] @ {url}"]
+
+
+# ---- any subcommand: what each launcher starts on every process, recorded instead of run
+
+def _recording_scfm_jax(tmp_path):
+    """A stand-in `scfm_jax` package (put first on PYTHONPATH) whose `main` appends its arguments
+    to a JSON-lines record instead of running: what a launcher starts, without a compile."""
+    package = tmp_path / "recorder" / "scfm_jax"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "main.py").write_text(
+        "import json, os, sys\n"
+        "def main(argv=None):\n"
+        "    with open(os.environ['FAKE_SCFM_RECORD'], 'a') as record:\n"
+        "        record.write(json.dumps({'argv': sys.argv[1:],\n"
+        "                                 'slurm_task': os.environ.get('SLURM_PROCID')}) + '\\n')\n"
+        "    return 0\n"
+        "if __name__ == '__main__':\n"
+        "    sys.exit(main())\n")
+    record = tmp_path / "started.jsonl"
+    return package.parent, record
+
+
+def _started(record) -> list[dict]:
+    return [json.loads(line) for line in Path(record).read_text().splitlines()]
+
+
+EMBED_ARGS = ["embed", "--checkpoint", "gs://bucket/run", "--store", "gs://bucket/store",
+              "--output", "gs://bucket/embeddings", "--obs-filter", "cell type=T cell"]
+
+
+def test_slurm_job_starts_any_subcommand_on_every_task(tmp_path):
+    recorder, record = _recording_scfm_jax(tmp_path)
+    env = _env(PYTHONPATH=recorder, FAKE_SCFM_RECORD=record)
+    for arguments, expected in (
+            (EMBED_ARGS, EMBED_ARGS),
+            (["configs/scfoundation_tiny.py", "runs/x", "--config.seed=3"],
+             ["train", "--config", "configs/scfoundation_tiny.py", "--workdir", "runs/x",
+              "--config.seed=3"])):
+        record.unlink(missing_ok=True)
+        returncode, output = _run(["sbatch", "--ntasks-per-node=2", "launch/slurm.sbatch",
+                                   *arguments], env, timeout=300)
+        assert returncode == 0, output[-3000:]
+        started = sorted(_started(record), key=lambda s: s["slurm_task"])
+        assert [s["slurm_task"] for s in started] == ["0", "1"]
+        assert all(s["argv"] == expected + ["--auto-distributed"] for s in started), started
+
+
+def test_tpu_pod_starts_any_subcommand_on_every_worker(tmp_path):
+    """The fake slice's python3 records pip installs instead of running them, and starts
+    tpu_worker.py with the recording package first on its path."""
+    recorder, record = _recording_scfm_jax(tmp_path)
+    python = tmp_path / "worker_python3"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        f"if [ \"${{1:-}} ${{2:-}}\" = '-m pip' ]; then echo \"$*\" >> {tmp_path}/pip.log; exit 0; fi\n"
+        f"PYTHONPATH={recorder} FAKE_SCFM_RECORD={record} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    for name, arguments, expected in (
+            ("embed", EMBED_ARGS, EMBED_ARGS),
+            ("train", ["configs/scfoundation_tiny.py", "/mnt/runs/x", "--config.seed=3"],
+             ["train", "--config", "scfm-jax-run/scfoundation_tiny.py", "--workdir",
+              "/mnt/runs/x", "--config.seed=3"])):
+        root = tmp_path / name
+        env = _pod_env(root, FAKE_TPU_PYTHON=python, REPO="https://example.org/scfm-jax.git@v1")
+        returncode, output = _run(["bash", "launch/tpu_pod.sh", *arguments], env, timeout=300,
+                                  cleanup=_worker_groups(root))
+        assert returncode == 0, output[-3000:]
+        started = _started(record)
+        record.unlink()
+        assert len(started) == 2, started
+        for worker in (0, 1):
+            [argv] = [s["argv"] for s in started if f"--process-id={worker}" in s["argv"]]
+            assert argv[:len(expected)] == expected
+            assert argv[len(expected)].startswith("--coordinator-address=127.0.0.1:")
+            assert argv[len(expected) + 1:] == ["--num-processes=2", f"--process-id={worker}"]
+        [copy] = [call for call in _calls(root) if call.get("verb") == "scp"]
+        assert [Path(p).name for p in copy["paths"][:-1]] == (
+            ["tpu_worker.py"] if name == "embed" else ["scfoundation_tiny.py", "tpu_worker.py"])
+    assert "git+https://example.org/scfm-jax.git@v1" in (tmp_path / "pip.log").read_text()
+
+
+def test_gpu_host_and_local_processes_start_any_subcommand(tmp_path):
+    recorder, record = _recording_scfm_jax(tmp_path)
+    bin_dir = tmp_path / "bin"   # an nvidia-smi that lists no GPU, wherever the test runs
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = _env(PYTHONPATH=recorder, FAKE_SCFM_RECORD=record,
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # run from another folder: `python -m` puts the working directory first on the path
+    launch = REPO_ROOT / "launch"
+    returncode, output = _run(["bash", launch / "gpu_host.sh", *EMBED_ARGS], env, timeout=300,
+                              cwd=tmp_path)
+    assert returncode == 0 and "running on the CPU" in output, output[-3000:]
+    assert [s["argv"] for s in _started(record)] == [EMBED_ARGS]
+    record.unlink()
+    returncode, output = _run(["bash", launch / "local_processes.sh", "2", "3", "--",
+                               sys.executable, "-m", "scfm_jax.main", *EMBED_ARGS], env,
+                              timeout=300, cwd=tmp_path)
+    assert returncode == 0, output[-3000:]
+    started = sorted(s["argv"][len(EMBED_ARGS):] for s in _started(record))
+    port = started[0][0]
+    assert port.startswith("--coordinator-address=127.0.0.1:")
+    assert started == [[port, "--num-processes=2", f"--process-id={i}", "--num-cpu-devices=3"]
+                       for i in (0, 1)]

@@ -75,6 +75,23 @@ def test_annotate_matches_original(fixture, annotated):
     assert list(annotated.obs["cell_type_scmulan"]) == list(expected["pred_cell_type"])
     assert list(annotated.obs["cell_type_scmulan_coarse"]) == list(expected["pred_coarse_type"])
     np.testing.assert_allclose(annotated.obsm["X_scmulan"], expected["cell_emb"], atol=TOL, rtol=0)
+    # the coarse type is the first generated token (all six cells generate three): its
+    # probability is the softmax of the original's logits at the prompt's end, with the prompt's
+    # tokens before its last one banned
+    coarse_probability = annotated.obs["cell_type_scmulan_coarse_probability"].to_numpy()
+    for cell in range(len(expected["prompt_len"])):
+        logits = expected["logits_cls_last"][cell].astype(np.float64)
+        logits[expected[f"ids_{cell}"][:-1]] = -np.inf
+        wanted = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        if expected["pred_coarse_type"][cell] == scmulan_tasks.UNCLASSIFIED:
+            assert np.isnan(coarse_probability[cell])
+        else:
+            np.testing.assert_allclose(coarse_probability[cell],
+                                       wanted[expected[f"gen_ids_{cell}"][0]], atol=TOL)
+    fine_probability = annotated.obs["cell_type_scmulan_probability"].to_numpy()
+    classified = annotated.obs["cell_type_scmulan"].to_numpy() != scmulan_tasks.UNCLASSIFIED
+    assert np.isnan(fine_probability[~classified]).all()
+    assert ((fine_probability[classified] > 0) & (fine_probability[classified] <= 1)).all()
 
 
 def _reference_generate(model, prompt_ids, prompt_levels, max_new_tokens):
@@ -82,20 +99,21 @@ def _reference_generate(model, prompt_ids, prompt_levels, max_new_tokens):
     (Each forward is right-padded to one width so it compiles once; that is exact, SPEC II.8.)"""
     width = 32
     forward = nnx.jit(lambda m, i, lv: m(i, lv))
-    ids, levels = list(prompt_ids), list(prompt_levels)
+    ids, levels, probabilities = list(prompt_ids), list(prompt_levels), []
     while True:
         pad = width - len(ids)
         hidden = np.asarray(forward(model, jnp.asarray([ids + [0] * pad]),
                                     jnp.asarray([levels + [0] * pad]))[0, :len(ids)])
-        logits, exp = (np.array(a) for a in model.heads(jnp.asarray(hidden[-1])))
+        logits, exp = (np.array(a, np.float64) for a in model.heads(jnp.asarray(hidden[-1])))
         logits[np.array(ids[:-1], int)] = -np.inf
         token = int(np.argmax(logits))
+        probabilities.append(1.0 / np.exp(logits - logits[token]).sum())
         ids.append(token)
         levels.append(int(np.clip(np.round(exp[token]), 0, model.cfg.expression_level)))
         if token == 0 or len(ids) >= len(prompt_ids) + max_new_tokens:
             break
     embedding = hidden[-2] if len(hidden) >= 2 else None
-    return ids[len(prompt_ids):], levels[len(prompt_ids):], embedding
+    return ids[len(prompt_ids):], levels[len(prompt_ids):], probabilities, embedding
 
 
 def test_kv_cache_generation_matches_full_forward_loop():
@@ -110,9 +128,11 @@ def test_kv_cache_generation_matches_full_forward_loop():
     prompts[1][0][-1] = prompts[1][0][0]  # the last token also appears earlier: it is banned
     out = generation.generate(model, *cell_sentence.pad_prompts(prompts), max_new_tokens=12)
     for i, (ids, levels) in enumerate(prompts):
-        ref_ids, ref_levels, ref_embedding = _reference_generate(model, ids, levels, 12)
+        ref_ids, ref_levels, ref_probabilities, ref_embedding = _reference_generate(
+            model, ids, levels, 12)
         np.testing.assert_array_equal(out.tokens(i), ref_ids)
         np.testing.assert_array_equal(out.token_levels(i), ref_levels)
+        np.testing.assert_allclose(out.token_probabilities(i), ref_probabilities, atol=TOL)
         if ref_embedding is not None:
             np.testing.assert_allclose(out.embedding[i], ref_embedding, atol=TOL, rtol=0)
         assert len(set(ref_ids[:-1]) & set(ids[:-1].tolist())) == 0

@@ -89,6 +89,13 @@ def test_store_embeddings_on_one_device_match_the_anndata_path_and_resume(scfoun
                                     devices=jax.devices()[:1])
     assert (summary["computed"], summary["skipped_chunks"]) == (2, 1)
     assert _files(output) == finished
+    # a run drops the cached index pointers of the shards it has passed: a later read loads them
+    store = CellStore.open(scfoundation["store"])
+    rows = store.read(range(4))
+    store.forget_before(4)
+    again = store.read(range(4))
+    np.testing.assert_array_equal(again.counts, rows.counts)
+    np.testing.assert_array_equal(again.indptr, rows.indptr)
 
 
 EMBED_STORE = ("scfm-jax embed --checkpoint models.ckpt --vocabulary genes.tsv "
@@ -190,6 +197,10 @@ def _check_annotation(output, reference):
     back = store_inference.to_anndata(output)
     for column in ("cell_type_scmulan", "cell_type_scmulan_coarse"):
         assert back.obs[column].astype(str).tolist() == reference.obs[column].astype(str).tolist()
+        probability = column + "_probability"
+        np.testing.assert_allclose(back.obs[probability], reference.obs[probability], atol=1e-5,
+                                   rtol=0)   # NaN (Unclassified) where the reference has NaN
+        assert back.obs[probability].notna().any()
     np.testing.assert_allclose(back.obsm["X_scmulan"], reference.obsm["X_scmulan"], atol=1e-5,
                                rtol=0)
 
@@ -225,20 +236,26 @@ def _env():
 @pytest.mark.slow
 def test_two_processes_of_two_devices_embed_and_annotate_as_one_device(scfoundation, scmulan,
                                                                        tmp_path):
+    """Embedding as a SLURM job of two tasks (the fake sbatch/srun of tests/fakes), annotation
+    with local_processes.sh."""
     folder = scfoundation["folder"]
     scmulan_folder = shared_path("fixtures", "scmulan-tiny")
+    launchers = {"embedded": ["sbatch", "--ntasks-per-node=2", "launch/slurm.sbatch"],
+                 "types": ["bash", str(REPO / "launch" / "local_processes.sh"), "2", "2", "--",
+                           sys.executable, "-m", "scfm_jax.main"]}
     commands = {
         "embedded": ["embed", "--checkpoint", str(folder / "models.ckpt"), "--vocabulary",
-                     str(folder / "genes.tsv"), "--store", str(scfoundation["store"])],
+                     str(folder / "genes.tsv"), "--store", str(scfoundation["store"]),
+                     "--num-cpu-devices", "2"],
         "types": ["annotate", "--checkpoint", str(scmulan_folder / "ckpt.pt"), "--vocabulary",
                   str(scmulan_folder), "--gene-list", str(scmulan_folder / "gene_set.txt"),
                   "--store", str(scmulan["store"])]}
+    env = dict(_env(), PATH=f"{REPO / 'tests' / 'fakes'}{os.pathsep}{os.environ['PATH']}")
     for name, command in commands.items():
         result = subprocess.run(
-            ["bash", str(REPO / "launch" / "local_processes.sh"), "2", "2", "--", sys.executable,
-             "-m", "scfm_jax.main", *command, "--output", str(tmp_path / name), "--batch-size",
+            [*launchers[name], *command, "--output", str(tmp_path / name), "--batch-size",
              "4", "--chunk-cells", "1", "--quiet"],
-            capture_output=True, text=True, env=_env(), timeout=900,
+            capture_output=True, text=True, env=env, timeout=900,
             cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "'data': 4" in result.stderr, result.stderr[-2000:]

@@ -12,9 +12,11 @@ The input's genes (symbols or Ensembl IDs in var_names or `--gene-column`) are m
 42,117-symbol list with the vocabulary module (duplicates summed, absent genes zero), then the
 model's 2,000 genes are taken. `X` must be log1p of counts normalised to 1e4 (what the official tool
 expects); `--counts` normalises raw counts first, over all the input's genes. The output is the input
-with `obs["cell_type_scmulan"]`, `obs["cell_type_scmulan_coarse"]` and `obsm["X_scmulan"]` added.
-With `--store`, every device of every process annotates the store's cells into a resumable zarr
-output (types as codes, embeddings); `scfm_jax.analysis.store_inference.to_anndata` reads it back.
+with `obs["cell_type_scmulan"]`, `obs["cell_type_scmulan_coarse"]`, their probabilities
+(`..._probability`: what the model gave the generated type; NaN for Unclassified) and
+`obsm["X_scmulan"]` added. With `--store`, every device of every process annotates the store's cells
+into a resumable zarr output (types as codes, probabilities, embeddings);
+`scfm_jax.analysis.store_inference.to_anndata` reads it back.
 """
 from __future__ import annotations
 

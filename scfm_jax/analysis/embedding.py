@@ -439,9 +439,8 @@ def embed_store(model: LoadedModel, store, output, *, selection=None, tgthighres
     `store_inference`); returns the run's summary. Bring them back with
     `store_inference.to_anndata`."""
     from scfm_jax.analysis import store_inference
-    from scfm_jax.data.store import CellStore
 
-    store = store if isinstance(store, CellStore) else CellStore.open(store)
+    store = store_inference.open_store(store)
     model_, vocabulary = model_and_vocabulary(model, None)
     task = inference.store_cell_task(model_, vocabulary, store.vocabulary, tgthighres=tgthighres,
                                      pool=pool, pre_normalized=pre_normalized,

@@ -4,7 +4,9 @@
 cache and cells grouped by prompt length: for each cell the prompt `genes + <PCT>` generates up to
 three tokens greedily; the tokens at positions -3 and -2 of the final sequence are the coarse and
 fine cell type (`Unclassified` unless they are terms of `cell_type` or `MCT`), and the embedding is
-the final-LayerNorm output the official code reads (`hidden_states[-1][0, -2]`).
+the final-LayerNorm output the official code reads (`hidden_states[-1][0, -2]`). Each type comes
+with the probability the model gave its generated token (see `models.generation`; NaN for
+`Unclassified`), which the official code does not report.
 """
 from __future__ import annotations
 
@@ -73,20 +75,26 @@ def _run_batches(model, prompts, batch_size, progress, desc, **generate_kwargs):
         ids, levels, lens = cell_sentence.pad_prompts(batch, width)
         out = generation.generate(model, ids, levels, lens, **generate_kwargs)
         for row, cell in enumerate(index):
-            results[cell] = (out.tokens(row), out.token_levels(row), out.embedding[row])
+            results[cell] = (out.tokens(row), out.token_probabilities(row), out.embedding[row])
         bar.update(len(index))
     bar.close()
     return results
 
 
 def read_cell_types(prompt_ids: np.ndarray, generated_ids: np.ndarray,
-                    token_set: TokenSet) -> tuple[str, str]:
-    """(coarse, fine) type: tokens at -3 and -2 of the final sequence, as the official reads."""
+                    generated_probabilities: np.ndarray, token_set: TokenSet):
+    """(coarse, fine, coarse probability, fine probability): the types are the tokens at -3 and
+    -2 of the final sequence, as the official reads; each probability is the one the model gave
+    that generated token, NaN when the type is `Unclassified` (or the position is the prompt's)."""
     sequence = np.concatenate([prompt_ids, generated_ids])
     names = token_set.decode(sequence[-3:-1])
     cell_types = token_set.cell_type_terms
     coarse, fine = (name if name in cell_types else UNCLASSIFIED for name in names)
-    return coarse, fine
+    generated = len(generated_ids)
+    coarse_p, fine_p = (float(generated_probabilities[generated - back])
+                        if generated >= back and name != UNCLASSIFIED else float("nan")
+                        for back, name in ((3, coarse), (2, fine)))
+    return coarse, fine, coarse_p, fine_p
 
 
 def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
@@ -94,7 +102,8 @@ def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
              key_added: str = "X_scmulan", type_key: str = "cell_type_scmulan",
              progress: bool = True) -> anndata.AnnData:
     """Zero-shot cell types and embeddings, written into `adata` (also returned):
-    `obs[type_key]` (fine type), `obs[type_key + "_coarse"]`, `obsm[key_added]`.
+    `obs[type_key]` (fine type), `obs[type_key + "_coarse"]`, their probabilities
+    `obs[type_key + "_probability"]` and `obs[type_key + "_coarse_probability"]`, `obsm[key_added]`.
 
     `adata.X` (or `layers[layer]`) holds log1p-normalised expression with the scMulan gene symbols
     in `var_names`; `counts=True` normalises raw counts first (1e4 per cell, over all genes).
@@ -113,10 +122,12 @@ def annotate(model: ScMulan, token_set: TokenSet, adata: anndata.AnnData, *,
         cell_names=list(adata.obs_names))
     results = _run_batches(model, prompts, min(batch_size, len(prompts)), progress,
                            "scMulan annotation", max_new_tokens=3, top_k=1)
-    coarse, fine = zip(*(read_cell_types(p[0], r[0], token_set)
-                         for p, r in zip(prompts, results)))
+    coarse, fine, coarse_p, fine_p = zip(*(read_cell_types(p[0], r[0], r[1], token_set)
+                                           for p, r in zip(prompts, results)))
     adata.obs[type_key] = pd.Categorical(fine)
     adata.obs[type_key + "_coarse"] = pd.Categorical(coarse)
+    adata.obs[type_key + "_probability"] = np.array(fine_p, np.float32)
+    adata.obs[type_key + "_coarse_probability"] = np.array(coarse_p, np.float32)
     embeddings = np.stack([r[2] for r in results])
     require_finite(embeddings, adata.obs_names, key_added)
     adata.obsm[key_added] = embeddings
@@ -199,7 +210,8 @@ def store_annotation_task(model: ScMulan, token_set: TokenSet, store_vocabulary,
                           counts: bool = False):
     """The annotation task of `store_inference.run`: a store's rows (on `store_vocabulary`, which
     must name scMulan's gene-set symbols) to prompts, bucketed by prompt length as `annotate`
-    does; fine and coarse types (codes into `cell_type_categories`) and embeddings out."""
+    does; fine and coarse types (codes into `cell_type_categories`), their probabilities and
+    embeddings out."""
     from scfm_jax.analysis.store_inference import StoreTask
 
     columns = pd.Index(store_vocabulary.symbols).get_indexer(list(token_set.genes))
@@ -231,18 +243,23 @@ def store_annotation_task(model: ScMulan, token_set: TokenSet, store_vocabulary,
         return {"ids": ids, "levels": levels, "lengths": lengths}
 
     def forward(model, batch):
-        tokens, _, count, embedding = generation.generate_tokens(
+        tokens, _, probabilities, count, embedding = generation.generate_tokens(
             model, batch["ids"], batch["levels"], batch["lengths"], jax.random.key(0),
             np.zeros((model.cfg.vocab_size,), bool), max_new_tokens=3, top_k=1,
             temperature=1.0, gamma=1.0)
-        return {"tokens": tokens, "count": count, "embedding": embedding.astype(np.float32)}
+        return {"tokens": tokens, "probabilities": probabilities, "count": count,
+                "embedding": embedding.astype(np.float32)}
 
     def finish(prompts, out):
-        types = [read_cell_types(ids, out["tokens"][row, :out["count"][row]], token_set)
-                 for row, (ids, _) in enumerate(prompts)]
+        coarse, fine, coarse_p, fine_p = zip(*(
+            read_cell_types(ids, out["tokens"][row, :out["count"][row]],
+                            out["probabilities"][row, :out["count"][row]], token_set)
+            for row, (ids, _) in enumerate(prompts)))
         return {"embedding": out["embedding"],
-                "cell_type": np.array([code[fine] for _, fine in types], np.int32),
-                "cell_type_coarse": np.array([code[coarse] for coarse, _ in types], np.int32)}
+                "cell_type": np.array([code[name] for name in fine], np.int32),
+                "cell_type_coarse": np.array([code[name] for name in coarse], np.int32),
+                "cell_type_probability": np.array(fine_p, np.float32),
+                "cell_type_coarse_probability": np.array(coarse_p, np.float32)}
 
     longest = len(token_set.genes) + 2
     widths = list(range(LENGTH_QUANTUM, longest + LENGTH_QUANTUM, LENGTH_QUANTUM))
@@ -250,13 +267,16 @@ def store_annotation_task(model: ScMulan, token_set: TokenSet, store_vocabulary,
     return StoreTask(
         name="annotate", model=model,
         arrays={"embedding": ((model.cfg.n_embd,), "float32"), "cell_type": ((), "int32"),
-                "cell_type_coarse": ((), "int32")},
+                "cell_type_coarse": ((), "int32"), "cell_type_probability": ((), "float32"),
+                "cell_type_coarse_probability": ((), "float32")},
         widths=widths, prepare=prepare, batch=batch,
         dummy=lambda width: (np.array([task_id], np.int32), np.zeros(1, np.int32)),
         forward=forward, finish=finish,
         attributes={"obsm_key": "X_scmulan",
-                    "obs_keys": {"cell_type": "cell_type_scmulan",
-                                 "cell_type_coarse": "cell_type_scmulan_coarse"},
+                    "obs_keys": {name: "cell_type_scmulan" + name.removeprefix("cell_type")
+                                 for name in ("cell_type", "cell_type_coarse",
+                                              "cell_type_probability",
+                                              "cell_type_coarse_probability")},
                     "categories": {"cell_type": categories, "cell_type_coarse": categories}})
 
 
@@ -343,8 +363,8 @@ def annotate_anndata(annotator: Annotator, adata: anndata.AnnData, *, layer=None
                      gene_column=None, min_coverage=0.5, batch_size=16, smooth: int = 0,
                      progress=True) -> anndata.AnnData:
     """Cell types and embeddings of any AnnData (genes by symbol or Ensembl ID, aligned through
-    the symbol list), written into it: obs cell_type_scmulan(_coarse), obsm X_scmulan, and with
-    `smooth` the kNN-smoothed type over that many neighbours."""
+    the symbol list), written into it: obs cell_type_scmulan(_coarse)(_probability), obsm
+    X_scmulan, and with `smooth` the kNN-smoothed type over that many neighbours."""
     expression, report = gene_set_expression(
         adata, annotator.token_set, annotator.gene_list, layer=layer, counts=counts,
         gene_column=gene_column, min_coverage=min_coverage)
@@ -352,7 +372,7 @@ def annotate_anndata(annotator: Annotator, adata: anndata.AnnData, *, layer=None
     work = anndata.AnnData(expression, obs=pd.DataFrame(index=adata.obs_names),
                            var=pd.DataFrame(index=list(annotator.token_set.genes)))
     annotate(annotator.model, annotator.token_set, work, batch_size=batch_size, progress=progress)
-    for column in ("cell_type_scmulan", "cell_type_scmulan_coarse"):
+    for column in work.obs.columns:
         adata.obs[column] = work.obs[column].values
     adata.obsm["X_scmulan"] = work.obsm["X_scmulan"]
     if smooth:
@@ -366,9 +386,8 @@ def annotate_store(annotator: Annotator, store, output, *, selection=None, count
     """Cell types (codes into the output's categories) and embeddings of a whole cell store on
     every device of every process, into a resumable zarr output (see `store_inference`)."""
     from scfm_jax.analysis import store_inference
-    from scfm_jax.data.store import CellStore
 
-    store = store if isinstance(store, CellStore) else CellStore.open(store)
+    store = store_inference.open_store(store)
     task = store_annotation_task(annotator.model, annotator.token_set, store.vocabulary,
                                  counts=counts)
     return store_inference.run(

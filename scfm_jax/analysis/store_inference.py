@@ -14,12 +14,16 @@ Output (a folder or a TensorStore kvstore URL, gs:// or s3://):
     cell_index/      zarr int64 [cells]: the store index of each output row (store order)
     embedding/       zarr float32 [cells, width]
     cell_type/, cell_type_coarse/   (annotate) int32 codes into inference.json's categories
+    cell_type_probability/, cell_type_coarse_probability/   (annotate) float32: the probability
+                     the model gave each type (NaN for Unclassified)
     done/<chunk>     written after a chunk's arrays: a rerun skips the chunks that have one
 
 A chunk is always computed at the bucket widths of its own cells, each batch holding cells of one
 width, so its bytes do not depend on which other chunks were pending: a killed run (kill -9)
 resumed with the same command ends byte-identical to an uninterrupted one (on the same mesh; on
-another mesh the values agree to float rounding). Memory stays at one chunk per process.
+another mesh the values agree to float rounding). Memory stays at one chunk per process: a cell
+range is not materialised, the store is read without a page cache (`open_store`), and the cached
+index pointers of the shards already passed are dropped.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from scfm_jax.train import partitioning
 RUN_FILE = "inference.json"
 DONE = "done/"
 FORMAT = "scfm-store-inference"
+FILTER_BLOCK = 1 << 20   # cells whose obs codes an obs filter reads at a time
 
 
 class OutputMismatch(OutputError):
@@ -76,21 +81,24 @@ class Selection:
                 raise UsageError(f"--obs-filter {obs_filter!r}: expected COLUMN=VALUE")
         return cls(start, stop, column, value)
 
-    def cells(self, store: CellStore) -> np.ndarray:
-        """The selected store indices, ascending (one int64 per selected cell)."""
+    def cells(self, store: CellStore) -> range | np.ndarray:
+        """The selected store indices, ascending: a `range` for a cell range (no memory per
+        cell, so a run's memory does not grow with the store), int64 under an obs filter."""
         stop = store.num_cells if self.stop is None else min(self.stop, store.num_cells)
         if not 0 <= self.start < stop:
             raise InputError(f"cell range {self.start}:{stop} selects no cell of {store.url} "
                              f"({store.num_cells} cells)")
-        cells = np.arange(self.start, stop, dtype=np.int64)
-        if self.obs_column is not None:
-            categories = store.obs_categories(self.obs_column)
-            if self.obs_value not in categories:
-                raise InputError(f"obs column {self.obs_column!r} of {store.url} has no value "
-                                 f"{self.obs_value!r} (values: {categories[:10]})")
-            code = categories.index(self.obs_value)
-            cells = cells[store.read_obs(self.obs_column, cells) == code]
-        return cells
+        if self.obs_column is None:
+            return range(self.start, stop)
+        categories = store.obs_categories(self.obs_column)
+        if self.obs_value not in categories:
+            raise InputError(f"obs column {self.obs_column!r} of {store.url} has no value "
+                             f"{self.obs_value!r} (values: {categories[:10]})")
+        code = categories.index(self.obs_value)
+        blocks = (np.arange(lo, min(lo + FILTER_BLOCK, stop), dtype=np.int64)
+                  for lo in range(self.start, stop, FILTER_BLOCK))
+        return np.concatenate([block[store.read_obs(self.obs_column, block) == code]
+                               for block in blocks])
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +136,12 @@ class StoreTask:
                 lambda state, batch: self.forward(nnx.merge(graphdef, state), batch),
                 out_shardings=partitioning.batch_sharding(mesh, 1, rules))
         return self._steps[key]
+
+
+def open_store(store: CellStore | str) -> CellStore:
+    """A store opened for one pass in order: no page cache (every page is read once), so memory
+    does not fill up with pages that are never read again. An opened CellStore is used as it is."""
+    return store if isinstance(store, CellStore) else CellStore.open(store, cache_bytes=0)
 
 
 def checkpoint_identity(source: str, step: int | None = None, key: str | None = None) -> dict:
@@ -332,9 +346,11 @@ def run(task: StoreTask, store: CellStore, output_url: str, *, selection: Select
         pending = chunk < num_chunks and chunk not in done
         tick = time.perf_counter()
         if pending:
-            chunk_cells_ = cells[chunk * chunk_cells:(chunk + 1) * chunk_cells]
+            chunk_cells_ = np.asarray(cells[chunk * chunk_cells:(chunk + 1) * chunk_cells],
+                                      np.int64)
             items, widths = task.prepare(store.read(chunk_cells_), chunk_cells_)
             widths = np.asarray(widths)
+            store.forget_before(int(chunk_cells_[0]))   # this process reads no earlier cell
         else:
             items, widths = [], np.zeros(0, np.int64)
         timing["read"] += time.perf_counter() - tick
@@ -407,7 +423,8 @@ def read_run(output_url: str) -> dict:
 def to_anndata(output_url: str, store: CellStore | str | None = None, *, cells=None,
                shard: int | None = None, key_added: str | None = None):
     """The store's cells with their results, as AnnData for scanpy: counts in X, obs from the
-    store, the embedding in `obsm[key_added]` (default X_<task model>) and annotate's types in obs.
+    store, the embedding in `obsm[key_added]` (default X_<task model>) and annotate's types and
+    their probabilities in obs.
 
     `cells`: store indices to bring back (default all computed; each must be in the output's
     selection); `shard`: the computed cells of one store shard. Only the requested rows are read.
@@ -442,9 +459,11 @@ def to_anndata(output_url: str, store: CellStore | str | None = None, *, cells=N
             if len(rows) else np.zeros((0,))
         if name == "embedding":
             adata.obsm[key_added or run.get("obsm_key", "X_embedding")] = np.asarray(values)
-        else:
+        elif name in run.get("categories", {}):
             adata.obs[run["obs_keys"][name]] = pd.Categorical.from_codes(
                 values, run["categories"][name])
+        else:
+            adata.obs[run["obs_keys"][name]] = np.asarray(values)
     adata.uns[RUN_FILE.split(".")[0]] = {"output": str(output_url), "task": run["task"],
                                         "checkpoint": run["checkpoint"]["source"]}
     return adata

@@ -245,6 +245,11 @@ class _Shard:
             if sha256(result.value) != self.entry["files"][name]:
                 raise self.damaged(name, "its content does not match the manifest's SHA-256")
 
+    def forget(self) -> None:
+        """Drop the cached index pointers and obs codes (read again when next needed)."""
+        with self._lock:
+            self._indptr, self._obs = None, {}
+
     def obs_codes(self, column: str) -> np.ndarray:
         codes = self._obs.get(column)
         if codes is None:
@@ -452,6 +457,13 @@ class CellStore:
             page_counts.flags.writeable = page_genes.flags.writeable = False   # shared views
             return page_counts, page_genes, lo, segment_sums(page_counts, indptr[first:last + 1] - lo)
         return wait
+
+    def forget_before(self, cell: int) -> None:
+        """Drop what is cached of the shards that end at or before `cell` (their index pointers
+        and obs codes, 12 bytes a cell): a pass through the store in order then holds one shard's
+        at a time, however large the store."""
+        for shard in self._shards[:int(np.searchsorted(self._offsets, cell, side="right")) - 1]:
+            shard.forget()
 
     def read_obs(self, column: str, cell_indices) -> np.ndarray:
         """int32 codes of an obs column (index into `obs_categories(column)`)."""

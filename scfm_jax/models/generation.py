@@ -13,6 +13,10 @@ its own position (cells have different prompt lengths). The rules are the origin
 * a cell stops after emitting `<E>` (id 0) or when its sequence reaches `prompt_len +
   max_new_tokens` tokens.
 
+`probabilities` is, for every generated token, the probability the model gave it: the softmax of the
+logits over the tokens allowed at that step (the bans above applied; before top-k, temperature and
+gamma, which are sampling choices, not the model's). The official code reports none.
+
 `embedding` is what the official embedding reads: the final-LayerNorm output at index -2 of the last
 forward pass, i.e. position `prompt_len + generated - 3`.
 """
@@ -33,10 +37,11 @@ END_ID = 0
 
 @dataclasses.dataclass
 class Generated:
-    """Per cell: generated tokens and levels ([B, max_new_tokens], -1 after the end), their count
-    [B], and the official embedding [B, D]."""
+    """Per cell: generated tokens, levels and probabilities ([B, max_new_tokens], -1 (NaN) after
+    the end), their count [B], and the official embedding [B, D]."""
     ids: np.ndarray
     levels: np.ndarray
+    probabilities: np.ndarray
     num_generated: np.ndarray
     embedding: np.ndarray
 
@@ -45,6 +50,9 @@ class Generated:
 
     def token_levels(self, cell: int) -> np.ndarray:
         return self.levels[cell, :self.num_generated[cell]]
+
+    def token_probabilities(self, cell: int) -> np.ndarray:
+        return self.probabilities[cell, :self.num_generated[cell]]
 
 
 def _choose(logits, key, top_k: int, temperature: float, gamma: float):
@@ -60,8 +68,8 @@ def _choose(logits, key, top_k: int, temperature: float, gamma: float):
 
 def generate_tokens(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, max_new_tokens: int,
                     top_k: int, temperature: float, gamma: float):
-    """The jit-able core of `generate`: (tokens, levels, counts, embedding) as device arrays;
-    `ignore_mask` [vocab] bool bans tokens."""
+    """The jit-able core of `generate`: (tokens, levels, probabilities, counts, embedding) as
+    device arrays; `ignore_mask` [vocab] bool bans tokens."""
     batch, width = ids.shape
     vocab = model.cfg.vocab_size
     max_level = model.cfg.expression_level
@@ -82,12 +90,14 @@ def generate_tokens(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, m
         logits = jnp.where(banned | ignore_mask, -jnp.inf, logits)
         token = _choose(logits, key, top_k, temperature, gamma)
         level = jnp.clip(jnp.round(exp[rows, token]), 0, max_level).astype(jnp.int32)
-        return jnp.where(done, -1, token), jnp.where(done, -1, level)
+        probability = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[rows, token]
+        return (jnp.where(done, -1, token), jnp.where(done, -1, level),
+                jnp.where(done, jnp.nan, probability))
 
     def step(carry, i):
         cache, banned, last_token, h_prev, h_last, done, key = carry
         key, sample_key = jax.random.split(key)
-        token, level = pick(h_last, banned, done, sample_key)
+        token, level, probability = pick(h_last, banned, done, sample_key)
         active = ~done
         banned = banned.at[rows, last_token].max(active)
         last_token = jnp.where(active, token, last_token)
@@ -98,17 +108,17 @@ def generate_tokens(model: ScMulan, ids, levels, lengths, key, ignore_mask, *, m
         advance = (~done)[:, None]
         h_prev = jnp.where(advance, h_last, h_prev)
         h_last = jnp.where(advance, new_hidden, h_last)
-        return (cache, banned, last_token, h_prev, h_last, done, key), (token, level)
+        return (cache, banned, last_token, h_prev, h_last, done, key), (token, level, probability)
 
     done = jnp.zeros((batch,), bool)
     carry = (cache, banned, last_token, h_prev, h_last, done, key)
-    carry, (tokens, token_levels) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
+    carry, scanned = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
     _, banned, _, h_prev, h_last, done, key = carry
     # the last token needs no forward pass after it
-    token, level = pick(h_last, banned, done, jax.random.split(key)[1])
-    tokens = jnp.concatenate([tokens.T, token[:, None]], axis=1)
-    token_levels = jnp.concatenate([token_levels.T, level[:, None]], axis=1)
-    return tokens, token_levels, jnp.sum(tokens >= 0, axis=1), h_prev
+    last = pick(h_last, banned, done, jax.random.split(key)[1])
+    tokens, token_levels, probabilities = (jnp.concatenate([steps.T, final[:, None]], axis=1)
+                                           for steps, final in zip(scanned, last))
+    return tokens, token_levels, probabilities, jnp.sum(tokens >= 0, axis=1), h_prev
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k",
@@ -134,10 +144,10 @@ def generate(model: ScMulan, ids, levels, lengths, *, max_new_tokens: int, top_k
     ignore_mask = np.zeros((model.cfg.vocab_size,), bool)
     ignore_mask[np.asarray(ignore_ids, np.int64)] = True
     graphdef, state = nnx.split(model)
-    tokens, token_levels, count, embedding = _generate_jit(
+    tokens, token_levels, probabilities, count, embedding = _generate_jit(
         graphdef, state, ids, jnp.asarray(levels, jnp.int32), lengths,
         jax.random.key(0) if key is None else key, jnp.asarray(ignore_mask),
         max_new_tokens=int(max_new_tokens), top_k=int(top_k), temperature=float(temperature),
         gamma=float(gamma))
-    return Generated(np.asarray(tokens), np.asarray(token_levels), np.asarray(count),
-                     np.asarray(embedding, np.float32))
+    return Generated(np.asarray(tokens), np.asarray(token_levels), np.asarray(probabilities),
+                     np.asarray(count), np.asarray(embedding, np.float32))
