@@ -1064,4 +1064,4 @@ exit 0
                                 text=True, timeout=120)
         assert result.returncode == expected, result.stderr
         assert (tmp_path / "runs").read_text().strip() == "2"
-        assert "resuming from the last checkpoint" in result.stderr
+        assert "running it again, which resumes from what it saved" in result.stderr
