@@ -7,6 +7,7 @@ from scfm_jax import demo
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_learns_beyond_the_per_gene_mean_baseline(tmp_path):
     result = demo.run(tmp_path / "demo", steps=120)
     assert result["heldout_cells"] == 70  # data.eval_fraction 0.1 of 700 cells

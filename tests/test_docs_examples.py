@@ -149,6 +149,7 @@ def test_scmulan_annotate_commands_as_documented(official_scmulan_stand_in):
 
 
 @pytest.mark.slow  # trains the tiny scMulan through the CLI, then annotates with it
+@pytest.mark.heavy
 def test_scmulan_pretraining_then_annotation_as_documented(pbmc, tmp_path):
     cells = pbmc.copy()
     cells.obs["cell_type"] = cells.obs["bulk_labels"].astype(str).astype("category")
@@ -172,6 +173,7 @@ def test_scmulan_pretraining_then_annotation_as_documented(pbmc, tmp_path):
 
 
 @pytest.mark.slow  # a TPU compile of the tiny config with libtpu: about a minute
+@pytest.mark.heavy
 def test_plan_of_the_tiny_config_as_documented(tmp_path, capfd):
     pytest.importorskip("libtpu", reason="scfm-jax plan needs libtpu: pip install -e \".[tpu]\"")
     shutil.copytree(_configs(), tmp_path / "configs")

@@ -40,6 +40,7 @@ def test_bio_conservation_table_ranks_pca_above_shuffled_labels(pbmc, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_batch_correction_table_penalises_an_embedding_that_splits_the_batches(pbmc):
     table = analysis.compare_embeddings(pbmc.copy(), "bulk_labels", ["X_batch_split"],
                                         batch_key="batch")

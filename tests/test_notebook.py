@@ -31,6 +31,7 @@ def _perturbed_genes(norman) -> list[str]:
 
 
 @pytest.mark.slow  # a kernel, the first UMAP (numba compilation), a fine-tune and three downstream
+@pytest.mark.heavy
 def test_notebook_runs_top_to_bottom(tmp_path):  # tasks: minutes on 2 cores
     """Every section on a random-weight workdir whose vocabulary holds the PBMC genes and the Norman
     genes (measured and perturbed), so the perturbation section has its FM rows."""

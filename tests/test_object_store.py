@@ -139,6 +139,7 @@ def test_pipeline_reads_the_bucket_from_one_and_two_processes(stores, tmp_path):
 
 
 @pytest.mark.slow   # two tiny training runs (~1 min of compiles)
+@pytest.mark.heavy
 def test_training_on_the_bucket_matches_training_on_the_folder(stores, tmp_path):
     local, bucket = stores
     device = jax.devices()[:1]
@@ -151,6 +152,7 @@ def test_training_on_the_bucket_matches_training_on_the_folder(stores, tmp_path)
 
 
 @pytest.mark.slow   # three converter processes against the server
+@pytest.mark.heavy
 def test_conversion_to_a_bucket_by_two_workers_resumes_after_sigkill(s3, h5ad, tmp_path):
     bucket = s3.create_bucket("killed") + "/store"
     convert = [sys.executable, "-m", "scfm_jax.main", "convert"]
@@ -184,6 +186,7 @@ def test_checkpoints_on_s3_are_refused_with_the_reason(stores, tmp_path):
 
 
 @pytest.mark.slow   # three tiny training runs against the emulator (~1 min)
+@pytest.mark.heavy
 def test_checkpoints_on_a_gcs_bucket_resume_and_load_as_on_a_folder(gcs, stores, tmp_path):
     """The workdir (config, metrics) stays on disk; checkpoints go to gs://. Training there,
     stopping, and resuming from the bucket gives the losses of one run on a folder, and the bucket's

@@ -365,6 +365,7 @@ def test_documented_checkpoint_command(norman_small, small_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_full_norman_run_with_every_predictor(norman_path, tmp_path):
     checkpoint = widened_fixture_checkpoint(
         shared_path("fixtures", "scfoundation-tiny", "models.ckpt"), tmp_path / "wide.ckpt")

@@ -338,6 +338,7 @@ def test_1b_state_is_split_over_every_chip_of_v5e_64():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @needs_libtpu
 def test_100m_train_step_compiles_for_v5e_8():
     """The released-size model's step at its config's defaults (data=8, the recipe's 65,536 cells
@@ -354,6 +355,7 @@ def test_100m_train_step_compiles_for_v5e_8():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
     """bench_gpu.sh --cpu: the same script and table on tiny configs (16 cells to annotate, so
     the batch of 64 is 16)."""

@@ -249,6 +249,7 @@ def test_full_remat_cuts_the_compiled_train_memory():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_pretraining_loss_bfloat16_and_dropout(loss_setup):
     config, batch, (loss, _, _) = loss_setup
     bf16 = _tiny_config(num_genes=300, dtype="bfloat16")

@@ -433,6 +433,7 @@ def test_two_processes_match_one_process_and_a_single_process_restores(store, tm
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sharded_train_steps_of_the_large_configs_compile_for_64_devices():
     """Per-device parameter + optimiser memory falls as the mesh grows and every large parameter is
     sharded, read from XLA's compiled memory analysis of the 100M and 1B train steps."""
