@@ -21,13 +21,17 @@ Output (a folder or a TensorStore kvstore URL, gs:// or s3://):
 A chunk is always computed at the bucket widths of its own cells, each batch holding cells of one
 width, so its bytes do not depend on which other chunks were pending: a killed run (kill -9)
 resumed with the same command ends byte-identical to an uninterrupted one (on the same mesh; on
-another mesh the values agree to float rounding). Memory stays at one chunk per process: a cell
-range is not materialised, the store is read without a page cache (`open_store`), and the cached
-index pointers of the shards already passed are dropped.
+another mesh the values agree to float rounding). Memory stays at one chunk per process: a
+selection is not materialised (a cell range is a `range`, an obs filter keeps one count per block
+of cells), the store is read without a page cache (`open_store`), the cached index pointers of the
+shards already passed are dropped, and the output is written without a chunk cache
+(`output_context`). What stays is TensorStore's process-wide chunk cache for the store's reads,
+bounded by `SCFM_TENSORSTORE_CACHE_BYTES` (64 MiB).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -81,9 +85,10 @@ class Selection:
                 raise UsageError(f"--obs-filter {obs_filter!r}: expected COLUMN=VALUE")
         return cls(start, stop, column, value)
 
-    def cells(self, store: CellStore) -> range | np.ndarray:
-        """The selected store indices, ascending: a `range` for a cell range (no memory per
-        cell, so a run's memory does not grow with the store), int64 under an obs filter."""
+    def cells(self, store: CellStore) -> "range | FilteredCells":
+        """The selected store indices, ascending, without a list of them (so a run's memory does
+        not grow with the selection): a `range` for a cell range, a `FilteredCells` under an obs
+        filter."""
         stop = store.num_cells if self.stop is None else min(self.stop, store.num_cells)
         if not 0 <= self.start < stop:
             raise InputError(f"cell range {self.start}:{stop} selects no cell of {store.url} "
@@ -94,14 +99,73 @@ class Selection:
         if self.obs_value not in categories:
             raise InputError(f"obs column {self.obs_column!r} of {store.url} has no value "
                              f"{self.obs_value!r} (values: {categories[:10]})")
-        code = categories.index(self.obs_value)
-        blocks = (np.arange(lo, min(lo + FILTER_BLOCK, stop), dtype=np.int64)
-                  for lo in range(self.start, stop, FILTER_BLOCK))
-        return np.concatenate([block[store.read_obs(self.obs_column, block) == code]
-                               for block in blocks])
+        return FilteredCells(store, self.obs_column, categories.index(self.obs_value),
+                             self.start, stop)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class FilteredCells:
+    """The cells of [start, stop) whose obs `column` has code `code`, ascending, as a sequence
+    that holds one count per block of `FILTER_BLOCK` cells instead of the cells: a slice reads the
+    codes of the blocks it spans (the store keeps one shard's codes at a time)."""
+
+    def __init__(self, store: CellStore, column: str, code: int, start: int, stop: int):
+        self.store, self.column, self.code, self.start, self.stop = store, column, code, start, stop
+        counts = []
+        for lo in range(start, stop, FILTER_BLOCK):
+            store.forget_before(lo)
+            counts.append(len(self._block(lo)))
+        store.forget_before(stop)
+        # selected cells before each block, and in all
+        self.before = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def _block(self, lo: int) -> np.ndarray:
+        """The selected cells of the block that starts at store cell `lo`."""
+        block = np.arange(lo, min(lo + FILTER_BLOCK, self.stop), dtype=np.int64)
+        return block[self.store.read_obs(self.column, block) == self.code]
+
+    def __len__(self) -> int:
+        return int(self.before[-1])
+
+    def __getitem__(self, positions: slice) -> np.ndarray:
+        first, last, step = positions.indices(len(self))
+        if step != 1:
+            raise ValueError("FilteredCells takes slices of step 1")
+        if first >= last:
+            return np.zeros(0, np.int64)
+        blocks = range(int(np.searchsorted(self.before, first, side="right")) - 1,
+                       int(np.searchsorted(self.before, last - 1, side="right")))
+        cells = np.concatenate([self._block(self.start + b * FILTER_BLOCK) for b in blocks])
+        offset = first - int(self.before[blocks[0]])
+        return cells[offset:offset + last - first]
+
+    def positions(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each store cell, the number of selected cells before it (its output row when it is
+        selected) and whether it is selected, from the codes of the blocks the cells fall in."""
+        cells = np.asarray(cells, np.int64)
+        rows = np.where(cells < self.start, 0, len(self)).astype(np.int64)
+        found = np.zeros(len(cells), bool)
+        inside = (cells >= self.start) & (cells < self.stop)
+        block_of = (cells - self.start) // FILTER_BLOCK
+        for b in np.unique(block_of[inside]):
+            members = np.flatnonzero(inside & (block_of == b))
+            selected = self._block(self.start + int(b) * FILTER_BLOCK)
+            rows[members] = self.before[b] + np.searchsorted(selected, cells[members])
+            found[members] = np.isin(cells[members], selected)
+        return rows, found
+
+
+def selection_positions(cells: "range | FilteredCells", wanted) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, found): for each store cell of `wanted`, the number of selected cells before it (its
+    row in the output when it is selected) and whether it is selected; from the selection, without
+    reading the output's `cell_index`."""
+    wanted = np.asarray(wanted, np.int64)
+    if isinstance(cells, range):
+        return (np.clip(wanted - cells.start, 0, len(cells)),
+                (wanted >= cells.start) & (wanted < cells.stop))
+    return cells.positions(wanted)
 
 
 @dataclasses.dataclass
@@ -173,6 +237,14 @@ def _same_store(a: dict, b: dict) -> bool:
     return a.get("manifest_sha256") == b.get("manifest_sha256")
 
 
+@functools.cache
+def output_context() -> ts.Context:
+    """The context of the output arrays: the process-wide one without a chunk cache. A run writes
+    each chunk once and never reads it back, and the shared cache would otherwise keep written
+    chunks up to its limit; `to_anndata` reads only the rows it returns."""
+    return ts.Context({"cache_pool": {"total_bytes_limit": 0}}, store_lib.context())
+
+
 class _Output:
     """The output's kvstore, arrays and chunk markers."""
 
@@ -199,7 +271,7 @@ class _Output:
 
     def array(self, name: str, shape, dtype: str, chunk_cells: int, create: bool) -> ts.TensorStore:
         spec = {"driver": "zarr3"}
-        where = dict(kvstore=self.kvstore / f"{name}/", context=store_lib.context())
+        where = dict(kvstore=self.kvstore / f"{name}/", context=output_context())
         if not create:
             return ts.open(spec, open=True, **where).result()
         metadata = {"shape": list(shape), "data_type": dtype,
@@ -440,19 +512,22 @@ def to_anndata(output_url: str, store: CellStore | str | None = None, *, cells=N
         raise OutputMismatch(f"{output_url} was computed from store {run['store']['url']}, "
                              f"not {store.url} (its manifest differs)")
     output = _Output(output_url)
-    index = output.array("cell_index", None, None, 0, False).read().result()
+    selected = Selection(**run["selection"]).cells(store)
     if shard is not None:
         offsets = np.concatenate([[0], np.cumsum([s["num_cells"] for s in store.manifest["shards"]])])
         if not 0 <= shard < len(offsets) - 1:
             raise InputError(f"shard {shard} is not in {store.url} ({len(offsets) - 1} shards)")
-        in_shard = (index >= offsets[shard]) & (index < offsets[shard + 1])
-        cells = index[in_shard]   # the shard's cells that the output's selection holds
-    wanted = index if cells is None else np.asarray(cells, np.int64)
-    rows = np.searchsorted(index, wanted)
-    found = (rows < len(index)) & (index[np.minimum(rows, len(index) - 1)] == wanted)
+        first, last = selection_positions(selected, offsets[shard:shard + 2])[0]
+        cells = selected[int(first):int(last)]   # the shard's cells that the selection holds
+    wanted = np.asarray(selected[0:len(selected)] if cells is None else cells, np.int64)
+    rows, found = selection_positions(selected, wanted)
     if not found.all():
         raise InputError(f"{int((~found).sum())} requested cells (e.g. {wanted[~found][:3]}) are "
                          f"not in {output_url} (it holds the selection {run['selection']})")
+    index = output.array("cell_index", None, None, 0, False)
+    if len(rows) and not np.array_equal(index.oindex[rows].read().result(), wanted):
+        raise OutputError(f"{output_url}: its cell_index does not follow its selection "
+                          f"{run['selection']} of {store.url}; compute it again with --overwrite")
     adata = store.to_anndata(wanted)
     for name in run["arrays"]:
         values = output.array(name, None, None, 0, False).oindex[rows].read().result() \
