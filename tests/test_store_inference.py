@@ -98,6 +98,54 @@ def test_store_embeddings_on_one_device_match_the_anndata_path_and_resume(scfoun
     np.testing.assert_array_equal(again.indptr, rows.indptr)
 
 
+def test_memory_kept_by_a_store_run_is_bounded_whatever_the_number_of_cells(scfoundation,
+                                                                             monkeypatch):
+    """What would make a run's memory grow with the store, asserted on the structures themselves
+    (RSS against store size is measured by benchmarks/bench_inference_memory.py)."""
+    from scfm_jax.data import store as store_lib
+
+    # the store is read without a page cache, in the process-wide context of a bounded chunk cache
+    opened = store_inference.open_store(str(scfoundation["store"]))
+    assert opened._pages.capacity == 0
+    limit = store_lib.context()["cache_pool"].to_json()["total_bytes_limit"]
+    assert 0 < limit <= int(os.environ.get("SCFM_TENSORSTORE_CACHE_BYTES", 64 << 20))
+    # the output's arrays keep no written chunk (the default cache_pool holds 0 bytes)
+    assert store_inference.output_context()["cache_pool"].to_json().get("total_bytes_limit", 0) == 0
+    # a cell range is a range; an obs filter keeps one count per block, not the cells or codes
+    assert isinstance(store_inference.Selection.parse("1:4").cells(opened), range)
+    monkeypatch.setattr(store_inference, "FILTER_BLOCK", 1)   # one block per cell: 4 blocks
+    selected = store_inference.Selection.parse(obs_filter="donor=b").cells(opened)
+    held = [v for v in vars(selected).values() if isinstance(v, np.ndarray)]
+    assert [len(v) for v in held] == [5]   # the counts before each of the 4 blocks, and in all
+    assert all(not shard._obs for shard in opened._shards[:-1])   # the passed shards' codes dropped
+    assert len(selected) == 2 and selected[0:2].tolist() == [1, 3]
+    assert [selected[a:b].tolist() for a, b in ((1, 2), (0, 1), (2, 2))] == [[3], [1], []]
+    rows, found = store_inference.selection_positions(selected, [0, 1, 2, 3, 4])
+    assert rows.tolist() == [0, 0, 1, 1, 2] and found.tolist() == [False, True, False, True, False]
+
+
+def test_to_anndata_reads_only_the_rows_of_its_selection(scfoundation, tmp_path):
+    output = tmp_path / "embedded"
+    embedding.embed_store(scfoundation["model"], scfoundation["store"], output, batch_size=2,
+                          chunk_cells=2, selection=store_inference.Selection(1, 4),
+                          progress=False, devices=jax.devices()[:1])
+    everything = store_inference.to_anndata(output)
+    assert everything.obs_names.tolist() == ["1", "2", "3"]
+    np.testing.assert_allclose(everything.obsm["X_scfoundation"], scfoundation["reference"][1:],
+                               atol=1e-5, rtol=1e-5)
+    # with the first chunk of cell_index and embedding (cells 1 and 2) damaged, cell 3 and the
+    # second shard (cell 3) come back as before: neither reads the rows it does not return
+    (output / "cell_index" / "c" / "0").write_bytes(b"damaged")
+    (output / "embedding" / "c" / "0" / "0").write_bytes(b"damaged")
+    for back in (store_inference.to_anndata(output, cells=[3]),
+                 store_inference.to_anndata(output, shard=1)):
+        assert back.obs_names.tolist() == ["3"]
+        np.testing.assert_array_equal(back.obsm["X_scfoundation"],
+                                      everything.obsm["X_scfoundation"][[2]])
+    with pytest.raises(ValueError, match="requested cells"):
+        store_inference.to_anndata(output, cells=[0])
+
+
 EMBED_STORE = ("scfm-jax embed --checkpoint models.ckpt --vocabulary genes.tsv "
                "--store cells_store --obs-filter donor=a --output donor_a --batch-size 8")
 ANNOTATE_STORE = ("scfm-jax annotate --checkpoint ckpt.pt --vocabulary scmulan_vocabulary "
