@@ -119,6 +119,10 @@ def test_memory_kept_by_a_store_run_is_bounded_whatever_the_number_of_cells(scfo
     assert [len(v) for v in held] == [5]   # the counts before each of the 4 blocks, and in all
     assert all(not shard._obs for shard in opened._shards[:-1])   # the passed shards' codes dropped
     assert len(selected) == 2 and selected[0:2].tolist() == [1, 3]
+    reads = []
+    monkeypatch.setattr(opened, "read_obs", lambda *a: reads.append(a) or CellStore.read_obs(
+        opened, *a))
+    assert selected[0:1].tolist() == selected[0:1].tolist() == [1] and len(reads) == 1
     assert [selected[a:b].tolist() for a, b in ((1, 2), (0, 1), (2, 2))] == [[3], [1], []]
     rows, found = store_inference.selection_positions(selected, [0, 1, 2, 3, 4])
     assert rows.tolist() == [0, 0, 1, 1, 2] and found.tolist() == [False, True, False, True, False]

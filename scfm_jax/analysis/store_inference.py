@@ -109,10 +109,11 @@ class Selection:
 class FilteredCells:
     """The cells of [start, stop) whose obs `column` has code `code`, ascending, as a sequence
     that holds one count per block of `FILTER_BLOCK` cells instead of the cells: a slice reads the
-    codes of the blocks it spans (the store keeps one shard's codes at a time)."""
+    codes of the blocks it spans, and the selected cells of one block are kept (at most 8 MiB)."""
 
     def __init__(self, store: CellStore, column: str, code: int, start: int, stop: int):
         self.store, self.column, self.code, self.start, self.stop = store, column, code, start, stop
+        self._last = None
         counts = []
         for lo in range(start, stop, FILTER_BLOCK):
             store.forget_before(lo)
@@ -122,9 +123,12 @@ class FilteredCells:
         self.before = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
     def _block(self, lo: int) -> np.ndarray:
-        """The selected cells of the block that starts at store cell `lo`."""
-        block = np.arange(lo, min(lo + FILTER_BLOCK, self.stop), dtype=np.int64)
-        return block[self.store.read_obs(self.column, block) == self.code]
+        """The selected cells of the block that starts at store cell `lo`; the last block is kept,
+        so that a run's consecutive chunks read its codes once."""
+        if self._last is None or self._last[0] != lo:
+            block = np.arange(lo, min(lo + FILTER_BLOCK, self.stop), dtype=np.int64)
+            self._last = lo, block[self.store.read_obs(self.column, block) == self.code]
+        return self._last[1]
 
     def __len__(self) -> int:
         return int(self.before[-1])
