@@ -826,6 +826,22 @@ def test_train_refuses_a_workdir_of_other_files(tmp_path, capsys, small_store):
     assert unchanged(before, workdir)
 
 
+def test_train_never_writes_into_its_store(store_copy, capsys):
+    """The sibling of an output that is an input: a workdir or checkpoint folder inside the store
+    trained on would add files to the user's store."""
+    before = files_of(store_copy)
+    config = ["--config", REPO / "configs" / "scfoundation_tiny.py",
+              f"--config.data.store={store_copy}"]
+    for argv, flag in ((["--workdir", store_copy / "run"], "--workdir"),
+                       (["--workdir", store_copy.parent / "run",
+                         f"--config.train.checkpoint_dir={store_copy}"],
+                        "--config.train.checkpoint_dir")):
+        status, err = run_cli(capsys, "train", *config, *argv)
+        assert status == 1 and len(err) == 1 and err[0].startswith(f"scfm-jax train: error: {flag}")
+        assert f"the input {store_copy}" in err[0], err
+    assert unchanged(before, store_copy) and not (store_copy.parent / "run").exists()
+
+
 # ------------------------------------------------------------------------ convert: lock, repair
 
 def test_a_second_convert_on_the_same_output_is_refused(tmp_path, capsys):
