@@ -5,6 +5,7 @@ the user's is deleted. Random damage (deleted / truncated / flipped store files,
 bytes) runs over several seeds. Cases that train a model are `slow`.
 """
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -976,7 +977,6 @@ def test_stores_written_with_the_old_bookkeeping_names_read_the_same(tmp_path, m
 
 
 def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch, capsys):
-    import logging
 
     from scfm_jax.data import verify
 
@@ -992,6 +992,37 @@ def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch
     assert status == 0
     assert err == ["scfm-jax verify: warning: Writing zarr v2 data will no longer be the default"]
     assert warnings.showwarning is not None and logging.getLogger("absl").level != logging.CRITICAL
+
+
+def test_a_failed_saves_unretrieved_task_errors_are_not_printed(monkeypatch, capsys, caplog):
+    """By hand, a full disk during a save printed its one line, then at exit one asyncio
+    "Task exception was never retrieved" traceback per array Orbax was writing."""
+    import asyncio
+    import errno
+    import gc
+
+    from scfm_jax.data import verify
+
+    def failing_save(argv):
+        async def write_array():
+            raise ValueError("OUT_OF_RANGE: Error writing \"opt_state.mu/0\"")
+        loop = asyncio.new_event_loop()
+        loop.create_task(write_array())
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        raise OSError(errno.EFBIG, "File too large", "/run/checkpoints")
+
+    monkeypatch.setattr(verify, "main", failing_save)
+    level = logging.getLogger("asyncio").level
+    try:
+        status, err = run_cli(capsys, "verify", "x")
+        gc.collect()   # the unfinished tasks are collected (at exit, in a real run)
+    finally:
+        logging.getLogger("asyncio").setLevel(level)
+    assert status == 1 and err == ["scfm-jax verify: error: /run/checkpoints: file too large "
+                                   "(beyond the file size limit, ulimit -f)"]
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.slow   # trains in a subprocess (a minute or more of compiling on a loaded machine)
