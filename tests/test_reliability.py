@@ -977,7 +977,6 @@ def test_stores_written_with_the_old_bookkeeping_names_read_the_same(tmp_path, m
 
 
 def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch, capsys):
-
     from scfm_jax.data import verify
 
     def noisy(argv):
