@@ -649,6 +649,20 @@ def test_train_and_plan_take_dashed_flags():
      "--task-index 3 must be in"),
     (["embed", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad",
       "--output-type", "gene"], "writes a zarr array"),
+    # by hand: --batch-size 0 ran with the default, --min-coverage 2 and --cells 10:5 exited 1
+    # after loading the model, --cells a:b was a traceback, plan's refusal had no "error:"
+    (["embed", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad", "--batch-size",
+      "0"], "argument --batch-size: expected a positive integer, got '0'"),
+    (["annotate", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad",
+      "--min-coverage", "2"], "argument --min-coverage: expected a fraction between 0 and 1"),
+    (["embed", "--checkpoint", "c", "--store", "s", "--output", "o", "--chunk-cells", "-4"],
+     "argument --chunk-cells: expected a positive integer"),
+    (["embed", "--checkpoint", "c", "--store", "s", "--output", "o", "--cells", "10:5"],
+     "error: --cells '10:5': expected START:STOP, two cell indices with 0 <= START < STOP"),
+    (["annotate", "--checkpoint", "c", "--store", "s", "--output", "o", "--cells", "a:b"],
+     "error: --cells 'a:b': expected START:STOP"),
+    (["plan", "--config", "configs/scfoundation_tiny.py", "--topology", "v9z-8"],
+     "scfm-jax plan: error: --topology 'v9z-8': expected a Cloud TPU slice name"),
 ])
 def test_usage_mistakes_exit_2(capsys, argv, message, monkeypatch):
     monkeypatch.chdir(REPO)
