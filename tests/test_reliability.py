@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from scfm_jax.data import verify as verify_lib
 from scfm_jax.data.convert import convert
 from scfm_jax.data.store import CellStore, StoreDamaged
+from scfm_jax.errors import InputError
 from scfm_jax.main import main as scfm_main
 from scfm_jax.train import workdir as workdir_lib
 from scfm_jax.train.checkpointing import CheckpointDamaged, Checkpoints
@@ -910,6 +911,20 @@ def test_counts_beyond_float32_integers_are_refused(tmp_path, capsys):
                           "from-data", "--no-progress")
     assert status == 1 and len(err) == 1 and "row 7 (cell 'c7') holds 16777217" in err[0], err
     assert "above 2^24" in err[0] and not (tmp_path / "s").exists()
+
+
+def test_counts_beyond_float32_integers_are_refused_by_the_analysis_api_too():
+    """By hand, `embed` of the same file (no store) exited 0: its counts went to the device as
+    float32. The one counts check of embed, genes and evaluate refuses them."""
+    from scfm_jax.analysis.embedding import require_counts
+    adata = counts_adata()
+    dense = adata.X.toarray().astype(np.float64)
+    dense[7, 3] = 2**24 + 1
+    for matrix in (sp.csr_matrix(dense), dense):
+        with pytest.raises(InputError, match=r"X row 7 \(cell 'c7'\) holds 16777217, above 2\^24"):
+            require_counts(adata, None, matrix, "X")
+    dense[7, 3] = 2**24
+    require_counts(adata, None, dense, "X")   # still exact
 
 
 # ------------------------------------------------------------------------ messages that name the fix

@@ -16,6 +16,7 @@ NORMALIZATION_TARGET = 1e4  # log1p(count / total * 1e4), the scale both models 
 # values this close to an integer as counts. The converter is exact (tolerance 0).
 COUNT_TOLERANCE = 1e-3
 MIN_BUCKET = 32
+FLOAT32_EXACT_INTEGERS = 1 << 24   # every integer up to this is exact in float32 (the counts' type)
 
 
 def non_count_positions(values, tolerance: float = 0.0) -> np.ndarray:
