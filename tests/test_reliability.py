@@ -914,15 +914,20 @@ def test_counts_beyond_float32_integers_are_refused(tmp_path, capsys):
 
 
 def test_counts_beyond_float32_integers_are_refused_by_the_analysis_api_too():
-    """By hand, `embed` of the same file (no store) exited 0: its counts went to the device as
-    float32. The one counts check of embed, genes and evaluate refuses them."""
-    from scfm_jax.analysis.embedding import require_counts
+    """By hand, `embed` of the same file (no store) exited 0: the gene alignment made its counts
+    float32. The analysis API's counts check (embed, genes, evaluate) and alignment refuse them."""
+    from scfm_jax.analysis.embedding import aligned_matrix, require_counts
+    from scfm_jax.data.vocabulary import Vocabulary
     adata = counts_adata()
     dense = adata.X.toarray().astype(np.float64)
     dense[7, 3] = 2**24 + 1
     for matrix in (sp.csr_matrix(dense), dense):
         with pytest.raises(InputError, match=r"X row 7 \(cell 'c7'\) holds 16777217, above 2\^24"):
             require_counts(adata, None, matrix, "X")
+    adata.X = sp.csr_matrix(dense)
+    vocabulary = Vocabulary("from-data", tuple(adata.var_names))
+    with pytest.raises(InputError, match=r"X row 7 \(cell 'c7'\) holds 16777217, above 2\^24"):
+        aligned_matrix(adata, vocabulary, counts_expected=False, verbose=False)   # embed's path
     dense[7, 3] = 2**24
     require_counts(adata, None, dense, "X")   # still exact
 
