@@ -40,27 +40,37 @@ def _usage() -> str:
 
 @contextlib.contextmanager
 def _reported_as(name: str):
-    """While a command runs: library bookkeeping logged through absl (Orbax's notes, and the
-    per-thread tracebacks of a failed save that the command reports in its own line) is not
-    shown, and a Python warning is one `scfm-jax NAME: warning: ...` line, not a source line.
-    SCFM_TRACEBACK=1 shows both as they are."""
+    """While a command runs: library bookkeeping logged through absl and asyncio (Orbax's notes,
+    and the per-thread and per-task tracebacks of a failed save that the command reports in its
+    own line) is not shown, and a Python warning is one `scfm-jax NAME: warning: ...` line, not a
+    source line. SCFM_TRACEBACK=1 shows both as they are."""
     if os.environ.get("SCFM_TRACEBACK"):
         yield
         return
-    absl_logger = logging.getLogger("absl")
-    level, show = absl_logger.level, warnings.showwarning
+    absl_logger, asyncio_logger = logging.getLogger("absl"), logging.getLogger("asyncio")
+    level, asyncio_level, show = absl_logger.level, asyncio_logger.level, warnings.showwarning
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"scfm-jax {name}: warning: {' '.join(str(message).split())}",
               file=file or sys.stderr)
 
     absl_logger.setLevel(logging.CRITICAL)
+    asyncio_logger.setLevel(logging.CRITICAL)
     warnings.showwarning = one_line_warning
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         absl_logger.setLevel(level)
         warnings.showwarning = show
+        # A failed command's unfinished writes (each array of an Orbax save on a full disk) log
+        # "Task exception was never retrieved" with a traceback when collected at exit, after the
+        # command's one line has said what failed: asyncio stays quiet then.
+        if not failed:
+            asyncio_logger.setLevel(asyncio_level)
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ the user's is deleted. Random damage (deleted / truncated / flipped store files,
 bytes) runs over several seeds. Cases that train a model are `slow`.
 """
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import scipy.sparse as sp
 from scfm_jax.data import verify as verify_lib
 from scfm_jax.data.convert import convert
 from scfm_jax.data.store import CellStore, StoreDamaged
+from scfm_jax.errors import InputError
 from scfm_jax.main import main as scfm_main
 from scfm_jax.train import workdir as workdir_lib
 from scfm_jax.train.checkpointing import CheckpointDamaged, Checkpoints
@@ -648,6 +650,20 @@ def test_train_and_plan_take_dashed_flags():
      "--task-index 3 must be in"),
     (["embed", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad",
       "--output-type", "gene"], "writes a zarr array"),
+    # by hand: --batch-size 0 ran with the default, --min-coverage 2 and --cells 10:5 exited 1
+    # after loading the model, --cells a:b was a traceback, plan's refusal had no "error:"
+    (["embed", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad", "--batch-size",
+      "0"], "argument --batch-size: expected a positive integer, got '0'"),
+    (["annotate", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad",
+      "--min-coverage", "2"], "argument --min-coverage: expected a fraction between 0 and 1"),
+    (["embed", "--checkpoint", "c", "--store", "s", "--output", "o", "--chunk-cells", "-4"],
+     "argument --chunk-cells: expected a positive integer"),
+    (["embed", "--checkpoint", "c", "--store", "s", "--output", "o", "--cells", "10:5"],
+     "error: --cells '10:5': expected START:STOP, two cell indices with 0 <= START < STOP"),
+    (["annotate", "--checkpoint", "c", "--store", "s", "--output", "o", "--cells", "a:b"],
+     "error: --cells 'a:b': expected START:STOP"),
+    (["plan", "--config", "configs/scfoundation_tiny.py", "--topology", "v9z-8"],
+     "scfm-jax plan: error: --topology 'v9z-8': expected a Cloud TPU slice name"),
 ])
 def test_usage_mistakes_exit_2(capsys, argv, message, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -826,6 +842,22 @@ def test_train_refuses_a_workdir_of_other_files(tmp_path, capsys, small_store):
     assert unchanged(before, workdir)
 
 
+def test_train_never_writes_into_its_store(store_copy, capsys):
+    """The sibling of an output that is an input: a workdir or checkpoint folder inside the store
+    trained on would add files to the user's store."""
+    before = files_of(store_copy)
+    config = ["--config", REPO / "configs" / "scfoundation_tiny.py",
+              f"--config.data.store={store_copy}"]
+    for argv, flag in ((["--workdir", store_copy / "run"], "--workdir"),
+                       (["--workdir", store_copy.parent / "run",
+                         f"--config.train.checkpoint_dir={store_copy}"],
+                        "--config.train.checkpoint_dir")):
+        status, err = run_cli(capsys, "train", *config, *argv)
+        assert status == 1 and len(err) == 1 and err[0].startswith(f"scfm-jax train: error: {flag}")
+        assert f"the input {store_copy}" in err[0], err
+    assert unchanged(before, store_copy) and not (store_copy.parent / "run").exists()
+
+
 # ------------------------------------------------------------------------ convert: lock, repair
 
 def test_a_second_convert_on_the_same_output_is_refused(tmp_path, capsys):
@@ -879,6 +911,25 @@ def test_counts_beyond_float32_integers_are_refused(tmp_path, capsys):
                           "from-data", "--no-progress")
     assert status == 1 and len(err) == 1 and "row 7 (cell 'c7') holds 16777217" in err[0], err
     assert "above 2^24" in err[0] and not (tmp_path / "s").exists()
+
+
+def test_counts_beyond_float32_integers_are_refused_by_the_analysis_api_too():
+    """By hand, `embed` of the same file (no store) exited 0: the gene alignment made its counts
+    float32. The analysis API's counts check (embed, genes, evaluate) and alignment refuse them."""
+    from scfm_jax.analysis.embedding import aligned_matrix, require_counts
+    from scfm_jax.data.vocabulary import Vocabulary
+    adata = counts_adata()
+    dense = adata.X.toarray().astype(np.float64)
+    dense[7, 3] = 2**24 + 1
+    for matrix in (sp.csr_matrix(dense), dense):
+        with pytest.raises(InputError, match=r"X row 7 \(cell 'c7'\) holds 16777217, above 2\^24"):
+            require_counts(adata, None, matrix, "X")
+    adata.X = sp.csr_matrix(dense)
+    vocabulary = Vocabulary("from-data", tuple(adata.var_names))
+    with pytest.raises(InputError, match=r"X row 7 \(cell 'c7'\) holds 16777217, above 2\^24"):
+        aligned_matrix(adata, vocabulary, counts_expected=False, verbose=False)   # embed's path
+    dense[7, 3] = 2**24
+    require_counts(adata, None, dense, "X")   # still exact
 
 
 # ------------------------------------------------------------------------ messages that name the fix
@@ -960,8 +1011,6 @@ def test_stores_written_with_the_old_bookkeeping_names_read_the_same(tmp_path, m
 
 
 def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch, capsys):
-    import logging
-
     from scfm_jax.data import verify
 
     def noisy(argv):
@@ -976,6 +1025,37 @@ def test_library_logs_and_warnings_are_not_printed_with_source_lines(monkeypatch
     assert status == 0
     assert err == ["scfm-jax verify: warning: Writing zarr v2 data will no longer be the default"]
     assert warnings.showwarning is not None and logging.getLogger("absl").level != logging.CRITICAL
+
+
+def test_a_failed_saves_unretrieved_task_errors_are_not_printed(monkeypatch, capsys, caplog):
+    """By hand, a full disk during a save printed its one line, then at exit one asyncio
+    "Task exception was never retrieved" traceback per array Orbax was writing."""
+    import asyncio
+    import errno
+    import gc
+
+    from scfm_jax.data import verify
+
+    def failing_save(argv):
+        async def write_array():
+            raise ValueError("OUT_OF_RANGE: Error writing \"opt_state.mu/0\"")
+        loop = asyncio.new_event_loop()
+        loop.create_task(write_array())
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        raise OSError(errno.EFBIG, "File too large", "/run/checkpoints")
+
+    monkeypatch.setattr(verify, "main", failing_save)
+    level = logging.getLogger("asyncio").level
+    try:
+        status, err = run_cli(capsys, "verify", "x")
+        gc.collect()   # the unfinished tasks are collected (at exit, in a real run)
+    finally:
+        logging.getLogger("asyncio").setLevel(level)
+    assert status == 1 and err == ["scfm-jax verify: error: /run/checkpoints: file too large "
+                                   "(beyond the file size limit, ulimit -f)"]
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.slow   # trains in a subprocess (a minute or more of compiling on a loaded machine)

@@ -46,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                         "default: total_gene_list_42117.txt in the vocabulary folder, else "
                         "'scmulan'")
     p.add_argument("--gene-column", default=None, help="var column holding the gene names")
-    p.add_argument("--min-coverage", type=float, default=0.5,
+    p.add_argument("--min-coverage", type=store_cli.fraction, default=0.5,
                    help="refuse when less than this fraction of the expression maps (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=store_cli.positive_int, default=None,
                    help="cells per forward (default 16; with --store 16 per device)")
     p.add_argument("--smooth", type=int, default=0, metavar="K",
                    help="also write a kNN-smoothed type over K neighbours of the embedding")
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     store_cli.check_source(args)
     store_cli.join_processes(args)
-    from scfm_jax.analysis import scmulan_tasks, store_inference
+    from scfm_jax.analysis import scmulan_tasks
     from scfm_jax.data.anndata_io import check_writable, read_h5ad, write_h5ad
     from scfm_jax.output_safety import OWNER_KEY, owner_record, staged_output
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                                                  gene_list=args.gene_list)
         summary = scmulan_tasks.annotate_store(
             annotator, args.store, args.output,
-            selection=store_inference.Selection.parse(args.cells, args.obs_filter),
+            selection=args.selection,
             counts=args.counts, batch_size=args.batch_size, chunk_cells=args.chunk_cells,
             overwrite=args.overwrite, progress=not args.quiet)
         store_cli.report(args.output, summary)

@@ -52,13 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="F: raw counts; T: log1p-normalised values; A: normalised values plus a "
                         "last column with the raw total count")
     p.add_argument("--input-type", choices=("singlecell", "bulk"), default="singlecell")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=store_cli.positive_int, default=None,
                    help="cells per forward (default 16 for cell, 4 for gene outputs; gene_batch "
                         "always runs all cells as one batch)")
     p.add_argument("--layer", default=None,
                    help="h5ad: read this layer instead of X ('raw' reads adata.raw)")
     p.add_argument("--gene-column", default=None, help="h5ad var column holding the gene symbols")
-    p.add_argument("--min-coverage", type=float, default=0.5,
+    p.add_argument("--min-coverage", type=store_cli.fraction, default=0.5,
                    help="refuse inputs of which less than this fraction of the expression maps "
                         "onto the vocabulary (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,13 +89,13 @@ def run(args) -> None:
 
 
 def _run_store(args, model) -> None:
-    from scfm_jax.analysis import embedding, store_inference
+    from scfm_jax.analysis import embedding
 
     if args.output_type != "cell":
         raise UsageError("--store computes cell embeddings (--output-type cell)")
     summary = embedding.embed_store(
         model, args.store, args.output,
-        selection=store_inference.Selection.parse(args.cells, args.obs_filter),
+        selection=args.selection,
         tgthighres=args.tgthighres, pool=args.pool, pre_normalized=args.pre_normalized,
         min_coverage=args.min_coverage, batch_size=args.batch_size, chunk_cells=args.chunk_cells,
         overwrite=args.overwrite, progress=not args.quiet)

@@ -23,7 +23,7 @@ from scfm_jax.analysis import scfoundation_inference as inference
 from scfm_jax.analysis.loading import LoadedModel
 from scfm_jax.analysis.output_checks import require_finite
 from scfm_jax.data.host_ops import (COUNT_TOLERANCE, bucket_length, non_count_positions,
-                                   padded_csr_rows)
+                                   padded_csr_rows, require_float32_exact_counts)
 from scfm_jax.data.vocabulary import GeneAlignment, Vocabulary, align_genes
 from scfm_jax.errors import CheckpointError, InputError, MissingInput, UnknownName, UsageError
 from scfm_jax.objectives.scfoundation import inference_inputs
@@ -75,7 +75,9 @@ def _candidate_count_sources(adata: anndata.AnnData) -> list[str]:
 
 
 def require_counts(adata: anndata.AnnData, layer: str | None, matrix, where: str) -> None:
-    """Raise ValueError naming where counts are, when `matrix` holds non-count values."""
+    """Raise ValueError naming where counts are, when `matrix` holds non-count values, or counts
+    above 2^24 (the model computes in float32, which would round them)."""
+    require_float32_exact_counts(matrix, where, adata.obs_names)
     if _is_counts(matrix):
         return
     values = _values(matrix)
@@ -98,6 +100,8 @@ def aligned_matrix(adata: anndata.AnnData, vocabulary: Vocabulary, *, layer: str
     matrix, var, where = matrix_source(adata, layer)
     if counts_expected:
         require_counts(adata, layer, matrix, where)
+    else:   # aligned in float32 below
+        require_float32_exact_counts(matrix, where, adata.obs_names)
     alignment = align_genes(var, vocabulary, gene_column=gene_column)
     aligned = alignment.apply(matrix, min_fraction=min_coverage)
     if verbose:

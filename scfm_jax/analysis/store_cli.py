@@ -10,6 +10,28 @@ from scfm_jax.errors import UsageError
 from scfm_jax.output_safety import OVERWRITE_HELP
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count flag (--batch-size, --chunk-cells): 0 or less is a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type of --min-coverage: a fraction in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("a whole cell store, on every device of every process")
     group.add_argument("--store", default=None,
@@ -19,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="only the store's cells START..STOP-1")
     group.add_argument("--obs-filter", default=None, metavar="COLUMN=VALUE",
                        help="only the store's cells whose obs COLUMN is VALUE")
-    group.add_argument("--chunk-cells", type=int, default=4096,
+    group.add_argument("--chunk-cells", type=positive_int, default=4096,
                        help="cells per output chunk: the unit of writing and of resuming")
     group.add_argument("--overwrite", action="store_true",
                        help=OVERWRITE_HELP + "; with --store, an output of another checkpoint, "
@@ -39,6 +61,9 @@ def check_source(args) -> None:
         raise UsageError("give exactly one of --input (a file) and --store (a cell store)")
     if args.store is None and (args.cells or args.obs_filter):
         raise UsageError("--cells and --obs-filter apply to --store runs")
+    if args.store is not None:   # a wrong --cells is said before a model loads
+        from scfm_jax.analysis.store_inference import Selection
+        args.selection = Selection.parse(args.cells, args.obs_filter)
 
 
 def check_output(args, command: str) -> None:

@@ -75,9 +75,13 @@ class Selection:
         start, stop = 0, None
         if cell_range:
             first, sep, last = cell_range.partition(":")
-            if not sep:
-                raise UsageError(f"--cells {cell_range!r}: expected START:STOP (e.g. 0:100000)")
-            start, stop = int(first or 0), (int(last) if last else None)
+            try:
+                start, stop = int(first or 0), (int(last) if last else None)
+            except ValueError:
+                sep = ""
+            if not sep or start < 0 or (stop is not None and stop <= start):
+                raise UsageError(f"--cells {cell_range!r}: expected START:STOP, two cell indices "
+                                 "with 0 <= START < STOP (e.g. 0:100000)")
         column = value = None
         if obs_filter:
             column, sep, value = obs_filter.partition("=")

@@ -43,7 +43,8 @@ import scipy.sparse as sp
 import tensorstore as ts
 
 from scfm_jax.data import store as store_lib
-from scfm_jax.data.host_ops import first_non_count, segment_sums, sha256_file
+from scfm_jax.data.host_ops import (FLOAT32_EXACT_INTEGERS, first_non_count, segment_sums,
+                                    sha256_file)
 from scfm_jax.data.readers import READERS, InputError, Source, open_source
 from scfm_jax.data.soma_source import SomaInput, SomaSource
 from scfm_jax.data.vocabulary import (CoverageError, GeneAlignment, Vocabulary, align_genes,
@@ -55,7 +56,6 @@ from scfm_jax.output_safety import LOCK, FolderLock, check_output
 PLAN = "plan.json"
 DEFAULT_SHARD_SIZE = 65_536
 DEFAULT_CHUNK_ELEMENTS = 1 << 17   # zarr chunk of the CSR arrays: 512 KiB of float32
-FLOAT32_EXACT_INTEGERS = 1 << 24   # every integer up to this is exact in float32 (the counts' type)
 
 # ------------------------------------------------------------------------------------------- plan
 

@@ -16,6 +16,7 @@ NORMALIZATION_TARGET = 1e4  # log1p(count / total * 1e4), the scale both models 
 # values this close to an integer as counts. The converter is exact (tolerance 0).
 COUNT_TOLERANCE = 1e-3
 MIN_BUCKET = 32
+FLOAT32_EXACT_INTEGERS = 1 << 24   # every integer up to this is exact in float32 (the counts' type)
 
 
 def non_count_positions(values, tolerance: float = 0.0) -> np.ndarray:
@@ -27,6 +28,22 @@ def non_count_positions(values, tolerance: float = 0.0) -> np.ndarray:
     with np.errstate(invalid="ignore"):   # inf - round(inf) is NaN: flagged as not finite
         return np.flatnonzero(~np.isfinite(values) | (values < 0)
                               | (np.abs(values - np.round(values)) > tolerance))
+
+
+def require_float32_exact_counts(matrix, where: str, cell_names=None) -> None:
+    """Refuse counts above 2^24 in `matrix` (cells x genes): the models compute in float32, which
+    would round them without a word (the converter refuses them the same way, per block)."""
+    from scfm_jax.errors import InputError
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if not values.size or not values.max() > FLOAT32_EXACT_INTEGERS:
+        return
+    row = int(np.argmax(np.asarray(sp.csr_matrix(matrix).max(axis=1).todense()).ravel()))
+    cell = f" (cell {cell_names[row]!r})" if cell_names is not None else ""
+    raise InputError(
+        f"{where} row {row}{cell} holds {values.max():.0f}, above 2^24 = "
+        f"{FLOAT32_EXACT_INTEGERS:,}, the largest count float32 keeps exactly (it would be "
+        "rounded). No gene has that many reads in one cell: check that it holds raw counts of "
+        "single cells")
 
 
 def first_non_count(block, tolerance: float = 0.0) -> tuple[int, int] | None:

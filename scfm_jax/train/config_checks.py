@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from scfm_jax.errors import UsageError
+from scfm_jax.output_safety import check_output
 from scfm_jax.train import workdir as workdir_lib
 
 OVERRIDE_PREFIX = "--config."
@@ -215,5 +216,9 @@ def check(config, workdir) -> None:
     _require("://" not in checkpoint_dir or checkpoint_dir.startswith("gs://"),
              "train.checkpoint_dir", checkpoint_dir, "must be a folder or a gs:// URL (Orbax "
              "writes checkpoints to gs:// buckets only; mount another bucket as a folder)")
-    workdir_lib.check_workdir(workdir)
+    workdir_lib.check_workdir(workdir, store=data.store)
+    if checkpoint_dir and "://" not in checkpoint_dir:   # checkpoints never go into the store
+        check_output(checkpoint_dir, command="train", flag="--config.train.checkpoint_dir",
+                     inputs=(data.store,), overwrite=None, folder=True,
+                     foreign=lambda folder: [])
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from scfm_jax.errors import UsageError
+from scfm_jax.errors import MissingDependency, UsageError
 from scfm_jax.train import chips, config_checks, partitioning
 from scfm_jax.train.chips import GiB, Chip
 
@@ -85,7 +85,7 @@ LIBTPU_MISSING = ("planning for TPU needs the libtpu wheel (the TPU compiler; no
 def topology_devices(topology: Topology) -> list:
     """Compile-only devices of the slice, in the order of its physical layout."""
     if not libtpu_available():
-        raise RuntimeError(LIBTPU_MISSING)
+        raise MissingDependency(LIBTPU_MISSING)
     from jax.experimental import topologies
 
     # Without TPUs libtpu would otherwise ask the GCE metadata server for its slice; and a
@@ -477,14 +477,9 @@ def main(argv) -> int:
     flag_values = _parse(argv)   # an argparse namespace
     # The host's own devices only trace and lower; on a TPU VM they stay free for training.
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
-    try:
-        topology = parse_topology(flag_values.topology)
-    except ValueError as error:
-        print(f"scfm-jax plan: {error}", file=sys.stderr)
-        return 2
+    topology = parse_topology(flag_values.topology)
     if not libtpu_available():
-        print(f"scfm-jax plan: {LIBTPU_MISSING}", file=sys.stderr)
-        return 2
+        raise MissingDependency(LIBTPU_MISSING)
     config = plan_config(flag_values.config)
     devices = topology_devices(topology)
     chip = topology.chip

@@ -45,11 +45,12 @@ def not_run_files(workdir: Path) -> list[str]:
                           or p.name.startswith("events.out.")))
 
 
-def check_workdir(workdir: str | Path) -> None:
-    """Refuse a --workdir that is a file, sits under a file, or holds files that are not a run's
-    (`output_safety.check_output`): a run writes only its own files into its workdir."""
-    check_output(workdir, command="train", flag="--workdir", overwrite=None, folder=True,
-                 foreign=not_run_files)
+def check_workdir(workdir: str | Path, store: str | Path | None = None) -> None:
+    """Refuse a --workdir that is a file, sits under a file, is the training `store` or lies inside
+    it, or holds files that are not a run's (`output_safety.check_output`): a run writes only its
+    own files into its workdir."""
+    check_output(workdir, command="train", flag="--workdir", inputs=(store,), overwrite=None,
+                 folder=True, foreign=not_run_files)
 
 
 def acquire(workdir: str | Path) -> None:
