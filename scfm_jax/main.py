@@ -5,7 +5,10 @@ dispatches, so `scfm-jax --help` stays cheap (nothing heavy is imported until a 
 is the one place where errors become one line (see `errors.py` for which, and the exit codes).
 """
 import contextlib
+import glob
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -73,6 +76,32 @@ def _reported_as(name: str):
             asyncio_logger.setLevel(asyncio_level)
 
 
+def _tpu_attached() -> bool:
+    """Whether a TPU chip is attached, by what JAX itself looks for: a device node, or a PCI
+    device of Google's vendor id."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        with contextlib.suppress(OSError), open(vendor) as f:
+            if f.read().strip() == "0x1ae0":
+                return True
+    return False
+
+
+def _skip_an_absent_tpu() -> None:
+    """libtpu (the `[tpu]` extra, installed for `plan`'s deviceless compiles) starts with JAX on
+    any machine and, where no TPU chip is attached, prints five lines of C++ start-up errors before
+    falling back to the CPU. Where nobody chose the platforms (`JAX_PLATFORMS` unset), no chip is
+    attached and no GPU plugin is installed, JAX is told to use the CPU, which it would use anyway."""
+    if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules:
+        return
+    if importlib.util.find_spec("libtpu") is None or _tpu_attached():
+        return
+    if any((dist.metadata["Name"] or "").lower().startswith(("jax-cuda", "jax-rocm"))
+           for dist in importlib.metadata.distributions()):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -88,6 +117,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"scfm-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
+    _skip_an_absent_tpu()
     try:
         with _reported_as(name):
             module = importlib.import_module(COMMANDS[name][0])

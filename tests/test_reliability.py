@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scfm_jax import main as main_module
 from scfm_jax.data import verify as verify_lib
 from scfm_jax.data.convert import convert
 from scfm_jax.data.store import CellStore, StoreDamaged
@@ -1145,3 +1146,22 @@ exit 0
         assert result.returncode == expected, result.stderr
         assert (tmp_path / "runs").read_text().strip() == "2"
         assert "running it again, which resumes from what it saved" in result.stderr
+
+
+def test_no_libtpu_start_up_errors_where_no_tpu_is_attached(tmp_path):
+    """By hand, with the [tpu] extra installed and no TPU, every command that starts JAX printed
+    libtpu's five start-up lines (with a C++ 'Source Location Trace') before running on the CPU."""
+    pytest.importorskip("libtpu", reason="the start-up lines come from libtpu: pip install -e \".[tpu]\"")
+    if main_module._tpu_attached():
+        pytest.skip("this machine has a TPU attached: libtpu starts for real here")
+    (tmp_path / "probe_command.py").write_text(
+        "import jax\n\ndef main(argv):\n    print(jax.devices()[0].platform)\n    return 0\n")
+    script = ("import sys; from scfm_jax import main as m; "
+              "m.COMMANDS['probe'] = ('probe_command', 'prints the platform'); sys.exit(m.main(['probe']))")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cpu"
+    assert "libtpu" not in done.stderr and "Source Location Trace" not in done.stderr, done.stderr
