@@ -665,6 +665,8 @@ def test_train_and_plan_take_dashed_flags():
      "error: --cells 'a:b': expected START:STOP"),
     (["plan", "--config", "configs/scfoundation_tiny.py", "--topology", "v9z-8"],
      "scfm-jax plan: error: --topology 'v9z-8': expected a Cloud TPU slice name"),
+    (["embed", "--checkpoint", "c", "--input", "x.h5ad", "--output", "o.h5ad", "--step", "-1"],
+     "argument --step: expected a step (0 or more), got '-1'"),
 ])
 def test_usage_mistakes_exit_2(capsys, argv, message, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", choices=("cell", "gene", "rde"), default=None,
                    help="weight set of an official checkpoint (default: cell for --output-type "
                         "cell, gene otherwise)")
-    p.add_argument("--step", type=int, default=None,
+    p.add_argument("--step", type=store_cli.non_negative_int, default=None,
                    help="checkpoint step of a training workdir (default: the latest)")
     p.add_argument("--vocabulary", default=None,
                    help="'scfoundation' (default for official checkpoints) or a "

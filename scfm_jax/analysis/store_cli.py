@@ -21,6 +21,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of a checkpoint step (--step): below 0 is a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a step (0 or more), got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type of --min-coverage: a fraction in [0, 1]."""
     try:
