@@ -11,7 +11,7 @@ from scfm_jax.train.config_checks import base_config
 def get_config():
     config = base_config(__file__, "scmulan_tiny")
     config.model.update(vocab_size=2222, n_layer=24, n_head=16, n_embd=1120, bias=False,
-                        expression_level=10, remat_policy="dots")
+                        expression_level=10, dtype="bfloat16", remat_policy="full")
     config.objective.num_genes = 2000
     config.data.max_nonzero = 2000
     config.data.buckets = (512, 1024, 2000)
