@@ -243,7 +243,8 @@ def heaviest_ops(hlo_text: str, n: int = 10) -> list[tuple[float, int, str, str,
     while loops around it (layers, micro-batches, a collective matmul's steps), which XLA's cost
     analysis does not weigh in: where the step's memory traffic goes, read from the program.
     A fusion counts its operands whole, so one that updates a slice of a large buffer in place
-    (a scan stacking per-layer outputs) is counted as if it read and wrote all of it."""
+    (a scan stacking per-layer outputs) is counted as if it read and wrote all of it, and every
+    branch of a conditional as if it ran."""
     computations, entry = _computations(hlo_text)
     types = {name: result for body in computations.values() for name, result, _, _ in body}
     sizes = {name: sum(_bytes_of(*shape) for shape in re.findall(
@@ -258,7 +259,7 @@ def heaviest_ops(hlo_text: str, n: int = 10) -> list[tuple[float, int, str, str,
                 condition = re.search(r"condition=%([\w.\-]+)", rest).group(1)
                 visit(body, times * _trip_count(rest, computations.get(condition, [])))
             elif opcode in ("call", "conditional"):
-                for callee in re.findall(r"(?:to_apply|branch_computations=\{|, )%([\w.\-]+)",
+                for callee in re.findall(r"(?:to_apply=|_computations?=\{?|, )%([\w.\-]+)",
                                          rest):
                     if callee in computations:
                         visit(callee, times)
