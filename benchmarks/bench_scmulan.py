@@ -96,6 +96,7 @@ def main():
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     config = scmulan_368m.get_config().model
+    config.dtype = "float32"   # the reference's precision (the config trains in bfloat16)
     for name in ("n_layer", "n_embd", "n_head"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))

@@ -11,13 +11,14 @@ from scfm_jax.train.config_checks import base_config
 def get_config():
     config = base_config(__file__, "scmulan_tiny")
     config.model.update(vocab_size=2222, n_layer=24, n_head=16, n_embd=1120, bias=False,
-                        expression_level=10, remat_policy="dots")
+                        expression_level=10, dtype="bfloat16", remat_policy="full")
     config.objective.num_genes = 2000
     config.data.max_nonzero = 2000
     config.data.buckets = (512, 1024, 2000)
-    # Sized for a v5e-8, where the replicated state and the activations of the 2,000-gene bucket
-    # do not fit one chip: the state is split over the slice (FSDP) and the batch passes in 4
-    # micro-batches of one cell per chip (the plan rows and sweeps are in docs/speed.md).
+    # Sized for a v5e-8 (the plan rows, before and after, are in docs/speed.md): the state split
+    # over the slice (FSDP), 512 cells per optimiser step (the original's batch is not released)
+    # in 4 micro-batches of 16 cells per chip, enough to share each layer's weight traffic.
     config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.data.global_batch_size = 512
     config.train.grad_accum_steps = 4
     return config

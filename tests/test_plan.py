@@ -62,6 +62,22 @@ def test_collectives_are_read_from_the_compiled_program():
 
 
 
+def test_heaviest_ops_weigh_each_instruction_by_the_loops_around_it():
+    """XLA's cost analysis counts a loop body once; the op inside a 5-step loop moves its bytes
+    5 times per step (its f32[1000] operand and result: 8,000 bytes a time), the one after it once."""
+    def step(x):
+        return jnp.cos(jax.lax.fori_loop(0, 5, lambda i, c: jnp.sin(c) * 2.0, x))
+
+    compiled = jax.jit(step).lower(jax.ShapeDtypeStruct((1000,), jnp.float32)).compile()
+    rows = {op_name.rsplit("/", 1)[-1]: (moved, runs)
+            for moved, runs, _, _, op_name in plan.heaviest_ops(compiled.as_text())}
+    assert rows["mul"] == (5 * 8000, 5)
+    assert rows["cos"] == (8000, 1)
+    # without the compiler's known_trip_count, the bound the loop condition compares with
+    text = re.sub(r',?"known_trip_count":\{"n":"5"\}', "", compiled.as_text())
+    assert max(plan.heaviest_ops(text), key=lambda row: row[1])[1] == 5
+
+
 ASYNC_HLO = """
   %all-gather-start.3 = (bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[1024,128]{1,0:T(8,128)(2,1)}) all-gather-start(bf16[64,128]{1,0:T(8,128)(2,1)} %p.1), channel_id=7, replica_groups=[1,16]<=[16], dimensions={0}, metadata={op_name="jit(step)/decoder/dot_general" source_file="x.py"}
   %all-gather-done.3 = bf16[1024,128]{1,0:T(8,128)(2,1)} all-gather-done((bf16[64,128]{1,0}, bf16[1024,128]{1,0}) %all-gather-start.3)
@@ -252,7 +268,7 @@ def test_plan_cli_prints_a_row_per_bucket():
                  "--config.data.buckets=(32,64)", "--config.mesh.data=1", "--config.mesh.fsdp=4"]
     result = subprocess.run(
         [sys.executable, "-m", "scfm_jax.main", "plan", "--config", config, "--topology", "v5e-4",
-         *overrides], capture_output=True, text=True, timeout=900)
+         "--heaviest-ops", "2", *overrides], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     rows = [line.split() for line in lines if line.startswith("train ")]
@@ -263,6 +279,11 @@ def test_plan_cli_prints_a_row_per_bucket():
     start = lines.index("largest collectives, train bucket 64 batch 8:")
     listed = [line.split() for line in lines[start + 1:start + 4]]
     assert len(listed) == 3 and all(line[0] in plan.COLLECTIVES for line in listed)
+    # and the instructions that move the most bytes, loop trip counts applied
+    start = lines.index("heaviest ops, train bucket 64 batch 8 (bytes of results and operands x "
+                        "runs per step):")
+    listed = [line.split() for line in lines[start + 1:start + 3]]
+    assert len(listed) == 2 and all(line[0].endswith("B") and line[1][0] == "x" for line in listed)
 
 
 def test_train_dry_run_prints_the_plan_for_the_devices_at_hand(tmp_path, capsys):

@@ -210,6 +210,45 @@ def test_released_size_config():
     assert scmulan.count_parameters(config.model) == 368_800_320
 
 
+def test_released_size_config_keeps_only_bfloat16_layer_inputs_for_the_backward():
+    """The 368M defaults (bfloat16 activations, full remat) keep one bfloat16 [layers, B, T, D]
+    tensor of the layer scan for the backward pass. The old ones (float32, "dots") kept every
+    matmul output of every layer in float32 (q/k/v, the attention output, the 4 x D MLP hidden):
+    the v5e-8 step's largest memory traffic (docs/speed.md)."""
+    import contextlib
+    import io
+
+    import jax.ad_checkpoint
+    from scfm_jax.configs import scmulan_368m
+
+    config = scmulan_368m.get_config()
+    config.model.update(vocab_size=50, n_layer=2, n_head=2, n_embd=16)
+    graphdef, state = nnx.split(scmulan.ScMulan(config.model, rngs=nnx.Rngs(0)))
+    ids = jnp.zeros((3, 40), jnp.int32)
+
+    def loss(state):
+        model = nnx.merge(graphdef, state)
+        return sum(head.sum() for head in model.heads(model(ids, ids)))
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, state)
+    layer_scan = [line.split()[0] for line in printed.getvalue().splitlines()
+                  if "output of scan" in line]
+    assert layer_scan == ["bf16[2,3,40,16]"]
+
+
+def test_released_size_config_shares_weight_traffic_among_16_cells_per_chip():
+    """On a v5e-8 (FSDP over its 8 chips) each micro-step of the 368M defaults holds 16 cells per
+    chip: at 1 cell per chip the weight gathers and gradient updates of every layer dominated the
+    step (12% roofline MFU in bfloat16), at 16 it is 37% with 47% HBM headroom (docs/speed.md)."""
+    from scfm_jax.configs import scmulan_368m
+
+    config = scmulan_368m.get_config()
+    assert (config.mesh.data, config.mesh.fsdp) == (1, -1)
+    assert config.data.global_batch_size // config.train.grad_accum_steps // 8 == 16
+
+
 def test_conditional_generation_returns_levels(fixture):
     conditions = [["Heart", "Cardiomyocyte cell", "50 year", "M"], ["Lung", "T cell"]] * 2
     cells = scmulan_tasks.generate_cells(fixture["model"], fixture["token_set"], conditions,

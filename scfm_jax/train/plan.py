@@ -119,6 +119,7 @@ class PlanRow:
     xla_bytes: float = 0.0          # per chip, bytes accessed
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> (count, bytes)
     largest_collectives: list = dataclasses.field(default_factory=list)  # collective_ops items
+    heaviest_ops: list = dataclasses.field(default_factory=list)  # heaviest_ops items
     hbm_bytes: float | None = None
     peak_flops: float | None = None
     hbm_bandwidth: float | None = None
@@ -205,6 +206,80 @@ def largest_collectives(hlo_text: str, n: int = 5) -> list[tuple[str, int, str, 
     return sorted(collective_ops(hlo_text), key=lambda op: -op[1])[:n]
 
 
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_NOT_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
+                "conditional", "after-all", "partition-id", "replica-id"}
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
+    """{computation: [(name, result type, opcode, rest of line)]} and the entry's name."""
+    computations, current, entry = {}, None, ""
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current and (match := _INSTRUCTION.match(line)):
+            computations[current].append(match.groups())
+    return computations, entry
+
+
+def _trip_count(rest: str, condition: list[tuple]) -> int:
+    """A while loop's trip count: the compiler's `known_trip_count`, else the bound its
+    condition compares the counter with (JAX's loops count from 0 in steps of 1)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+    if known:
+        return int(known.group(1))
+    bounds = [int(b) for _, _, opcode, args in condition if opcode == "constant"
+              for b in re.findall(r"^(\d+)\)", args)]
+    return max(bounds, default=1)
+
+
+def heaviest_ops(hlo_text: str, n: int = 10) -> list[tuple[float, int, str, str, str]]:
+    """The `n` instructions of an optimised HLO module that move the most bytes per step: (bytes
+    of results and operands x the times it runs, the times it runs, opcode (a fusion with its
+    kind), result type, JAX op_name). The times an instruction runs are the trip counts of the
+    while loops around it (layers, micro-batches, a collective matmul's steps), which XLA's cost
+    analysis does not weigh in: where the step's memory traffic goes, read from the program.
+    A fusion counts its operands whole, so one that updates a slice of a large buffer in place
+    (a scan stacking per-layer outputs) is counted as if it read and wrote all of it, and every
+    branch of a conditional as if it ran."""
+    computations, entry = _computations(hlo_text)
+    types = {name: result for body in computations.values() for name, result, _, _ in body}
+    sizes = {name: sum(_bytes_of(*shape) for shape in re.findall(
+        r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]", result)) for name, result in types.items()}
+    runs: dict[str, int] = {}
+
+    def visit(computation: str, times: int):
+        runs[computation] = runs.get(computation, 0) + times
+        for _, _, opcode, rest in computations.get(computation, ()):
+            if opcode == "while":
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                condition = re.search(r"condition=%([\w.\-]+)", rest).group(1)
+                visit(body, times * _trip_count(rest, computations.get(condition, [])))
+            elif opcode in ("call", "conditional"):
+                for callee in re.findall(r"(?:to_apply=|_computations?=\{?|, )%([\w.\-]+)",
+                                         rest):
+                    if callee in computations:
+                        visit(callee, times)
+
+    visit(entry, 1)
+    rows = []
+    for computation, times in runs.items():
+        for name, result, opcode, rest in computations[computation]:
+            if opcode in _NOT_TRAFFIC:
+                continue
+            operands = rest.split("), ")[0]
+            moved = sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)",
+                                                                          operands))
+            kind = re.search(r"kind=(\w+)", rest)
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            rows.append((float(moved * times), times, opcode + (f":{kind.group(1)}" if kind else ""),
+                         re.sub(r"\{[^}]*\}", "", result), op_name.group(1) if op_name else ""))
+    return sorted(rows, key=lambda row: -row[0])[:n]
+
+
 def analyse(compiled, row: PlanRow) -> PlanRow:
     memory = compiled.memory_analysis()
     row.argument_bytes = int(memory.argument_size_in_bytes)
@@ -220,6 +295,7 @@ def analyse(compiled, row: PlanRow) -> PlanRow:
     text = compiled.as_text()
     row.collectives = collective_bytes(text)
     row.largest_collectives = largest_collectives(text)
+    row.heaviest_ops = heaviest_ops(text, 20)
     return row
 
 
@@ -439,6 +515,19 @@ def format_largest_collectives(rows: list[PlanRow], n: int) -> str:
     return "\n".join(lines)
 
 
+def format_heaviest_ops(rows: list[PlanRow], n: int) -> str:
+    """Per row, its `n` instructions that move the most bytes (`heaviest_ops`)."""
+    lines = []
+    for r in rows:
+        if r.error or not r.heaviest_ops or n <= 0:
+            continue
+        lines.append(f"heaviest ops, {r.step} bucket {r.bucket} batch {r.global_batch} (bytes "
+                     "of results and operands x runs per step):")
+        lines += [f"  {_si(moved)} x{runs} {opcode} {result[:80]}  {op_name or '(no op_name)'}"
+                  for moved, runs, opcode, result, op_name in r.heaviest_ops[:n]]
+    return "\n".join(lines)
+
+
 def print_trainer_plan(trainer, buckets, global_batch: int) -> list[PlanRow]:
     """`scfm-jax train --dry-run`: the plan of the train loop's own Trainer (its mesh over the
     devices at hand), printed."""
@@ -470,6 +559,9 @@ def _parse(argv):
     parser.add_argument("--largest-collectives", type=int, default=3,
                         help="list this many of each row's largest collectives, with the JAX op "
                              "behind each (default: %(default)s)")
+    parser.add_argument("--heaviest-ops", type=int, default=0,
+                        help="list this many of each row's instructions that move the most bytes "
+                             "per step, loop trip counts applied (default: %(default)s)")
     return config_checks.parse_command(parser, argv)
 
 
@@ -504,7 +596,8 @@ def main(argv) -> int:
         return 0
     rows = plan(config, devices, chip, step=flag_values.step, buckets=flag_values.bucket)
     print(format_rows(rows, chip))
-    largest = format_largest_collectives(rows, flag_values.largest_collectives)
-    if largest:
-        print(largest)
+    for listing in (format_largest_collectives(rows, flag_values.largest_collectives),
+                    format_heaviest_ops(rows, flag_values.heaviest_ops)):
+        if listing:
+            print(listing)
     return 0
