@@ -10,26 +10,23 @@ from scfm_jax.errors import UsageError
 from scfm_jax.output_safety import OVERWRITE_HELP
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count flag (--batch-size, --chunk-cells): 0 or less is a usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, expected: str):
+    """An argparse type: an integer of at least `minimum`, else a usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type of a checkpoint step (--step): below 0 is a usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a step (0 or more), got {text!r}")
-    return value
+# A count flag (--batch-size, --chunk-cells): 0 or less is a usage error.
+positive_int = _int_at_least(1, "a positive integer")
+# A checkpoint step (--step): below 0 is a usage error.
+non_negative_int = _int_at_least(0, "a step (0 or more)")
 
 
 def fraction(text: str) -> float:
