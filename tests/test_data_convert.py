@@ -259,7 +259,6 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow   # four converter processes (~30 s)
-@pytest.mark.heavy
 def test_kill_and_resume_gives_the_identical_store(tmp_path):
     """SIGKILL the converter mid-run (a real process), rerun: same bytes as an uninterrupted run."""
     rng = np.random.default_rng(0)

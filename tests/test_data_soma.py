@@ -279,7 +279,6 @@ def test_without_tiledbsoma_the_command_says_how_to_install(census, tmp_path, mo
 
 
 @pytest.mark.slow   # three converter processes (~40 s)
-@pytest.mark.heavy
 def test_kill_and_resume_gives_the_identical_store(tmp_path):
     """SIGKILL `convert --soma` mid-run, rerun: the same bytes as an uninterrupted run."""
     uri = to_soma(census_like(3000, seed=3), tmp_path / "big.soma")

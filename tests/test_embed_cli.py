@@ -136,7 +136,6 @@ def test_string_dtype_inputs_round_trip(files, output_type):
 
 
 @pytest.mark.slow   # writes a damaged copy of the checkpoint with torch
-@pytest.mark.heavy
 def test_non_finite_weights_give_no_output(files, tmp_path, capsys):
     import torch
 

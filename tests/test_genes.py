@@ -231,7 +231,6 @@ DOCS_COMMAND = ("scfm-jax genes --checkpoint runs/demo "
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_documented_genes_command_on_a_training_workdir(tmp_path, monkeypatch):
     """docs/genes.md's command, run in a folder holding the shared files under the names it uses
     and, as runs/demo, a random-weight workdir on the demo's vocabulary (pbmc68k_reduced)."""

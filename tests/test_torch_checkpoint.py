@@ -275,7 +275,6 @@ def test_save_refuses_what_torch_load_could_not_read_and_leaves_nothing(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_saved_checkpoint_loads_in_torch(tmp_path):
     torch = pytest.importorskip("torch", reason=NO_TORCH)
     path = tmp_path / "for_torch.pt"
