@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scfm_jax.configs import scfoundation_100m, scfoundation_tiny
+from scfm_jax.main import main as scfm_main
 from scfm_jax.train import chips, partitioning, plan
 
 needs_libtpu = pytest.mark.skipif(
@@ -163,9 +164,11 @@ def test_scmulan_plans_without_a_store():
 
 def test_plan_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(plan, "libtpu_available", lambda: False)
-    code = plan.main(["--config", scfoundation_100m.__file__, "--topology", "v5e-8"])
-    assert code == 2
-    assert 'pip install -e ".[tpu]"' in capsys.readouterr().err
+    code = scfm_main(["plan", "--config", scfoundation_100m.__file__, "--topology", "v5e-8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1   # a missing optional package, as docs/reliability.md's exit codes say
+    assert len(err) == 1 and "scfm-jax plan: error:" in err[0], err
+    assert 'pip install -e ".[tpu]"' in err[0]
 
 
 def _tiled_bytes(array) -> int:
