@@ -11,7 +11,10 @@ weights and cells: the PyTorch reference (`benchmarks/torch_reference`, checked 
 original code's fixtures) doing what the official `get_embedding.py --output_type cell` does, one
 cell per forward with float64 preprocessing, with `torch.set_num_threads` = the cores JAX uses,
 over the first --reference-cells cells after one untimed cell. Needs torch; without it the peer
-is skipped and no ratio is printed. On a shared CPU, numbers vary with the other processes' load.
+is skipped and no ratio is printed. MFU is each side's encoder matmul FLOPs on the cells' real
+tokens (expressed genes + T and S; padding is not useful work) per second, against a float32
+matmul's FLOP/s measured in the same run (start and end averaged). On a shared CPU, numbers vary
+with the other processes' load.
 """
 import argparse
 import os
@@ -19,6 +22,7 @@ import time
 
 import anndata
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -28,6 +32,9 @@ from scfm_jax import analysis
 from scfm_jax.configs import scfoundation_100m
 from scfm_jax.data.vocabulary import Vocabulary
 from scfm_jax.models.scfoundation import ScFoundation
+from scfm_jax.train.metrics import measure_matmul_peak
+
+from bench_cpu_attention import layer_flops
 
 
 def reference_rate(model, adata, cells: int, repeats: int, threads: int):
@@ -105,9 +112,13 @@ def main() -> None:
             print(f"PyTorch reference (official get_embedding algorithm, one cell per pass, "
                   f"{peer[1]}): {peer[0]:.3f} cells/s over {min(args.reference_cells, args.cells)}"
                   " cells")
+    encoder = config.model.encoder
+    tokens = np.diff(adata.X.indptr) + 2   # each cell's expressed genes, T and S
+    cell_flops = np.array([encoder.depth * layer_flops(encoder.width, encoder.mlp_dim, int(t))
+                           for t in tokens])
+    peak = measure_matmul_peak(jnp.float32)
+    rows = []
     ratio_header = " x PyTorch reference |" if peer else ""
-    print(f"\n| batch size | compile + first pass (s) | cells/s |{ratio_header}")
-    print("|---|---|---|" + ("---|" if peer else ""))
     for batch_size in args.batch_sizes:
         warmup = adata[:batch_size].copy()
         start = time.perf_counter()
@@ -126,7 +137,18 @@ def main() -> None:
             # the two sides must compute the same embeddings, or the ratio compares nothing
             difference = np.abs(adata.obsm["X_scfoundation"][:len(peer[2])] - peer[2]).max()
             ratio = f" {rate / peer[0]:.2f} (max abs diff {difference:.1e}) |"
-        print(f"| {batch_size} | {first:.1f} | {rate:.2f} |{ratio}", flush=True)
+        rows.append((batch_size, first, rate, cell_flops.sum() / best, ratio))
+        print(f"batch {batch_size}: {rate:.2f} cells/s (load {os.getloadavg()[0]:.1f})", flush=True)
+    peak = (peak + measure_matmul_peak(jnp.float32)) / 2
+    print(f"\nfloat32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s; "
+          f"{cell_flops.mean() / 1e9:.1f} encoder GFLOP per cell on its real tokens")
+    if peer:
+        peer_flops = cell_flops[:len(peer[2])].sum() / (len(peer[2]) / peer[0])
+        print(f"PyTorch reference: {peer[0]:.3f} cells/s, MFU {peer_flops / peak:.0%}")
+    print(f"\n| batch size | compile + first pass (s) | cells/s | MFU |{ratio_header}")
+    print("|---|---|---|---|" + ("---|" if peer else ""))
+    for batch_size, first, rate, flops_per_s, ratio in rows:
+        print(f"| {batch_size} | {first:.1f} | {rate:.2f} | {flops_per_s / peak:.0%} |{ratio}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
