@@ -10,6 +10,10 @@ Compares, on the same machine, weights and cells, in one run:
     one untimed cell. Its cell types and embeddings are compared with ours.
 Cells: the scMulan fixture's six real cells (97-331 expressed genes), repeated; else synthetic cells
 with ~250 expressed genes. Prints a table; not a test. Needs torch for the peer.
+MFU is the annotation's useful matmul FLOPs per second (each cell's prompt and its three generated
+tokens once through the layers, causal attention, the head at the generated tokens; the
+reference's recomputation without a cache is not useful work) against a float32 matmul's FLOP/s
+measured in the same run (start and end averaged).
 
     python benchmarks/bench_scmulan.py [--cells 16] [--batch-sizes 1,8,16] [--reference-cells 4]
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import anndata
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -32,6 +37,7 @@ from scfm_jax.configs import scmulan_368m
 from scfm_jax.data import cell_sentence
 from scfm_jax.data.cell_sentence import TokenSet
 from scfm_jax.models import scmulan
+from scfm_jax.train.metrics import measure_matmul_peak
 
 
 def _shared() -> Path:
@@ -83,6 +89,14 @@ def _reference(model, token_set, adata, cells: int, threads: int):
             f"{torch.get_num_threads()} threads", types, embeddings)
 
 
+def annotation_flops(config, prompt_tokens: int, generated: int = 3) -> float:
+    """Matmul FLOPs of annotating one cell: its prompt and generated tokens through every layer
+    (q, k, v, out, the 4x MLP; causal QK^T and PV), and the head at the generated tokens."""
+    tokens, width = prompt_tokens + generated, config.n_embd
+    layer = 2 * tokens * (4 * width * width + 8 * width * width) + 2 * tokens * tokens * width
+    return config.n_layer * layer + generated * 2 * width * config.vocab_size
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cells", type=int, default=16)
@@ -113,6 +127,8 @@ def main():
     print(f"{args.cells} cells ({source}), prompt lengths {min(lengths)}-{max(lengths)} "
           f"(mean {np.mean(lengths):.0f})")
 
+    cell_flops = np.array([annotation_flops(config, length) for length in lengths])
+    peak = measure_matmul_peak(jnp.float32)
     rows, annotated = [], None
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         # a first pass compiles every (batch, width) shape; the second is timed
@@ -143,12 +159,16 @@ def main():
 
     print(f"\nCPU: {len(os.sched_getaffinity(0))} usable cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end")
+    peak = (peak + measure_matmul_peak(jnp.float32)) / 2
+    print(f"float32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s; "
+          f"{cell_flops.mean() / 1e9:.1f} GFLOP of useful work per cell")
     peer_rate = rows[-1][1] / rows[-1][2] if peer else None
-    print(f"{'method':<66} {'cells':>5} {'seconds':>8} {'cells/s':>8} {'vs PyTorch':>11}")
+    print(f"{'method':<66} {'cells':>5} {'seconds':>8} {'cells/s':>8} {'MFU':>5} {'vs PyTorch':>11}")
     for name, cells, seconds in rows:
         rate = cells / seconds
+        mfu = cell_flops[:cells].sum() / seconds / peak
         ratio = f"{rate / peer_rate:.2f}x" if peer_rate else "-"
-        print(f"{name:<66} {cells:>5} {seconds:>8.1f} {rate:>8.3f} {ratio:>11}")
+        print(f"{name:<66} {cells:>5} {seconds:>8.1f} {rate:>8.3f} {mfu:>5.0%} {ratio:>11}")
 
 
 if __name__ == "__main__":
