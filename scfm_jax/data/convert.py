@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import tensorstore as ts
 
 from scfm_jax.data import store as store_lib
-from scfm_jax.data.host_ops import (FLOAT32_EXACT_INTEGERS, first_non_count, segment_sums,
+from scfm_jax.data.host_ops import (first_non_count, require_float32_exact_counts, segment_sums,
                                     sha256_file)
 from scfm_jax.data.readers import READERS, InputError, Source, open_source
 from scfm_jax.data.soma_source import SomaInput, SomaSource
@@ -82,14 +82,9 @@ def _scan(source: Source, alignment: GeneAlignment, allow_non_integer: bool, pro
                 f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) "
                 f"holds the non-integer value {data[first[1]]}; the converter expects raw counts. "
                 "Point --layer at the raw counts, or pass --allow-non-integer")
-        if len(data) and data.max() > FLOAT32_EXACT_INTEGERS:
-            where = int(np.argmax(data))
-            row = int(np.searchsorted(block.indptr, where, side="right") - 1) + start
-            raise InputError(
-                f"{source.path}: {source.layer} row {row} (cell {source.obs.index[row]!r}) holds "
-                f"{data[where]:.0f}, above 2^24 = {FLOAT32_EXACT_INTEGERS:,}, the largest count the "
-                "store's float32 keeps exactly (it would be rounded). No gene has that many reads "
-                "in one cell: check that --layer names raw counts of single cells")
+        require_float32_exact_counts(block, f"{source.path}: {source.layer}", source.obs.index,
+                                     first_row=start,
+                                     fix="check that --layer names raw counts of single cells")
         values = data.astype(np.float64)
         gene_totals += np.bincount(block.indices, weights=values, minlength=len(gene_totals))
         on_vocabulary = segment_sums(values * mapped[block.indices], block.indptr)

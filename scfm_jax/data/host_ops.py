@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from scfm_jax.errors import InputError
+
 NORMALIZATION_TARGET = 1e4  # log1p(count / total * 1e4), the scale both models read
 # Counts read back from float files may carry round-off (0.999999999...); the analysis API accepts
 # values this close to an integer as counts. The converter is exact (tolerance 0).
@@ -30,20 +32,30 @@ def non_count_positions(values, tolerance: float = 0.0) -> np.ndarray:
                               | (np.abs(values - np.round(values)) > tolerance))
 
 
-def require_float32_exact_counts(matrix, where: str, cell_names=None) -> None:
-    """Refuse counts above 2^24 in `matrix` (cells x genes): the models compute in float32, which
-    would round them without a word (the converter refuses them the same way, per block)."""
-    from scfm_jax.errors import InputError
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if not values.size or not values.max() > FLOAT32_EXACT_INTEGERS:
+def require_float32_exact_counts(
+        matrix, where: str, cell_names=None, first_row: int = 0,
+        fix: str = "check that it holds raw counts of single cells") -> None:
+    """Refuse counts above 2^24 in `matrix` (cells x genes, its first row being cell `first_row`
+    of `cell_names`): the models and the store compute in float32, which would round them without
+    a word. The converter checks each block it reads, the analysis API each matrix it aligns."""
+    sparse = sp.issparse(matrix)
+    values = matrix.data if sparse else np.asarray(matrix)
+    if not values.size:
         return
-    row = int(np.argmax(np.asarray(sp.csr_matrix(matrix).max(axis=1).todense()).ravel()))
+    largest = values.max()
+    if not largest > FLOAT32_EXACT_INTEGERS:
+        return
+    if sparse:
+        csr = sp.csr_matrix(matrix)
+        row = int(np.searchsorted(csr.indptr, int(np.argmax(csr.data)), side="right") - 1)
+    else:
+        row = int(np.unravel_index(np.argmax(values), values.shape)[0])
+    row += first_row
     cell = f" (cell {cell_names[row]!r})" if cell_names is not None else ""
     raise InputError(
-        f"{where} row {row}{cell} holds {values.max():.0f}, above 2^24 = "
-        f"{FLOAT32_EXACT_INTEGERS:,}, the largest count float32 keeps exactly (it would be "
-        "rounded). No gene has that many reads in one cell: check that it holds raw counts of "
-        "single cells")
+        f"{where} row {row}{cell} holds {largest:.0f}, above 2^24 = {FLOAT32_EXACT_INTEGERS:,}, "
+        "the largest count float32 keeps exactly (it would be rounded). No gene has that many "
+        f"reads in one cell: {fix}")
 
 
 def first_non_count(block, tolerance: float = 0.0) -> tuple[int, int] | None:
