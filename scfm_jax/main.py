@@ -102,6 +102,7 @@ def _skip_an_absent_tpu() -> None:
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
 
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
